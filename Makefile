@@ -1,0 +1,32 @@
+# Quick start: `make demo` then `make test`. Each works as the first command on a fresh machine with Python 3.10+.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel on this kind of machine; on a GPU box use e.g. `make setup TORCH_SPEC=torch` for a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup demo test test-slow docs clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/longtune train examples/demo_sft.yaml overwrite_output_dir=true
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+docs: setup
+	$(PY) scripts/gen_config_docs.py
+
+clean:
+	rm -rf $(VENV) runs

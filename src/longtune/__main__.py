@@ -1,0 +1,3 @@
+from longtune.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""Command line: parse arguments, build the config, call one function per command. User errors print as one line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from longtune import __version__
+from longtune.errors import LongtuneError
+
+CONFIG_DOC = "docs/config.md (every key with type, default and meaning)"
+
+DESCRIPTION = f"""\
+longtune {__version__}: post-train language models on long sequences.
+
+commands:
+  train    train from a LLaMA-Factory-style YAML (+ key=value overrides)
+  export   write a Hugging Face model directory from a run or checkpoint (optionally merging LoRA)
+
+Config keys: {CONFIG_DOC}.
+"""
+
+
+def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from longtune.config import load_config
+    from longtune.trainer import train
+
+    config_path, overrides = _split_config_and_overrides(args.config_and_overrides)
+    if config_path is None and not overrides:
+        raise LongtuneError("train: give a CONFIG.yaml and/or key=value overrides (see longtune train --help)")
+    for item in overrides:
+        if "=" not in item:
+            raise LongtuneError(f"train: '{item}' is not key=value (only the first argument may be a YAML file)")
+    cfg = load_config(config_path, overrides)
+    result = train(cfg)
+    rows = [r for r in result.metrics if "loss" in r]
+    if rows:
+        print(
+            f"done: {result.global_step} steps, loss {rows[0]['loss']:.4f} (step {rows[0]['step']}) -> "
+            f"{rows[-1]['loss']:.4f} (step {rows[-1]['step']})"
+        )
+    print(f"run directory: {result.output_dir}  (model: {result.final_dir}, metrics: "
+          f"{result.output_dir / 'metrics.jsonl'})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from longtune.export import export_model
+
+    dst = export_model(args.source, args.out, merge_lora=args.merge_lora, overwrite=args.overwrite)
+    print(f"exported to {dst}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="longtune", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"longtune {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = sub.add_parser(
+        "train",
+        help="train from a YAML config",
+        description=(
+            "Train a model. The first argument may be a YAML file; the rest are key=value overrides parsed as "
+            "YAML scalars, e.g. `longtune train examples/sft_demo.yaml learning_rate=1e-4 max_steps=50`.\n\n"
+            f"All keys: {CONFIG_DOC}."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("config_and_overrides", nargs="*", metavar="CONFIG.yaml | key=value")
+    train.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    train.set_defaults(func=cmd_train)
+
+    export = sub.add_parser(
+        "export",
+        help="export a run/checkpoint as a Hugging Face model directory",
+        description="Write OUT_DIR as a model directory AutoModelForCausalLM.from_pretrained loads, with tokenizer.",
+    )
+    export.add_argument("source", metavar="RUN_OR_CKPT_DIR")
+    export.add_argument("out", metavar="OUT_DIR")
+    export.add_argument("--merge-lora", action="store_true", help="merge a LoRA adapter into its base model")
+    export.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
+    export.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    export.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.func(args)
+    except LongtuneError as exc:
+        if args.debug:
+            traceback.print_exc()
+        name = type(exc).__name__ if type(exc) is not LongtuneError else "error"
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

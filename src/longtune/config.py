@@ -1,0 +1,394 @@
+"""Training configuration: flat LLaMA-Factory-style YAML keys validated into typed, frozen dataclass groups.
+
+Every key lives in exactly one group; its `help` metadata is the source of docs/config.md (scripts/gen_config_docs.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from longtune.errors import ConfigError
+
+
+def _key(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_name_or_path: str | None = _key(
+        None, "Local Hugging Face model directory, or `builtin:tiny` (a small Qwen2 built offline). Required."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32", "float64"] = _key(
+        "auto",
+        "Parameter/compute dtype. `auto`: bfloat16 if `bf16`, float16 if `fp16`, else float32. "
+        "float64 is for exactness tests.",
+    )
+    bf16: bool = _key(False, "Train in bfloat16 (LLaMA-Factory flag; same as `dtype: bfloat16`).")
+    fp16: bool = _key(False, "Train in float16 (LLaMA-Factory flag; same as `dtype: float16`).")
+    finetuning_type: Literal["full", "freeze", "lora"] = _key(
+        "lora", "Which parameters train: all (`full`), the last `freeze_trainable_layers` layers (`freeze`), or LoRA adapters."
+    )
+    freeze_trainable_layers: int = _key(
+        2, "With `finetuning_type: freeze`: train the last N decoder layers (negative: the first |N|)."
+    )
+    freeze_trainable_modules: str = _key(
+        "all", "With `freeze`: comma-separated module names inside the trainable layers (e.g. `mlp,self_attn`), or `all`."
+    )
+    freeze_extra_modules: str | None = _key(
+        None, "With `freeze`: extra top-level modules to train too (e.g. `embed_tokens,lm_head`)."
+    )
+    lora_rank: int = _key(8, "LoRA rank r.")
+    lora_alpha: int | None = _key(None, "LoRA alpha (default: 2 * lora_rank, as LLaMA-Factory).")
+    lora_dropout: float = _key(0.0, "Dropout on the LoRA input.")
+    lora_target: str = _key(
+        "all", "Comma-separated module names that get adapters, or `all` for every linear layer except the LM head."
+    )
+    additional_target: str | None = _key(
+        None, "Comma-separated modules trained fully next to LoRA (e.g. `embed_tokens,lm_head`)."
+    )
+    use_dora: bool = _key(False, "Weight-decomposed LoRA (DoRA).")
+    use_rslora: bool = _key(False, "Rank-stabilised LoRA scaling alpha / sqrt(r).")
+    trust_remote_code: bool = _key(False, "Allow model code shipped inside the model directory.")
+    attn_implementation: Literal["auto", "eager", "sdpa"] = _key(
+        "auto", "Attention kernel of the HF model when not sequence-parallel. `auto`: sdpa (eager for float64)."
+    )
+    quantization_bit: int | None = _key(None, "Not supported yet; set to null.")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: tuple[str, ...] = _key(
+        (),
+        "Comma-separated datasets: names in `dataset_dir/dataset_info.json`, paths to .json/.jsonl files, "
+        "or `builtin:NAME` (sft_demo, sharegpt_demo, pt_demo, kv_retrieval). Required.",
+    )
+    eval_dataset: tuple[str, ...] = _key((), "Datasets for evaluation, same syntax as `dataset`.")
+    dataset_dir: str = _key("data", "Folder holding dataset_info.json and relative dataset paths.")
+    template: str = _key(
+        "auto", "Chat template: `auto` (the tokenizer's own), or chatml, qwen, llama3, mistral, gemma, default."
+    )
+    cutoff_len: int = _key(2048, "Maximum tokens per example; longer ones are truncated keeping the response.")
+    train_on_prompt: bool = _key(False, "Also train on prompt (non-assistant) tokens.")
+    max_samples: int | None = _key(None, "Use at most this many rows of each dataset.")
+    val_size: float = _key(
+        0.0, "Hold out this fraction (< 1) or number (>= 1) of training examples for evaluation."
+    )
+    packing: bool | None = _key(None, "Pack examples into rows of cutoff_len. Not supported yet; leave unset.")
+    neftune_noise_alpha: float | None = _key(None, "NEFTune noise. Not supported yet; leave unset.")
+    mix_strategy: Literal["concat"] = _key("concat", "How several datasets are combined (`concat`).")
+    preprocessing_num_workers: int | None = _key(None, "Accepted for LLaMA-Factory compatibility; ignored.")
+    overwrite_cache: bool = _key(False, "Accepted for LLaMA-Factory compatibility; ignored.")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stage: Literal["sft", "pt"] = _key("sft", "Training objective: `sft` (assistant tokens) or `pt` (all tokens).")
+    do_train: bool = _key(True, "Accepted for LLaMA-Factory compatibility; training always runs.")
+    output_dir: str | None = _key(None, "Run directory (metrics, checkpoints, final model). Required.")
+    overwrite_output_dir: bool = _key(False, "Allow writing into a non-empty output_dir that is not being resumed.")
+    per_device_train_batch_size: int = _key(1, "Examples per micro-batch on each data-parallel rank.")
+    per_device_eval_batch_size: int = _key(1, "Examples per evaluation micro-batch.")
+    gradient_accumulation_steps: int = _key(1, "Micro-batches per optimizer step.")
+    learning_rate: float = _key(5e-5, "Peak learning rate of AdamW.")
+    weight_decay: float = _key(0.0, "AdamW decoupled weight decay.")
+    adam_beta1: float = _key(0.9, "AdamW beta1.")
+    adam_beta2: float = _key(0.999, "AdamW beta2.")
+    adam_epsilon: float = _key(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _key(1.0, "Clip the global gradient norm to this (0 disables clipping).")
+    num_train_epochs: float = _key(3.0, "Epochs over the training examples (fractions allowed).")
+    max_steps: int = _key(-1, "Stop after this many optimizer steps (overrides num_train_epochs when > 0).")
+    lr_scheduler_type: Literal[
+        "linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr"
+    ] = _key("cosine", "Learning-rate schedule after warmup.")
+    min_lr_rate: float = _key(0.1, "With `cosine_with_min_lr`: final lr as a fraction of the peak.")
+    warmup_ratio: float = _key(0.0, "Warmup steps as a fraction of the total steps.")
+    warmup_steps: int = _key(0, "Warmup steps (overrides warmup_ratio when > 0).")
+    seed: int = _key(42, "Seed for data order, initialisation of adapters, and dropout.")
+    gradient_checkpointing: bool = _key(True, "Recompute decoder-layer activations in backward to save memory.")
+    loss_chunk_size: int = _key(
+        4096, "Tokens per chunk of the LM head + loss; full-sequence logits are never materialised."
+    )
+    logging_steps: int = _key(10, "Write a metrics.jsonl row every N optimizer steps (and the first and last).")
+    save_steps: int = _key(500, "Save a checkpoint every N optimizer steps (0: only at the end).")
+    save_total_limit: int | None = _key(None, "Keep only the newest N checkpoints.")
+    save_only_model: bool = _key(False, "Checkpoints hold only the model (no optimizer/scheduler/RNG; cannot resume).")
+    eval_steps: int | None = _key(None, "Evaluate every N optimizer steps (default: logging_steps) when eval data exists.")
+    eval_strategy: Literal["no", "steps", "epoch"] = _key(
+        "steps", "When to evaluate if eval data exists (`no` disables)."
+    )
+    resume_from_checkpoint: str | bool | None = _key(
+        None, "`true`: resume from the newest complete checkpoint in output_dir; or a checkpoint path."
+    )
+    plot_loss: bool = _key(False, "Write loss.png (training and eval loss) at the end.")
+    report_to: Literal["none", "tensorboard"] = _key("none", "Also log to TensorBoard (`output_dir/runs`).")
+    disable_tqdm: bool = _key(False, "Hide the progress bar.")
+    ddp_timeout: int = _key(1800, "Seconds before a collective is declared hung.")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    sequence_parallel_size: int = _key(1, "Ranks one sequence is split over. Values > 1 are not supported yet.")
+    sequence_parallel_mode: Literal["auto", "zigzag_ring", "ulysses", "llama3", "hybrid"] = _key(
+        "auto", "How attention is computed across the sequence-parallel group."
+    )
+    deepspeed: str | None = _key(None, "A DeepSpeed ZeRO json; not supported yet.")
+
+
+@dataclass(frozen=True)
+class PreferenceConfig:
+    pref_beta: float = _key(0.1, "DPO-family beta (used by `stage: dpo`, not supported yet).")
+    pref_loss: Literal["sigmoid", "ipo", "hinge", "simpo", "orpo"] = _key("sigmoid", "Preference loss.")
+    pref_ftx: float = _key(0.0, "Weight of an added SFT loss on the chosen response.")
+    simpo_gamma: float = _key(0.5, "SimPO target reward margin.")
+    kto_chosen_weight: float = _key(1.0, "KTO weight of desirable examples.")
+    kto_undesirable_weight: float = _key(1.0, "KTO weight of undesirable examples.")
+    ref_model: str | None = _key(None, "Reference model path for DPO/KTO.")
+    precompute_ref_log_probs: bool = _key(False, "Compute reference log-probs in a first pass.")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    parallel: ParallelConfig
+    preference: PreferenceConfig
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+        for group_name in GROUPS:
+            for f in dataclasses.fields(GROUPS[group_name]):
+                value = getattr(getattr(self, group_name), f.name)
+                flat[f.name] = ",".join(value) if isinstance(value, tuple) else value
+        return flat
+
+    @property
+    def compute_dtype(self) -> str:
+        """The resolved dtype name (float32 when `auto` without bf16/fp16)."""
+        if self.model.dtype != "auto":
+            return self.model.dtype
+        if self.model.bf16:
+            return "bfloat16"
+        if self.model.fp16:
+            return "float16"
+        return "float32"
+
+
+GROUPS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "parallel": ParallelConfig,
+    "preference": PreferenceConfig,
+}
+KEY_TO_GROUP: dict[str, str] = {f.name: g for g, cls in GROUPS.items() for f in dataclasses.fields(cls)}
+
+# Keys whose stages are planned but not built yet: accepted names with a clear refusal.
+_PLANNED_STAGES = {"dpo", "kto", "rm"}
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is tuple:
+        return "comma-separated list"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
+    """Convert a YAML value to the field type or raise ConfigError naming the key."""
+    origin = get_origin(tp)
+    bad = ConfigError(f"{source}: key '{key}' must be {_type_name(tp)}, got {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg, source)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in get_args(tp)], n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(
+            f"{source}: key '{key}' must be one of {', '.join(map(str, get_args(tp)))}; got {value!r}{hint}"
+        )
+    if origin is tuple:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(v.strip() for v in value)
+        raise bad
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "5e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    raise bad
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` from the command line; the value is parsed as a YAML scalar (so 1e-4, true, null work)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def build_config(values: dict[str, Any], source: str = "config") -> Config:
+    """Validate a flat key->value mapping into a Config; every problem is a one-line ConfigError."""
+    grouped: dict[str, dict[str, Any]] = {g: {} for g in GROUPS}
+    resolved_hints: dict[str, Any] = {}
+    for cls in GROUPS.values():
+        resolved_hints.update(typing.get_type_hints(cls))
+    for key, value in values.items():
+        if key not in KEY_TO_GROUP:
+            close = difflib.get_close_matches(key, list(KEY_TO_GROUP), n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else " (see docs/config.md for all keys)"
+            raise ConfigError(f"{source}: unknown key '{key}'{hint}")
+        grouped[KEY_TO_GROUP[key]][key] = _coerce(key, value, resolved_hints[key], source)
+    config = Config(**{g: GROUPS[g](**grouped[g]) for g in GROUPS})
+    validate(config, source)
+    return config
+
+
+def validate(cfg: Config, source: str) -> None:
+    """Checks that need more than one key's type."""
+    m, d, t, p = cfg.model, cfg.data, cfg.train, cfg.parallel
+
+    def fail(key: str, why: str) -> None:
+        raise ConfigError(f"{source}: key '{key}' {why}")
+
+    if not m.model_name_or_path:
+        fail("model_name_or_path", "is required (a local model directory or builtin:tiny)")
+    if not d.dataset:
+        fail("dataset", "is required (e.g. `dataset: builtin:sft_demo`)")
+    if not t.output_dir:
+        fail("output_dir", "is required (the run directory)")
+    if m.bf16 and m.fp16:
+        fail("bf16", "and 'fp16' cannot both be true")
+    if m.dtype != "auto" and (m.bf16 or m.fp16):
+        wanted = "bfloat16" if m.bf16 else "float16"
+        if m.dtype != wanted:
+            fail("dtype", f"is {m.dtype} but {'bf16' if m.bf16 else 'fp16'}: true asks for {wanted}")
+    if m.quantization_bit is not None:
+        fail("quantization_bit", "is not supported yet; remove it (train in bf16 with LoRA instead)")
+    if m.lora_rank <= 0:
+        fail("lora_rank", f"must be > 0, got {m.lora_rank}")
+    if not 0.0 <= m.lora_dropout < 1.0:
+        fail("lora_dropout", f"must be in [0, 1), got {m.lora_dropout}")
+    if m.use_dora and m.finetuning_type != "lora":
+        fail("use_dora", "needs finetuning_type: lora")
+    if d.cutoff_len <= 1:
+        fail("cutoff_len", f"must be > 1, got {d.cutoff_len}")
+    if d.max_samples is not None and d.max_samples <= 0:
+        fail("max_samples", f"must be > 0, got {d.max_samples}")
+    if d.val_size < 0:
+        fail("val_size", f"must be >= 0, got {d.val_size}")
+    if d.val_size >= 1 and not float(d.val_size).is_integer():
+        fail("val_size", f"must be a fraction < 1 or a whole number of examples, got {d.val_size}")
+    if d.packing:
+        fail("packing", "is not supported yet; remove it or set it to false")
+    if d.neftune_noise_alpha:
+        fail("neftune_noise_alpha", "is not supported yet; remove it")
+    if t.learning_rate <= 0:
+        fail("learning_rate", f"must be > 0, got {t.learning_rate}")
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                "logging_steps", "loss_chunk_size"):
+        if getattr(t, key) <= 0:
+            fail(key, f"must be > 0, got {getattr(t, key)}")
+    for key in ("weight_decay", "max_grad_norm", "warmup_steps", "save_steps"):
+        if getattr(t, key) < 0:
+            fail(key, f"must be >= 0, got {getattr(t, key)}")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        fail("warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}")
+    if t.max_steps <= 0 and t.num_train_epochs <= 0:
+        fail("num_train_epochs", "must be > 0 when max_steps is not set")
+    if t.eval_steps is not None and t.eval_steps <= 0:
+        fail("eval_steps", f"must be > 0, got {t.eval_steps}")
+    if t.save_total_limit is not None and t.save_total_limit <= 0:
+        fail("save_total_limit", f"must be > 0, got {t.save_total_limit}")
+    if p.sequence_parallel_size < 1:
+        fail("sequence_parallel_size", f"must be >= 1, got {p.sequence_parallel_size}")
+    if p.sequence_parallel_size > 1:
+        fail("sequence_parallel_size", "> 1 is not supported yet in this version; set it to 1")
+    if p.deepspeed:
+        fail("deepspeed", "is not supported yet; remove it")
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (may be None), apply `key=value` overrides and validate."""
+    values: dict[str, Any] = {}
+    source = str(path) if path is not None else "command line"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: must be a mapping of key: value, got {type(loaded).__name__}")
+        values.update(loaded)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        values[key] = value
+    stage = values.get("stage")
+    if stage in _PLANNED_STAGES:
+        raise ConfigError(f"{source}: key 'stage' value '{stage}' is not supported yet in this version (use sft or pt)")
+    return build_config(values, source)
+
+
+def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_flat_dict(), sort_keys=False))

@@ -1,0 +1,95 @@
+"""`longtune export`: turn a run directory or checkpoint into a plain Hugging Face model directory (optionally
+merging a LoRA adapter into its base) with tokenizer files, loadable by `AutoModelForCausalLM.from_pretrained`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from longtune.errors import ConfigError
+from longtune.models.builtin import build_builtin_model, is_builtin_model
+
+# Training-only files of a checkpoint that an exported model does not carry.
+_TRAINING_FILES = {"optimizer.pt", "scheduler.pt", "rng_state.pt", "trainer_state.json"}
+
+
+def find_model_dir(source: Path) -> Path:
+    """A run dir means its final/ (or its newest checkpoint); a checkpoint or model dir is used as is."""
+    if not source.is_dir():
+        raise ConfigError(f"export: '{source}' is not a directory")
+    if (source / "config.json").is_file() or (source / "adapter_config.json").is_file():
+        return source
+    if (source / "final").is_dir():
+        return source / "final"
+    from longtune.checkpoint import complete_checkpoints
+
+    ckpts = complete_checkpoints(source)
+    if ckpts:
+        return ckpts[-1][1]
+    raise ConfigError(f"export: '{source}' holds no model (no config.json, adapter_config.json, final/ or checkpoint-N/)")
+
+
+def _run_dtype(model_dir: Path) -> str:
+    """The dtype the run trained in, from the run's train_config.yaml when it can be found."""
+    for candidate in (model_dir / "train_config.yaml", model_dir.parent / "train_config.yaml"):
+        if candidate.is_file():
+            from longtune.config import build_config
+
+            values = yaml.safe_load(candidate.read_text()) or {}
+            try:
+                return build_config(values, str(candidate)).compute_dtype
+            except ConfigError:
+                break
+    return "float32"
+
+
+def _load_base(name: str, dtype):
+    if is_builtin_model(name):
+        return build_builtin_model(name, dtype=dtype)
+    from transformers import AutoModelForCausalLM
+
+    if not Path(name).is_dir():
+        raise ConfigError(f"export --merge-lora: base model '{name}' (from adapter_config.json) is not a local directory")
+    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+
+
+def export_model(source: str | Path, out: str | Path, merge_lora: bool = False, overwrite: bool = False) -> Path:
+    from longtune.models.loader import DTYPES
+
+    src = find_model_dir(Path(source))
+    dst = Path(out)
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
+        raise ConfigError(f"export: '{dst}' is not empty (pass --overwrite to replace it)")
+    is_adapter = (src / "adapter_config.json").is_file()
+    tmp = dst.parent / f".tmp-export-{dst.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        if is_adapter and merge_lora:
+            from peft import PeftModel
+
+            adapter_cfg = json.loads((src / "adapter_config.json").read_text())
+            base_name = adapter_cfg.get("base_model_name_or_path")
+            if not base_name:
+                raise ConfigError(f"export: {src / 'adapter_config.json'} names no base_model_name_or_path")
+            dtype = DTYPES[_run_dtype(src)]
+            merged = PeftModel.from_pretrained(_load_base(base_name, dtype), str(src)).merge_and_unload()
+            merged.save_pretrained(str(tmp), safe_serialization=True)
+            for f in src.iterdir():
+                if f.is_file() and ("token" in f.name or f.name in {"vocab.json", "merges.txt", "chat_template.jinja"}):
+                    shutil.copy2(f, tmp / f.name)
+        else:
+            for f in src.iterdir():
+                if f.is_file() and f.name not in _TRAINING_FILES:
+                    shutil.copy2(f, tmp / f.name)
+        if dst.exists():
+            shutil.rmtree(dst)
+        tmp.replace(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst

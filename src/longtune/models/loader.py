@@ -1,0 +1,183 @@
+"""Load a Hugging Face causal LM and its tokenizer, then choose what trains: full, freeze, or LoRA/DoRA adapters.
+
+The model stays a plain HF model (or a peft wrapper of one); nothing here patches model classes.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from longtune.config import ModelConfig
+from longtune.errors import ConfigError
+from longtune.models.builtin import build_builtin_model, is_builtin_model, load_builtin_tokenizer
+
+DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def _check_model_dir(path: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(
+            f"key 'model_name_or_path': '{path}' does not exist (give a local model directory; "
+            "hub downloads are not attempted, or use builtin:tiny)"
+        )
+    if not (p / "config.json").is_file():
+        raise ConfigError(f"key 'model_name_or_path': '{path}' has no config.json (not a Hugging Face model directory)")
+    return p
+
+
+def load_tokenizer(model_cfg: ModelConfig):
+    name = model_cfg.model_name_or_path
+    assert name is not None
+    if is_builtin_model(name):
+        return load_builtin_tokenizer()
+    from transformers import AutoTokenizer
+
+    path = _check_model_dir(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"key 'model_name_or_path': cannot load a tokenizer from '{path}': {exc}".splitlines()[0]) from None
+    if tokenizer.pad_token_id is None:
+        # Padding positions never reach the loss (labels are IGNORE there); any id works as filler.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def attention_implementation(model_cfg: ModelConfig, dtype: torch.dtype) -> str:
+    if model_cfg.attn_implementation != "auto":
+        return model_cfg.attn_implementation
+    # eager keeps float64 exact on every torch build; sdpa is the fast default otherwise.
+    return "eager" if dtype == torch.float64 else "sdpa"
+
+
+def load_model(model_cfg: ModelConfig, dtype: torch.dtype) -> nn.Module:
+    name = model_cfg.model_name_or_path
+    assert name is not None
+    if is_builtin_model(name):
+        model = build_builtin_model(name, dtype=dtype)
+        model.config._attn_implementation = attention_implementation(model_cfg, dtype)
+        return model
+    from transformers import AutoModelForCausalLM
+
+    path = _check_model_dir(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path),
+            dtype=dtype,
+            attn_implementation=attention_implementation(model_cfg, dtype),
+            trust_remote_code=model_cfg.trust_remote_code,
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"key 'model_name_or_path': cannot load a causal LM from '{path}': {exc}".splitlines()[0]) from None
+    return model
+
+
+def decoder_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of decoder layers (the longest ModuleList in the model) and its qualified name."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and (best is None or len(module) > len(best[1])):
+            best = (name, module)
+    if best is None:
+        raise ConfigError("finetuning_type 'freeze': cannot find the decoder layers of this model")
+    return best
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Leaf names of every nn.Linear except the output embedding (LM head)."""
+    head = model.get_output_embeddings()
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module is not head
+    }
+    return sorted(names)
+
+
+def _split(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def apply_freeze(model: nn.Module, model_cfg: ModelConfig) -> None:
+    """Train only the last (or first) N decoder layers, optionally only some of their submodules."""
+    layers_name, layers = decoder_layer_list(model)
+    n = model_cfg.freeze_trainable_layers
+    count = len(layers)
+    if n == 0 or abs(n) > count:
+        raise ConfigError(f"key 'freeze_trainable_layers': must be between -{count} and {count}, not 0; got {n}")
+    ids = range(count - n, count) if n > 0 else range(0, -n)
+    modules = _split(model_cfg.freeze_trainable_modules)
+    extra = _split(model_cfg.freeze_extra_modules)
+    prefixes = [f"{layers_name}.{i}." for i in ids]
+    matched_extra: set[str] = set()
+    for pname, param in model.named_parameters():
+        train = any(pname.startswith(pre) for pre in prefixes)
+        if train and modules != ["all"]:
+            train = any(f".{m}." in pname[len(layers_name):] for m in modules)
+        for e in extra:
+            if re.search(rf"(^|\.){re.escape(e)}\.", pname):
+                matched_extra.add(e)
+                train = True
+        param.requires_grad_(train)
+    missing = set(extra) - matched_extra
+    if missing:
+        raise ConfigError(f"key 'freeze_extra_modules': no module named {sorted(missing)} in this model")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"key 'freeze_trainable_modules': '{model_cfg.freeze_trainable_modules}' matches no parameter")
+
+
+def apply_lora(model: nn.Module, model_cfg: ModelConfig) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    available = linear_module_names(model)
+    targets = _split(model_cfg.lora_target)
+    if targets == ["all"]:
+        targets = available
+    unknown = [t for t in targets if t not in available]
+    if unknown:
+        raise ConfigError(
+            f"key 'lora_target': {unknown} not found among the model's linear layers {available}"
+        )
+    lora_config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=model_cfg.lora_rank,
+        lora_alpha=model_cfg.lora_alpha if model_cfg.lora_alpha is not None else 2 * model_cfg.lora_rank,
+        lora_dropout=model_cfg.lora_dropout,
+        target_modules=targets,
+        use_dora=model_cfg.use_dora,
+        use_rslora=model_cfg.use_rslora,
+        modules_to_save=_split(model_cfg.additional_target) or None,
+    )
+    return get_peft_model(model, lora_config)
+
+
+def apply_finetuning(model: nn.Module, model_cfg: ModelConfig) -> nn.Module:
+    """Mark trainable parameters. Call under the run's seed: LoRA A matrices are initialised randomly."""
+    if model_cfg.finetuning_type == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if model_cfg.finetuning_type == "freeze":
+        apply_freeze(model, model_cfg)
+        return model
+    return apply_lora(model, model_cfg)
+
+
+def unwrap_base(model: nn.Module) -> nn.Module:
+    """The HF PreTrainedModel inside an optional peft wrapper (adapters stay injected)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) and hasattr(model, "peft_config") else model
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config")

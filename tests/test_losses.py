@@ -1,0 +1,80 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longtune.config import load_config
+from longtune.data.collate import IGNORE_INDEX, collate, shift_labels
+from longtune.losses.causal_lm import chunked_lm_loss
+from longtune.optim import lr_lambda
+
+
+def _case(seed=0, B=2, T=37, H=16, V=50):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, dtype=torch.float64, generator=g, requires_grad=True)
+    head = torch.nn.Linear(H, V, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, H, dtype=torch.float64, generator=g))
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[torch.rand(B, T, generator=g) < 0.4] = IGNORE_INDEX
+    return hidden, head, labels
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16, 1000])
+def test_chunked_loss_equals_full_logits(chunk):
+    hidden, head, labels = _case()
+    loss_sum, count = chunked_lm_loss(hidden, labels, head, chunk)
+    loss_sum.backward()
+    got_h, got_w = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad = None
+    head.weight.grad = None
+    logits = head(hidden)
+    ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum",
+                          ignore_index=IGNORE_INDEX)
+    ref.backward()
+    assert int(count) == int((labels != IGNORE_INDEX).sum())
+    assert abs(float(loss_sum) - float(ref)) <= 1e-10 * abs(float(ref))
+    torch.testing.assert_close(got_h, hidden.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_w, head.weight.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_no_label_tokens_gives_zero_and_keeps_graph():
+    hidden, head, labels = _case()
+    labels[:] = IGNORE_INDEX
+    loss_sum, count = chunked_lm_loss(hidden, labels, head, 8)
+    assert float(loss_sum) == 0.0 and int(count) == 0
+    loss_sum.backward()
+    assert torch.count_nonzero(hidden.grad) == 0
+
+
+def test_collate_shifts_labels_and_pads_right():
+    class Ex:
+        def __init__(self, ids, labels):
+            self.input_ids, self.labels = ids, labels
+
+    a = Ex([5, 6, 7, 8], [IGNORE_INDEX, IGNORE_INDEX, 7, 8])
+    b = Ex([9, 10], [9, 10])
+    batch = collate([a, b], pad_token_id=0)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8], [9, 10, 0, 0]]
+    # position t predicts token t+1
+    assert batch.labels.tolist() == [[IGNORE_INDEX, 7, 8, IGNORE_INDEX], [10, IGNORE_INDEX] + [IGNORE_INDEX] * 2]
+    assert batch.num_loss_tokens == 3
+    assert shift_labels([1, 2, 3]) == [2, 3, IGNORE_INDEX]
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant_with_warmup", "constant", "cosine_with_min_lr"])
+def test_schedules_match_transformers(kind):
+    from transformers import get_scheduler
+
+    total, warm = 20, 4
+    cfg = load_config(None, ["model_name_or_path=builtin:tiny", "dataset=x", "output_dir=o",
+                             f"lr_scheduler_type={kind}", f"warmup_steps={warm}", "min_lr_rate=0.1"])
+    ours = lr_lambda(cfg.train, total)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    extra = {"scheduler_specific_kwargs": {"min_lr_rate": 0.1}} if kind == "cosine_with_min_lr" else {}
+    ref = get_scheduler(kind, opt, num_warmup_steps=warm, num_training_steps=total, **extra)
+    for s in range(total):
+        assert math.isclose(ours(s), ref.get_last_lr()[0], rel_tol=1e-12, abs_tol=1e-15), (kind, s)
+        opt.step()
+        ref.step()
