@@ -224,8 +224,10 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> RunResult:
     if t.gradient_checkpointing:
         base = unwrap_base(model)
         # transformers 5.x renamed the switch; non-reentrant checkpointing works with frozen embeddings (LoRA).
-        enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,129 @@
+"""Tokenize Conversations and TextDocuments into input ids and (unshifted) labels with exact loss masks.
+
+A trained span is found by rendering, not by guessing token patterns: for each assistant turn i, the text
+between render(messages[:i], add_generation_prompt=True) and render(messages[:i+1]) is what the model must
+produce, end-of-turn marker included. The full render is tokenized once; tokens inside a span are trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jinja2 import TemplateError
+
+from longtune.data.conversation import Conversation, TextDocument
+from longtune.errors import ConfigError, DataError
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class EncodedConversation:
+    input_ids: list[int]
+    labels: list[int]
+    response_start: int  # index of the first token of the last assistant turn's span
+
+
+def render_messages(
+    tokenizer, chat_template: str, messages: list[dict[str, str]], add_generation_prompt: bool, where: str
+) -> str:
+    try:
+        return tokenizer.apply_chat_template(
+            messages, chat_template=chat_template, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+    except TemplateError as e:
+        raise DataError(f"{where}: the chat template refused this conversation: {e}") from None
+
+
+def assistant_char_spans(
+    conversation: Conversation, tokenizer, chat_template: str, where: str
+) -> tuple[str, list[tuple[int, int]]]:
+    """The full rendered text and the [start, end) character span of every assistant turn in it."""
+    if not conversation.turns or conversation.turns[-1].role != "assistant":
+        last = conversation.turns[-1].role if conversation.turns else "none"
+        raise DataError(f"{where}: a conversation must end with an assistant turn (its last turn is {last})")
+    messages = conversation.messages()
+    full = render_messages(tokenizer, chat_template, messages, False, where)
+    spans = []
+    for j, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render_messages(tokenizer, chat_template, messages[:j], True, where)
+        upto = render_messages(tokenizer, chat_template, messages[: j + 1], False, where)
+        if not (upto.startswith(prompt) and full.startswith(upto)):
+            raise ConfigError(
+                f"template: the chat template does not render {where} incrementally (rendering message {j} "
+                f"changes the text of earlier messages), so assistant tokens cannot be located exactly; "
+                f"use a template that keeps earlier turns unchanged, e.g. template: chatml"
+            )
+        spans.append((len(prompt), len(upto)))
+    return full, spans
+
+
+def encode_conversation(
+    conversation: Conversation, tokenizer, chat_template: str, *, train_on_prompt: bool, where: str
+) -> EncodedConversation:
+    """Token ids of the rendered conversation; labels keep exactly the assistant spans (or all, train_on_prompt).
+
+    A token counts as inside a span when its whole character range is; with a tokenizer whose markup is plain
+    text (e.g. llama3 headers on a vocab without them) a token straddling a span edge is left untrained.
+    """
+    text, spans = assistant_char_spans(conversation, tokenizer, chat_template, where)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(encoding["input_ids"])
+    inside = []
+    for start, end in encoding["offset_mapping"]:
+        if end == start:  # zero-width tokens are placed at their position
+            inside.append(any(a <= start < b for a, b in spans))
+        else:
+            inside.append(any(a <= start and end <= b for a, b in spans))
+    last_span_start = spans[-1][0]
+    response_start = next(
+        (t for t, (start, _) in enumerate(encoding["offset_mapping"]) if start >= last_span_start), len(input_ids)
+    )
+    labels = [tok if (train_on_prompt or keep) else IGNORE_INDEX for tok, keep in zip(input_ids, inside, strict=True)]
+    return EncodedConversation(input_ids, labels, response_start)
+
+
+def encode_rendered(conversation: Conversation, tokenizer, chat_template: str, where: str) -> list[int]:
+    """Token ids of the whole rendered conversation (for pretraining on chat data: everything trained)."""
+    text = render_messages(tokenizer, chat_template, conversation.messages(), False, where)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_text(document: TextDocument, tokenizer) -> list[int]:
+    """Ids of a pretraining text followed by eos; bos only where the tokenizer itself adds one."""
+    ids = list(tokenizer(document.text, add_special_tokens=True)["input_ids"])
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+    return ids
+
+
+def truncate_conversation(
+    input_ids: list[int], labels: list[int], response_start: int, cutoff_len: int
+) -> tuple[list[int], list[int]]:
+    """Cut an over-long conversation to cutoff_len tokens, keeping as much of the last response as possible.
+
+    Like LLaMA-Factory, the response is what must survive; unlike its right-cut of the prompt, we keep the
+    prompt's end (the question and the generation prompt sit there) and its beginning (system prompt, first
+    header): the prompt loses its middle. The prompt always keeps min(its length, cutoff_len // 2) tokens so a
+    very long response still has context; the response is then cut from the right.
+    """
+    if len(input_ids) <= cutoff_len:
+        return input_ids, labels
+    prompt_len, response_len = response_start, len(input_ids) - response_start
+    prompt_keep = max(cutoff_len - response_len, min(prompt_len, cutoff_len // 2))
+    response_keep = cutoff_len - prompt_keep
+    head = prompt_keep // 4
+    keep = (
+        list(range(head))
+        + list(range(prompt_len - (prompt_keep - head), prompt_len))
+        + list(range(response_start, response_start + response_keep))
+    )
+    return [input_ids[t] for t in keep], [labels[t] for t in keep]
+
+
+def split_into_pieces(input_ids: list[int], cutoff_len: int) -> list[list[int]]:
+    """Consecutive pieces of at most cutoff_len tokens (pretraining loses no text to truncation)."""
+    return [input_ids[i : i + cutoff_len] for i in range(0, len(input_ids), cutoff_len)]
