@@ -83,11 +83,28 @@ class DataConfig:
     val_size: float = _key(
         0.0, "Hold out this fraction (< 1) or number (>= 1) of training examples for evaluation."
     )
-    packing: bool | None = _key(None, "Pack examples into rows of cutoff_len. Not supported yet; leave unset.")
-    neftune_noise_alpha: float | None = _key(None, "NEFTune noise. Not supported yet; leave unset.")
-    mix_strategy: Literal["concat"] = _key("concat", "How several datasets are combined (`concat`).")
+    packing: bool | None = _key(
+        None,
+        "Pack examples into rows of cutoff_len (best-fit decreasing); attention never crosses documents. "
+        "Default: on for `pt`, off otherwise.",
+    )
+    neftune_noise_alpha: float | None = _key(
+        None, "NEFTune: uniform noise on input embeddings in training, scaled by alpha / sqrt(L * d)."
+    )
+    mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = _key(
+        "concat",
+        "How several datasets are combined: concatenated, or interleaved by `interleave_probs` until the first "
+        "(`_under`) or the last (`_over`) dataset runs out.",
+    )
+    interleave_probs: tuple[float, ...] = _key(
+        (), "Comma-separated sampling probabilities, one per dataset, for the interleave strategies."
+    )
+    skip_bad_rows: bool = _key(False, "Skip and count malformed rows instead of stopping at the first one.")
+    data_cache_dir: str | None = _key(
+        None, "Where tokenized datasets are cached (default ~/.cache/longtune/data); keyed by data + tokenizer."
+    )
+    overwrite_cache: bool = _key(False, "Re-tokenize even if a cached copy exists.")
     preprocessing_num_workers: int | None = _key(None, "Accepted for LLaMA-Factory compatibility; ignored.")
-    overwrite_cache: bool = _key(False, "Accepted for LLaMA-Factory compatibility; ignored.")
 
 
 @dataclass(frozen=True)
@@ -169,8 +186,13 @@ class Config:
         for group_name in GROUPS:
             for f in dataclasses.fields(GROUPS[group_name]):
                 value = getattr(getattr(self, group_name), f.name)
-                flat[f.name] = ",".join(value) if isinstance(value, tuple) else value
+                flat[f.name] = ",".join(map(str, value)) if isinstance(value, tuple) else value
         return flat
+
+    @property
+    def packing(self) -> bool:
+        """`packing` as given, else on for pretraining (as LLaMA-Factory)."""
+        return self.data.packing if self.data.packing is not None else self.train.stage == "pt"
 
     @property
     def compute_dtype(self) -> str:
@@ -235,11 +257,16 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
             f"{source}: key '{key}' must be one of {', '.join(map(str, get_args(tp)))}; got {value!r}{hint}"
         )
     if origin is tuple:
+        item_type = get_args(tp)[0]
         if isinstance(value, str):
-            return tuple(part.strip() for part in value.split(",") if part.strip())
-        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-            return tuple(v.strip() for v in value)
-        raise bad
+            items: list[Any] = [part.strip() for part in value.split(",") if part.strip()]
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and item_type is float:
+            items = [value]
+        else:
+            raise bad
+        return tuple(_coerce(key, v, item_type, source) for v in items)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -333,10 +360,15 @@ def validate(cfg: Config, source: str) -> None:
         fail("val_size", f"must be >= 0, got {d.val_size}")
     if d.val_size >= 1 and not float(d.val_size).is_integer():
         fail("val_size", f"must be a fraction < 1 or a whole number of examples, got {d.val_size}")
-    if d.packing:
-        fail("packing", "is not supported yet; remove it or set it to false")
-    if d.neftune_noise_alpha:
-        fail("neftune_noise_alpha", "is not supported yet; remove it")
+    if d.neftune_noise_alpha is not None and d.neftune_noise_alpha < 0:
+        fail("neftune_noise_alpha", f"must be >= 0, got {d.neftune_noise_alpha}")
+    if d.mix_strategy != "concat":
+        if len(d.interleave_probs) not in (0, len(d.dataset)):
+            fail("interleave_probs", f"needs one probability per dataset ({len(d.dataset)}), got {len(d.interleave_probs)}")
+        if d.interleave_probs and (min(d.interleave_probs) < 0 or abs(sum(d.interleave_probs) - 1.0) > 1e-6):
+            fail("interleave_probs", f"must be >= 0 and sum to 1, got {list(d.interleave_probs)}")
+    elif d.interleave_probs:
+        fail("interleave_probs", "needs mix_strategy: interleave_under or interleave_over")
     if t.learning_rate <= 0:
         fail("learning_rate", f"must be > 0, got {t.learning_rate}")
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",

@@ -1,4 +1,5 @@
-"""Turn encoded examples into padded tensors with labels shifted to the position that predicts them."""
+"""Turn examples (plain or packed) into padded tensors with labels shifted to the position that predicts them,
+per-document position ids and document ids."""
 
 from __future__ import annotations
 
@@ -8,18 +9,25 @@ import torch
 from torch import Tensor
 
 IGNORE_INDEX = -100
+PAD_DOCUMENT = -1
 
 
 @dataclass
 class Batch:
     input_ids: Tensor  # [B, T]
     labels: Tensor  # [B, T], shifted: labels[b, t] is the target of position t
-    position_ids: Tensor  # [B, T]
+    position_ids: Tensor  # [B, T], restarting at 0 for every document
+    doc_ids: Tensor  # [B, T], document index within the row; PAD_DOCUMENT on padding
     num_rows: int
+    packed: bool  # some row holds more than one document: attention must respect doc_ids
 
     @property
     def num_loss_tokens(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
+
+
+def document_lengths(example) -> list[int]:
+    return list(getattr(example, "doc_lengths", None) or [len(example.input_ids)])
 
 
 def shift_labels(labels: list[int]) -> list[int]:
@@ -27,20 +35,47 @@ def shift_labels(labels: list[int]) -> list[int]:
     return labels[1:] + [IGNORE_INDEX]
 
 
+def shifted_document_labels(example) -> list[int]:
+    """Shift within each document, so a document's last position never predicts the next document's first token."""
+    out: list[int] = []
+    start = 0
+    for n in document_lengths(example):
+        out.extend(shift_labels(list(example.labels[start : start + n])))
+        start += n
+    return out
+
+
+def loss_token_count(example) -> int:
+    return sum(1 for y in shifted_document_labels(example) if y != IGNORE_INDEX)
+
+
 def collate(examples, pad_token_id: int) -> Batch:
     """Right-pad to the longest example of this micro-batch (never to cutoff_len).
 
-    Padding needs no attention mask: attention is causal, so real tokens never look at the pad tail, and pad
-    positions carry IGNORE labels.
+    Padding needs no attention mask: attention is causal (and document-aware for packed rows), so real tokens
+    never look at the pad tail, and pad positions carry IGNORE labels.
     """
     if not examples:
         raise ValueError("collate needs at least one example")
     width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    shape = (len(examples), width)
+    ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    positions = torch.arange(width, dtype=torch.long).repeat(len(examples), 1)
+    docs = torch.full(shape, PAD_DOCUMENT, dtype=torch.long)
+    packed = False
     for row, example in enumerate(examples):
         n = len(example.input_ids)
         ids[row, :n] = torch.tensor(example.input_ids, dtype=torch.long)
-        labels[row, :n] = torch.tensor(shift_labels(list(example.labels)), dtype=torch.long)
-    positions = torch.arange(width, dtype=torch.long).unsqueeze(0).expand(len(examples), width).contiguous()
-    return Batch(input_ids=ids, labels=labels, position_ids=positions, num_rows=len(examples))
+        labels[row, :n] = torch.tensor(shifted_document_labels(example), dtype=torch.long)
+        lengths = document_lengths(example)
+        packed |= len(lengths) > 1
+        start = 0
+        for doc, length in enumerate(lengths):
+            positions[row, start : start + length] = torch.arange(length)
+            docs[row, start : start + length] = doc
+            start += length
+        # padding continues the last document's positions (any value works: it is never attended to by real tokens)
+        positions[row, n:] = torch.arange(lengths[-1], lengths[-1] + width - n)
+    return Batch(input_ids=ids, labels=labels, position_ids=positions, doc_ids=docs, num_rows=len(examples),
+                 packed=packed)
