@@ -29,10 +29,27 @@ def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]
     return None, items
 
 
+def launch_with_torchrun(args: argparse.Namespace) -> int:
+    """`longtune train ... --nproc N`: run N local processes under torchrun (same arguments, minus --nproc)."""
+    import subprocess
+
+    if args.nproc < 1:
+        raise LongtuneError(f"train: --nproc must be >= 1, got {args.nproc}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+           "-m", "longtune"]
+    if args.debug:
+        cmd.append("--debug")
+    cmd += ["train", *args.config_and_overrides]
+    return subprocess.call(cmd)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from longtune.config import load_config
     from longtune.trainer import train
 
+    if args.nproc is not None and "RANK" not in os.environ:
+        load_config(*_split_config_and_overrides(args.config_and_overrides))  # fail fast, before N processes start
+        return launch_with_torchrun(args)
     config_path, overrides = _split_config_and_overrides(args.config_and_overrides)
     if config_path is None and not overrides:
         raise LongtuneError("train: give a CONFIG.yaml and/or key=value overrides (see longtune train --help)")
@@ -41,6 +58,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise LongtuneError(f"train: '{item}' is not key=value (only the first argument may be a YAML file)")
     cfg = load_config(config_path, overrides)
     result = train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     rows = [r for r in result.metrics if "loss" in r]
     if rows:
         print(
@@ -79,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("config_and_overrides", nargs="*", metavar="CONFIG.yaml | key=value")
+    train.add_argument("--nproc", type=int, default=None, metavar="N",
+                       help="start N local processes with torchrun (e.g. with sequence_parallel_size=N)")
     train.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     train.set_defaults(func=cmd_train)
 
@@ -103,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars would drown our own progress line
     try:
         return args.func(args)
     except LongtuneError as exc:

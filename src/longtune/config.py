@@ -60,7 +60,7 @@ class ModelConfig:
     use_rslora: bool = _key(False, "Rank-stabilised LoRA scaling alpha / sqrt(r).")
     trust_remote_code: bool = _key(False, "Allow model code shipped inside the model directory.")
     attn_implementation: Literal["auto", "eager", "sdpa"] = _key(
-        "auto", "Attention kernel of the HF model when not sequence-parallel. `auto`: sdpa (eager for float64)."
+        "auto", "Attention kernel of the HF model when not sequence-parallel and not packed. `auto`: sdpa."
     )
     quantization_bit: int | None = _key(None, "Not supported yet; set to null.")
 
@@ -154,7 +154,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    sequence_parallel_size: int = _key(1, "Ranks one sequence is split over. Values > 1 are not supported yet.")
+    sequence_parallel_size: int = _key(
+        1, "Ranks one sequence is split over; must divide the number of processes (the rest is data parallel)."
+    )
     sequence_parallel_mode: Literal["auto", "zigzag_ring", "ulysses", "llama3", "hybrid"] = _key(
         "auto", "How attention is computed across the sequence-parallel group."
     )
@@ -388,8 +390,6 @@ def validate(cfg: Config, source: str) -> None:
         fail("save_total_limit", f"must be > 0, got {t.save_total_limit}")
     if p.sequence_parallel_size < 1:
         fail("sequence_parallel_size", f"must be >= 1, got {p.sequence_parallel_size}")
-    if p.sequence_parallel_size > 1:
-        fail("sequence_parallel_size", "> 1 is not supported yet in this version; set it to 1")
     if p.deepspeed:
         fail("deepspeed", "is not supported yet; remove it")
 

@@ -34,10 +34,21 @@ from longtune.checkpoint import (
 )
 from longtune.config import Config, TrainConfig, save_config
 from longtune.data import Example, load_examples
-from longtune.data.collate import Batch, collate
+from longtune.data.collate import Batch, collate, loss_token_count
+from longtune.data.packing import pack_examples
 from longtune.errors import ConfigError, DataError
-from longtune.models.loader import DTYPES, apply_finetuning, load_model, load_tokenizer, unwrap_base
+from longtune.models.loader import (
+    DTYPES,
+    apply_finetuning,
+    load_model,
+    load_model_config,
+    load_tokenizer,
+    unwrap_base,
+)
+from longtune.models.neftune import NEFTune, neftune_scales
 from longtune.optim import build_optimizer, lr_lambda
+from longtune.parallel.mesh import ParallelDims, init_parallel, shutdown_parallel
+from longtune.parallel.sequence import SequenceParallel
 from longtune.stages import STAGE_LOSSES
 
 RUN_ARTEFACTS = ("metrics.jsonl", "train_config.yaml", "loss.png", "final", "runs")
@@ -60,48 +71,65 @@ def set_seed(seed: int) -> None:
 @dataclass(frozen=True)
 class StepPlan:
     """Which examples each optimizer step uses: a seeded permutation per epoch, cut into steps of
-    batch*GA examples (the last step of an epoch may be smaller), each cut into micro-batches of `batch`."""
+    batch * GA * dp examples (the last step of an epoch may be smaller). Data-parallel rank d takes the d-th
+    slice of batch * GA, cut into micro-batches of `batch`. Every rank can list the whole step, so the step's
+    global loss-token count needs no communication."""
 
     num_examples: int
     batch_size: int
     grad_accum: int
+    dp: int
     seed: int
     total_steps: int
 
     @property
+    def per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.dp
+
+    @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.num_examples / (self.batch_size * self.grad_accum))
+        return math.ceil(self.num_examples / self.per_step)
 
     def epoch_of(self, step: int) -> float:
         """Epochs completed after `step` optimizer steps."""
         return step / self.steps_per_epoch
 
-    def micro_batches(self, step: int) -> list[list[int]]:
+    def step_examples(self, step: int) -> list[int]:
         epoch, index = divmod(step, self.steps_per_epoch)
         order = torch.randperm(self.num_examples, generator=torch.Generator().manual_seed(self.seed + epoch))
-        per_step = self.batch_size * self.grad_accum
-        ids = order[index * per_step : (index + 1) * per_step].tolist()
-        return [ids[i : i + self.batch_size] for i in range(0, len(ids), self.batch_size)]
+        return order[index * self.per_step : (index + 1) * self.per_step].tolist()
+
+    def micro_batches(self, step: int, dp_rank: int = 0) -> list[list[int]]:
+        per_rank = self.batch_size * self.grad_accum
+        mine = self.step_examples(step)[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+        return [mine[i : i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
 
 
-def plan_steps(num_examples: int, t: TrainConfig) -> StepPlan:
-    probe = StepPlan(num_examples, t.per_device_train_batch_size, t.gradient_accumulation_steps, t.seed, 0)
-    total = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * probe.steps_per_epoch)
-    return StepPlan(num_examples, t.per_device_train_batch_size, t.gradient_accumulation_steps, t.seed, max(total, 1))
+def plan_steps(num_examples: int, t: TrainConfig, dp: int = 1) -> StepPlan:
+    args = (num_examples, t.per_device_train_batch_size, t.gradient_accumulation_steps, dp, t.seed)
+    per_epoch = StepPlan(*args, 0).steps_per_epoch
+    total = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * per_epoch)
+    return StepPlan(*args, max(total, 1))
 
 
-def prepare_output_dir(cfg: Config) -> Path | None:
-    """Create output_dir; return the checkpoint to resume from, if any. Refuses to mix two runs."""
+def check_output_dir(cfg: Config) -> Path | None:
+    """Read-only checks every rank runs (so all fail alike); returns the checkpoint to resume from, if any."""
     out = Path(cfg.train.output_dir or "")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"key 'output_dir': '{out}' exists and is not a directory")
     resume = resolve_resume(out, cfg.train.resume_from_checkpoint)
-    if resume is None and out.is_dir() and any(out.iterdir()):
-        if not cfg.train.overwrite_output_dir:
-            raise ConfigError(
-                f"key 'output_dir': '{out}' is not empty; set overwrite_output_dir: true to replace it "
-                "or resume_from_checkpoint: true to continue it"
-            )
+    if resume is None and out.is_dir() and any(out.iterdir()) and not cfg.train.overwrite_output_dir:
+        raise ConfigError(
+            f"key 'output_dir': '{out}' is not empty; set overwrite_output_dir: true to replace it "
+            "or resume_from_checkpoint: true to continue it"
+        )
+    return resume
+
+
+def prepare_output_dir(cfg: Config, resume: Path | None) -> None:
+    """Create output_dir; with overwrite_output_dir, remove an earlier run's artefacts (main rank only)."""
+    out = Path(cfg.train.output_dir or "")
+    if resume is None and out.is_dir():
         for name in RUN_ARTEFACTS:
             target = out / name
             if target.is_dir():
@@ -111,7 +139,6 @@ def prepare_output_dir(cfg: Config) -> Path | None:
         for _, ckpt in complete_checkpoints(out):
             shutil.rmtree(ckpt)
     out.mkdir(parents=True, exist_ok=True)
-    return resume
 
 
 def load_datasets(cfg: Config, tokenizer: Any, log: Callable[[str], None]) -> tuple[list[Example], list[Example]]:
@@ -189,35 +216,101 @@ class MetricsLog:
             self.writer.close()
 
 
-def evaluate(model: nn.Module, examples: list[Example], cfg: Config, pad_id: int) -> tuple[float, int]:
-    """Token-weighted mean loss over the whole eval set."""
-    loss_fn = STAGE_LOSSES[cfg.train.stage]
+@dataclass
+class RunParts:
+    """What the loop needs besides the config: built once in `train`, passed explicitly."""
+
+    model: nn.Module
+    dims: ParallelDims
+    sequence: SequenceParallel
+    pad_id: int
+    neftune: NEFTune | None
+    hidden_size: int
+
+
+def forward_loss(parts: RunParts, batch: Batch, cfg: Config):
+    """This rank's (loss_sum, count) for one collated micro-batch."""
+    scale = None
+    if parts.neftune is not None and parts.model.training:
+        scale = neftune_scales(batch, float(cfg.data.neftune_noise_alpha or 0.0), parts.hidden_size)
+    inputs = parts.sequence.prepare(batch, parts.pad_id, parts.dims.device, neftune_scale=scale)
+    if parts.neftune is not None:
+        parts.neftune.scale = inputs.neftune_scale
+    return STAGE_LOSSES[cfg.train.stage](parts.model, inputs, cfg.train.loss_chunk_size)
+
+
+def evaluate(parts: RunParts, examples: list, cfg: Config) -> tuple[float, int]:
+    """Token-weighted mean loss over the whole eval set (rows split over dp, sequences over sp)."""
+    model, dims = parts.model, parts.dims
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    sums = torch.zeros(2, dtype=torch.float64, device=dims.device)
+    mine = examples[dims.dp_rank :: dims.dp]
     bs = cfg.train.per_device_eval_batch_size
     with torch.no_grad():
-        for i in range(0, len(examples), bs):
-            out = loss_fn(model, collate(examples[i : i + bs], pad_id), cfg.train.loss_chunk_size)
-            total += float(out.loss_sum)
-            count += int(out.count)
+        for i in range(0, len(mine), bs):
+            out = forward_loss(parts, collate(mine[i : i + bs], parts.pad_id), cfg)
+            sums[0] += out.loss_sum.to(torch.float64)
+            sums[1] += out.count.to(torch.float64)
+    dims.all_reduce_sum(sums)
     model.train(was_training)
-    return total / max(count, 1), count
+    # sp ranks each counted their own share of the loss tokens, so the sums are over the whole eval set
+    return float(sums[0] / sums[1].clamp_min(1)), int(sums[1])
+
+
+def all_reduce_gradients(params: list[nn.Parameter], dims: ParallelDims) -> None:
+    """Sum gradients over every rank: each rank's loss is its share of one global sum (already divided by
+    the step's global token count), so the sum is the gradient of the whole step."""
+    if dims.world_size == 1:
+        return
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = _flatten_dense_tensors(grads)
+    dims.all_reduce_sum(flat)
+    for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        grad.copy_(synced)
 
 
 def train(cfg: Config, log: Callable[[str], None] = print) -> RunResult:
+    """Run one training job; every process of a multi-process launch calls this."""
     t = cfg.train
-    resume_ckpt = prepare_output_dir(cfg)
+    dims = init_parallel(cfg.parallel.sequence_parallel_size, t.ddp_timeout)
+    try:
+        return _train(cfg, dims, log if dims.is_main else (lambda _: None))
+    finally:
+        shutdown_parallel(dims)
+
+
+def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunResult:
+    t = cfg.train
     out = Path(t.output_dir or "")
+    resume_ckpt = check_output_dir(cfg)
+    if dims.is_main:
+        prepare_output_dir(cfg, resume_ckpt)
+    dims.barrier()
     set_seed(t.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = dims.device
     dtype = DTYPES[cfg.compute_dtype]
     if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("key 'bf16': this GPU does not support bfloat16; use fp16: true")
 
+    # Everything that can be checked without weights is checked first (SP degree vs heads, data).
+    model_config = load_model_config(cfg.model)
+    sequence = SequenceParallel(dims, cfg.parallel, model_config, packed=cfg.packing, log=log)
     tokenizer = load_tokenizer(cfg.model)
     train_examples, eval_examples = load_datasets(cfg, tokenizer, log)
+    if cfg.packing:
+        train_examples, stats = pack_examples(train_examples, cfg.data.cutoff_len)
+        log(f"packing: {stats.documents} examples -> {stats.rows} rows of {stats.capacity}, "
+            f"efficiency {stats.efficiency:.1%}")
+        if eval_examples:
+            eval_examples, _ = pack_examples(eval_examples, cfg.data.cutoff_len)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    loss_tokens = [loss_token_count(e) for e in train_examples]
 
     model = load_model(cfg.model, dtype)
     model = apply_finetuning(model, cfg.model)
@@ -228,12 +321,17 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> RunResult:
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    sequence.apply(model, log)
     model.to(device)
     model.train()
+    neftune = None
+    if cfg.data.neftune_noise_alpha:
+        neftune = NEFTune(unwrap_base(model).get_input_embeddings())
+    parts = RunParts(model, dims, sequence, pad_id, neftune, int(model_config.hidden_size))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
 
-    plan = plan_steps(len(train_examples), t)
+    plan = plan_steps(len(train_examples), t, dims.dp)
     optimizer = build_optimizer(model, t)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t, plan.total_steps))
     start_step, tokens_seen = 0, 0
@@ -242,50 +340,51 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> RunResult:
         state = load_training_state(resume_ckpt, optimizer, scheduler)
         start_step, tokens_seen = state.global_step, state.tokens_seen
         log(f"resumed from {resume_ckpt} at step {start_step}")
-    save_config(cfg, out / "train_config.yaml")
-    metrics = MetricsLog(
-        out / "metrics.jsonl",
-        start_step if resume_ckpt is not None else None,
-        out / "runs" if t.report_to == "tensorboard" else None,
-    )
+    metrics = None
+    if dims.is_main:
+        save_config(cfg, out / "train_config.yaml")
+        metrics = MetricsLog(
+            out / "metrics.jsonl",
+            start_step if resume_ckpt is not None else None,
+            out / "runs" if t.report_to == "tensorboard" else None,
+        )
     log(
-        f"run: {out} | {len(train_examples)} train / {len(eval_examples)} eval examples | "
+        f"run: {out} | {len(train_examples)} train / {len(eval_examples)} eval rows | "
         f"{plan.total_steps} steps ({plan.steps_per_epoch}/epoch) | trainable {trainable:,} of {total_params:,} "
-        f"params | {cfg.model.finetuning_type} | {dtype} on {device}"
+        f"params | {cfg.model.finetuning_type} | {dtype} on {device} x {dims.world_size}"
     )
 
-    loss_fn = STAGE_LOSSES[t.stage]
     params = [p for p in model.parameters() if p.requires_grad]
     eval_every = t.eval_steps or t.logging_steps
-    progress = _progress_bar(plan.total_steps, start_step, disabled=t.disable_tqdm)
+    progress = _progress_bar(plan.total_steps, start_step, disabled=t.disable_tqdm or not dims.is_main)
     step = start_step
     try:
         for step in range(start_step + 1, plan.total_steps + 1):
             started = time.perf_counter()
-            step_ids = plan.micro_batches(step - 1)
-            batches: list[Batch] = [collate([train_examples[i] for i in ids], pad_id) for ids in step_ids]
-            # The divisor of every token loss in this step: all loss tokens of all its micro-batches.
-            step_tokens = sum(b.num_loss_tokens for b in batches)
-            input_tokens = sum(len(train_examples[i].input_ids) for ids in step_ids for i in ids)
-            loss_total = torch.zeros((), dtype=torch.float64, device=device)
-            for batch in batches:
-                result = loss_fn(model, batch, t.loss_chunk_size)
+            everyone = plan.step_examples(step - 1)
+            # The divisor of every token loss in this step: all loss tokens of all its micro-batches on all ranks.
+            step_tokens = sum(loss_tokens[i] for i in everyone)
+            input_tokens = sum(len(train_examples[i].input_ids) for i in everyone)
+            loss_local = torch.zeros((), dtype=torch.float64, device=device)
+            for ids in plan.micro_batches(step - 1, dims.dp_rank):
+                result = forward_loss(parts, collate([train_examples[i] for i in ids], pad_id), cfg)
                 (result.loss_sum / max(step_tokens, 1)).backward()
-                loss_total += result.loss_sum.detach().to(torch.float64)
+                loss_local += result.loss_sum.detach().to(torch.float64)
+            all_reduce_gradients(params, dims)
             max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            loss = float(dims.all_reduce_sum(loss_local)) / max(step_tokens, 1)
             elapsed = time.perf_counter() - started
             tokens_seen += step_tokens
-            loss = float(loss_total) / max(step_tokens, 1)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} at step {step}; lower learning_rate or use bf16/fp32")
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{input_tokens / elapsed:.0f}")
-            if step == 1 or step % t.logging_steps == 0 or step == plan.total_steps:
+            if metrics is not None and (step == 1 or step % t.logging_steps == 0 or step == plan.total_steps):
                 metrics.write(
                     {
                         "step": step,
@@ -300,35 +399,42 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> RunResult:
                     }
                 )
             if eval_examples and _eval_due(t, step, eval_every, plan):
-                eval_loss, eval_tokens = evaluate(model, eval_examples, cfg, pad_id)
-                metrics.write(
-                    {"step": step, "epoch": round(plan.epoch_of(step), 4), "eval_loss": eval_loss,
-                     "eval_tokens": eval_tokens}
-                )
-                progress.write(f"step {step}: eval_loss {eval_loss:.4f}")
+                eval_loss, eval_tokens = evaluate(parts, eval_examples, cfg)
+                if metrics is not None:
+                    metrics.write({"step": step, "epoch": round(plan.epoch_of(step), 4), "eval_loss": eval_loss,
+                                   "eval_tokens": eval_tokens})
+                    progress.write(f"step {step}: eval_loss {eval_loss:.4f}")
             if (t.save_steps and step % t.save_steps == 0) or step == plan.total_steps:
-                save_checkpoint(
-                    out, step, plan.epoch_of(step), tokens_seen, model, tokenizer,
-                    None if t.save_only_model else optimizer, None if t.save_only_model else scheduler,
-                )
-                rotate_checkpoints(out, t.save_total_limit)
+                if dims.is_main:
+                    save_checkpoint(
+                        out, step, plan.epoch_of(step), tokens_seen, model, tokenizer,
+                        None if t.save_only_model else optimizer, None if t.save_only_model else scheduler,
+                    )
+                    rotate_checkpoints(out, t.save_total_limit)
+                dims.barrier()
     finally:
         progress.close()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
+        if neftune is not None:
+            neftune.remove()
 
     final_dir = out / "final"
-    tmp = out / ".tmp-final"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_model_dir(model, tokenizer, tmp)
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    tmp.replace(final_dir)
-    if t.plot_loss:
-        from longtune.plotting import plot_loss
+    if dims.is_main:
+        tmp = out / ".tmp-final"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        save_model_dir(model, tokenizer, tmp)
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        tmp.replace(final_dir)
+        if t.plot_loss:
+            from longtune.plotting import plot_loss
 
-        plot_loss(out / "metrics.jsonl", out / "loss.png")
-    return RunResult(output_dir=out, final_dir=final_dir, global_step=step, metrics=metrics.rows)
+            plot_loss(out / "metrics.jsonl", out / "loss.png")
+    dims.barrier()
+    return RunResult(output_dir=out, final_dir=final_dir, global_step=step,
+                     metrics=metrics.rows if metrics is not None else [])
 
 
 def _eval_due(t: TrainConfig, step: int, every: int, plan: StepPlan) -> bool:

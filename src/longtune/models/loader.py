@@ -56,8 +56,9 @@ def load_tokenizer(model_cfg: ModelConfig):
 def attention_implementation(model_cfg: ModelConfig, dtype: torch.dtype) -> str:
     if model_cfg.attn_implementation != "auto":
         return model_cfg.attn_implementation
-    # eager keeps float64 exact on every torch build; sdpa is the fast default otherwise.
-    return "eager" if dtype == torch.float64 else "sdpa"
+    # sdpa keeps the input dtype end to end (HF's eager path runs its softmax in fp32, which breaks float64
+    # exactness tests), and is the fast default on GPU.
+    return "sdpa"
 
 
 def load_model(model_cfg: ModelConfig, dtype: torch.dtype) -> nn.Module:
@@ -181,3 +182,18 @@ def unwrap_base(model: nn.Module) -> nn.Module:
 
 def is_peft_model(model: nn.Module) -> bool:
     return hasattr(model, "peft_config")
+
+
+def load_model_config(model_cfg: ModelConfig):
+    """The model's config without its weights (for checks that must run before anything heavy loads)."""
+    name = model_cfg.model_name_or_path
+    assert name is not None
+    if is_builtin_model(name):
+        return build_builtin_model(name).config
+    from transformers import AutoConfig
+
+    path = _check_model_dir(name)
+    try:
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"key 'model_name_or_path': cannot read the config in '{path}': {exc}".splitlines()[0]) from None

@@ -100,3 +100,11 @@ def unshard(local_parts: list[Tensor], sp_size: int, dim: int = -1) -> Tensor:
         a, b = part.chunk(2, dim=dim)
         chunks[first], chunks[second] = a, b
     return torch.cat([c for c in chunks if c is not None], dim=dim)
+
+
+def shard_tensor(x: Tensor, sp_size: int, sp_rank: int, pad_value: float | int) -> Tensor:
+    """Any extra per-token [B, T] tensor cut exactly like the batch (padded with `pad_value`)."""
+    extra = padded_length(x.shape[-1], sp_size) - x.shape[-1]
+    if extra:
+        x = torch.nn.functional.pad(x, (0, extra), value=pad_value)
+    return x.index_select(-1, local_token_index(x.shape[-1], sp_size, sp_rank).to(x.device))

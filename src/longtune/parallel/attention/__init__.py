@@ -1,0 +1,103 @@
+"""Sequence-parallel attention registered with transformers' `AttentionInterface` as "longtune_sp".
+
+The model stays an untouched HF model: the caller registers the function, sets
+`config._attn_implementation = ATTENTION_NAME` and passes `sp_context=SPContext(...)` to the model's forward;
+transformers hands that keyword to every attention layer.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from longtune.parallel.attention.common import (
+    SP_MODES,
+    SPContext,
+    attention_block,
+    attention_block_backward,
+    check_ulysses_heads,
+    choose_ulysses_size,
+    hybrid_group_ranks,
+    local_attention,
+    make_hybrid_groups,
+    merge_partials,
+    reference_attention,
+)
+from longtune.parallel.attention.hybrid import hybrid_attention
+from longtune.parallel.attention.llama3 import llama3_attention
+from longtune.parallel.attention.ring import ring_attention
+from longtune.parallel.attention.ulysses import ulysses_attention
+
+ATTENTION_NAME = "longtune_sp"
+
+__all__ = [
+    "ATTENTION_NAME",
+    "SP_MODES",
+    "SPContext",
+    "attention_block",
+    "attention_block_backward",
+    "check_ulysses_heads",
+    "choose_ulysses_size",
+    "hybrid_group_ranks",
+    "make_hybrid_groups",
+    "merge_partials",
+    "reference_attention",
+    "register_sp_attention",
+    "sp_attention",
+    "sp_attention_forward",
+]
+
+
+def sp_attention(
+    q: Tensor, k: Tensor, v: Tensor, sp_context: SPContext, scaling: float, sliding_window: int | None
+) -> Tensor:
+    """Causal (document- and window-masked) attention of this rank's tokens; [B, Hq, T_local, D] in and out."""
+    ctx = sp_context
+    index = ctx.seq_index.to(q.device)
+    docs = ctx.doc_ids.to(q.device)
+    if index.shape != (q.shape[0], q.shape[2]) or docs.shape != index.shape:
+        raise ValueError(
+            f"sp_context.seq_index {tuple(index.shape)} / doc_ids {tuple(docs.shape)} do not match the local "
+            f"tokens [B, T_local] = {(q.shape[0], q.shape[2])}"
+        )
+    if ctx.sp_size == 1:
+        return local_attention(q, k, v, index, docs, scaling, sliding_window, pieces=2)
+    if ctx.mode == "zigzag_ring":
+        return ring_attention(q, k, v, index, docs, ctx.group, scaling, sliding_window)
+    if ctx.mode == "ulysses":
+        return ulysses_attention(q, k, v, index, docs, ctx.group, scaling, sliding_window)
+    if ctx.mode == "llama3":
+        return llama3_attention(q, k, v, index, docs, ctx.group, scaling, sliding_window)
+    return hybrid_attention(q, k, v, index, docs, ctx.ulysses_group, ctx.ring_group, scaling, sliding_window)
+
+
+def sp_attention_forward(
+    module: nn.Module | None,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    *,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    sp_context: SPContext,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """The `AttentionInterface` entry point: returns ([B, T_local, Hq, D], None).
+
+    `attention_mask` is ignored: masks come from `sp_context` (global token index and document id), which is
+    what makes them right for sharded, reordered and packed tokens. Dropout is not applied (the caller turns
+    attention dropout off under SP). Other keywords transformers passes (position_ids, ...) are not needed.
+    """
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    out = sp_attention(query, key, value, sp_context, scaling, sliding_window)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_sp_attention() -> None:
+    """Register `sp_attention_forward` as ATTENTION_NAME with transformers (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, sp_attention_forward)
+

@@ -1,0 +1,370 @@
+"""What every sequence-parallel attention mode shares: the context passed through the model, the masked
+pure-PyTorch block kernel (forward with log-sum-exp, backward from a saved log-sum-exp) and the LSE merge.
+
+Masks are never materialised for the whole row: each block builds its own from the global token index and the
+document id of its queries and keys, so any token order (zigzag, rank-major after an all-to-all) is correct.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+SP_MODES = ("zigzag_ring", "ulysses", "llama3", "hybrid")
+
+
+@dataclass
+class SPContext:
+    """Everything the attention function needs to know about the SP group and this rank's tokens.
+
+    `seq_index` and `doc_ids` are [B, T_local]: each local token's index in the padded row and its document id
+    (from `layout.shard_for_sequence_parallel`). `group` is None when sp_size == 1. The hybrid mode also needs
+    `ulysses_group` (ulysses_size consecutive SP ranks) and `ring_group` (one rank of each Ulysses group), both
+    from `make_hybrid_groups`.
+    """
+
+    mode: str
+    group: dist.ProcessGroup | None
+    sp_size: int
+    sp_rank: int
+    seq_index: Tensor
+    doc_ids: Tensor
+    ulysses_group: dist.ProcessGroup | None = None
+    ulysses_size: int = 1
+    ring_group: dist.ProcessGroup | None = None
+    ring_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.mode not in SP_MODES:
+            raise ValueError(f"unknown sequence parallel mode {self.mode!r}; expected one of {SP_MODES}")
+        if self.sp_size > 1 and self.group is None:
+            raise ValueError(f"sp_size={self.sp_size} needs a process group")
+        if self.mode == "hybrid" and self.sp_size > 1:
+            if self.ulysses_size * self.ring_size != self.sp_size:
+                raise ValueError(
+                    f"hybrid SP needs ulysses_size * ring_size == sp_size, got "
+                    f"{self.ulysses_size} * {self.ring_size} != {self.sp_size}"
+                )
+            if self.ulysses_group is None or self.ring_group is None:
+                raise ValueError("hybrid SP needs ulysses_group and ring_group (see make_hybrid_groups)")
+
+
+def hybrid_group_ranks(sp_ranks: list[int], ulysses_size: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Rank lists of the Ulysses groups (consecutive SP ranks) and of the ring groups (same slot in each)."""
+    sp = len(sp_ranks)
+    if ulysses_size < 1 or sp % ulysses_size:
+        raise ValueError(f"ulysses_size={ulysses_size} must divide sequence_parallel_size={sp}")
+    ring_size = sp // ulysses_size
+    ulysses = [sp_ranks[g * ulysses_size : (g + 1) * ulysses_size] for g in range(ring_size)]
+    ring = [sp_ranks[slot::ulysses_size] for slot in range(ulysses_size)]
+    return ulysses, ring
+
+
+def make_hybrid_groups(
+    sp_ranks: list[int], ulysses_size: int
+) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
+    """Create the hybrid sub-groups of one SP group; returns (ulysses_group, ring_group) of this rank.
+
+    Collective over the whole world: `dist.new_group` must be called by every process, in the same order, for
+    every group. With several SP groups (dp > 1) every rank calls this for each SP group in the same order; a
+    rank outside `sp_ranks` gets (None, None).
+    """
+    ulysses_lists, ring_lists = hybrid_group_ranks(sp_ranks, ulysses_size)
+    me = dist.get_rank()
+    mine_ulysses = mine_ring = None
+    for ranks in ulysses_lists:
+        group = dist.new_group(ranks)
+        if me in ranks:
+            mine_ulysses = group
+    for ranks in ring_lists:
+        group = dist.new_group(ranks)
+        if me in ranks:
+            mine_ring = group
+    return mine_ulysses, mine_ring
+
+
+def choose_ulysses_size(num_heads: int, num_kv_heads: int, sp: int) -> int:
+    """`auto` hybrid: the largest Ulysses degree that needs no K/V head replication, gcd(kv_heads, sp).
+
+    It also divides num_heads (kv_heads divides num_heads), so the Ulysses all-to-all is always possible.
+    """
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}")
+    return math.gcd(num_kv_heads, sp)
+
+
+def check_ulysses_heads(num_heads: int, ulysses_size: int) -> None:
+    if num_heads % ulysses_size:
+        raise ValueError(
+            f"Ulysses sequence parallelism splits attention heads across ranks: num_attention_heads={num_heads} "
+            f"is not divisible by sequence_parallel_size={ulysses_size} (Ulysses degree). Use "
+            f"sequence_parallel_mode=zigzag_ring or llama3, or hybrid with a Ulysses degree dividing {num_heads}."
+        )
+
+
+def visibility_mask(
+    q_index: Tensor, k_index: Tensor, q_doc: Tensor, k_doc: Tensor, sliding_window: int | None
+) -> Tensor:
+    """[B, Tq, Tk] True where the query may see the key: causal, same document, inside the window."""
+    qi, ki = q_index.unsqueeze(-1), k_index.unsqueeze(-2)
+    mask = (ki <= qi) & (q_doc.unsqueeze(-1) == k_doc.unsqueeze(-2))
+    if sliding_window is not None:
+        # HF convention (masking_utils.sliding_window_overlay): the key is visible when q - k < window.
+        mask &= qi - ki < sliding_window
+    return mask
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Scores, lse and gradient accumulators never go below float32 (bf16 inputs), float64 stays float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def repeat_kv_heads(x: Tensor, num_heads: int) -> Tensor:
+    """[B, Hkv, T, D] -> [B, num_heads, T, D]; query head h uses K/V head h // (num_heads // Hkv), as HF."""
+    rep = num_heads // x.shape[1]
+    return x if rep == 1 else x.repeat_interleave(rep, dim=1)
+
+
+def _reduce_kv_heads(x: Tensor, num_kv_heads: int) -> Tensor:
+    b, h, t, d = x.shape
+    return x if h == num_kv_heads else x.view(b, num_kv_heads, h // num_kv_heads, t, d).sum(2)
+
+
+def attention_block(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_index: Tensor,
+    k_index: Tensor,
+    q_doc: Tensor,
+    k_doc: Tensor,
+    scaling: float,
+    sliding_window: int | None,
+) -> tuple[Tensor, Tensor]:
+    """Masked attention of one query block on one key block.
+
+    q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D]; indices and documents [B, Tq] / [B, Tk]. Returns the output
+    [B, Hq, Tq, D] and the log-sum-exp of the scaled scores [B, Hq, Tq], both in float32 or wider. A query with
+    no visible key gets output 0 and lse -inf. Differentiable by autograd (the reference path); the SP modes
+    use `attention_block_backward` instead, which recomputes from the saved lse.
+    """
+    mask = visibility_mask(q_index, k_index, q_doc, k_doc, sliding_window).unsqueeze(1)
+    return _attention_masked(q, k, v, mask, scaling)
+
+
+def _attention_masked(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+    dtype = compute_dtype(q.dtype)
+    k = repeat_kv_heads(k, q.shape[1]).to(dtype)
+    v = repeat_kv_heads(v, q.shape[1]).to(dtype)
+    scores = torch.matmul(q.to(dtype), k.transpose(-1, -2)) * scaling
+    has_key = mask.any(-1)  # [B, 1, Tq]
+    # Rows without a visible key are filled with 0 instead of -inf so that neither the forward nor the
+    # autograd backward of logsumexp ever sees (-inf) - (-inf).
+    fill = torch.where(has_key.unsqueeze(-1), float("-inf"), 0.0).to(dtype)
+    scores = torch.where(mask, scores, fill)
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.unsqueeze(-1)) * has_key.unsqueeze(-1)
+    out = torch.matmul(probs, v)
+    lse = lse.masked_fill(~has_key, float("-inf"))
+    return out, lse
+
+
+def attention_block_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    q_index: Tensor,
+    k_index: Tensor,
+    q_doc: Tensor,
+    k_doc: Tensor,
+    scaling: float,
+    sliding_window: int | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of one block given the *final* output and lse of its queries (over all key blocks).
+
+    With P = exp(S - lse) the block's share of the final softmax: dV = P^T dO, dS = P * (dO V^T - rowsum(dO*O)),
+    dQ = scale * dS K, dK = scale * dS^T Q (FlashAttention-2, Algorithm 2). dK/dV come back on Hkv heads.
+    Returned in the compute dtype (float32 or wider) so that callers can accumulate without rounding.
+    """
+    dtype = compute_dtype(q.dtype)
+    num_kv_heads = k.shape[1]
+    mask = visibility_mask(q_index, k_index, q_doc, k_doc, sliding_window).unsqueeze(1)
+    qc, dout, out = q.to(dtype), dout.to(dtype), out.to(dtype)
+    kc = repeat_kv_heads(k, q.shape[1]).to(dtype)
+    vc = repeat_kv_heads(v, q.shape[1]).to(dtype)
+    lse_safe = lse.to(dtype).masked_fill(torch.isinf(lse), 0.0).unsqueeze(-1)
+    scores = torch.matmul(qc, kc.transpose(-1, -2)) * scaling
+    # Masked scores become -inf before exp: a masked key may score far above this row's lse.
+    probs = torch.exp(scores.masked_fill(~mask, float("-inf")) - lse_safe)
+    dv = torch.matmul(probs.transpose(-1, -2), dout)
+    dprobs = torch.matmul(dout, vc.transpose(-1, -2))
+    delta = (dout * out).sum(-1, keepdim=True)
+    dscores = probs * (dprobs - delta)
+    dq = torch.matmul(dscores, kc) * scaling
+    dk = torch.matmul(dscores.transpose(-1, -2), qc) * scaling
+    return dq, _reduce_kv_heads(dk, num_kv_heads), _reduce_kv_heads(dv, num_kv_heads)
+
+
+def merge_partials(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Combine two partial attentions over disjoint key sets: softmax weights are exp(lse_part - lse_total)."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    safe = lse.masked_fill(torch.isinf(lse), 0.0)
+    w_a = torch.exp(lse_a - safe).unsqueeze(-1)
+    w_b = torch.exp(lse_b - safe).unsqueeze(-1)
+    return out_a * w_a + out_b * w_b, lse
+
+
+# Blockwise evaluation. A local block is made of equal pieces (a rank's two zigzag chunks, or 2*u chunks after a
+# Ulysses gather); query pieces that see the same set of key pieces are computed together and fully masked
+# (piece, piece) pairs are skipped. This is what makes the zigzag layout balanced: on each ring step a rank
+# computes about half of a full block.
+
+
+@dataclass
+class BlockPlan:
+    """Pairs (query rows, key rows) to compute; None means all rows. An empty list means nothing is visible."""
+
+    pairs: list[tuple[Tensor | None, Tensor | None]]
+
+
+def plan_blocks(
+    q_index: Tensor,
+    k_index: Tensor,
+    q_doc: Tensor,
+    k_doc: Tensor,
+    sliding_window: int | None,
+    q_pieces: int,
+    k_pieces: int,
+) -> BlockPlan:
+    tq, tk = q_index.shape[-1], k_index.shape[-1]
+    if tq % q_pieces or tk % k_pieces:
+        q_pieces, k_pieces = 1, 1
+    mask = visibility_mask(q_index, k_index, q_doc, k_doc, sliding_window)
+    b = mask.shape[0]
+    seen = mask.view(b, q_pieces, tq // q_pieces, k_pieces, tk // k_pieces).any(dim=4).any(dim=2).any(dim=0)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i in range(q_pieces):
+        keys = tuple(j for j in range(k_pieces) if bool(seen[i, j]))
+        if keys:
+            groups.setdefault(keys, []).append(i)
+    device = q_index.device
+
+    def rows(pieces: list[int] | tuple[int, ...], count: int, size: int) -> Tensor | None:
+        if len(pieces) == count:
+            return None
+        return torch.cat([torch.arange(p * size, (p + 1) * size, device=device) for p in pieces])
+
+    return BlockPlan(
+        [(rows(qs, q_pieces, tq // q_pieces), rows(ks, k_pieces, tk // k_pieces)) for ks, qs in groups.items()]
+    )
+
+
+def take_rows(x: Tensor, rows: Tensor | None, dim: int) -> Tensor:
+    return x if rows is None else x.index_select(dim, rows)
+
+
+def blockwise_forward(
+    q: Tensor, k: Tensor, v: Tensor, q_index: Tensor, k_index: Tensor, q_doc: Tensor, k_doc: Tensor,
+    scaling: float, sliding_window: int | None, plan: BlockPlan,
+) -> tuple[Tensor, Tensor]:
+    """Output and lse of q on (k, v) following `plan`; rows the plan skips get 0 and -inf."""
+    b, h, tq, d = q.shape
+    dtype = compute_dtype(q.dtype)
+    if len(plan.pairs) == 1 and plan.pairs[0] == (None, None):
+        return attention_block(q, k, v, q_index, k_index, q_doc, k_doc, scaling, sliding_window)
+    out = q.new_zeros(b, h, tq, d, dtype=dtype)
+    lse = q.new_full((b, h, tq), float("-inf"), dtype=dtype)
+    for q_rows, k_rows in plan.pairs:
+        part_out, part_lse = attention_block(
+            take_rows(q, q_rows, 2), take_rows(k, k_rows, 2), take_rows(v, k_rows, 2),
+            take_rows(q_index, q_rows, 1), take_rows(k_index, k_rows, 1),
+            take_rows(q_doc, q_rows, 1), take_rows(k_doc, k_rows, 1), scaling, sliding_window,
+        )
+        if q_rows is None:
+            out, lse = part_out, part_lse
+        else:
+            # Query pieces of different pairs are disjoint: placing is enough, no merge needed.
+            out.index_copy_(2, q_rows, part_out)
+            lse.index_copy_(2, q_rows, part_lse)
+    return out, lse
+
+
+def blockwise_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    q_index: Tensor, k_index: Tensor, q_doc: Tensor, k_doc: Tensor,
+    scaling: float, sliding_window: int | None, plan: BlockPlan,
+    dq: Tensor, dk: Tensor, dv: Tensor,
+) -> None:
+    """Add this block's gradients into dq, dk, dv (compute dtype, same shapes as q, k, v)."""
+    for q_rows, k_rows in plan.pairs:
+        part_dq, part_dk, part_dv = attention_block_backward(
+            take_rows(dout, q_rows, 2), take_rows(q, q_rows, 2), take_rows(k, k_rows, 2), take_rows(v, k_rows, 2),
+            take_rows(out, q_rows, 2), take_rows(lse, q_rows, 2),
+            take_rows(q_index, q_rows, 1), take_rows(k_index, k_rows, 1),
+            take_rows(q_doc, q_rows, 1), take_rows(k_doc, k_rows, 1), scaling, sliding_window,
+        )
+        if q_rows is None:
+            dq += part_dq
+        else:
+            dq.index_add_(2, q_rows, part_dq)
+        if k_rows is None:
+            dk += part_dk
+            dv += part_dv
+        else:
+            dk.index_add_(2, k_rows, part_dk)
+            dv.index_add_(2, k_rows, part_dv)
+
+
+class LocalBlockAttention(torch.autograd.Function):
+    """Blockwise attention of all local queries on all given keys, with a recomputing backward.
+
+    Only q, k, v, the output and the lse are kept for backward (no [Tq, Tk] probabilities). Used by the sp=1,
+    Ulysses and llama3 paths; `q_pieces`/`k_pieces` tell how many equal pieces the blocks are made of.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, q_index, k_index, q_doc, k_doc, scaling, sliding_window, q_pieces, k_pieces):
+        plan = plan_blocks(q_index, k_index, q_doc, k_doc, sliding_window, q_pieces, k_pieces)
+        out, lse = blockwise_forward(q, k, v, q_index, k_index, q_doc, k_doc, scaling, sliding_window, plan)
+        ctx.save_for_backward(q, k, v, out, lse, q_index, k_index, q_doc, k_doc)
+        ctx.scaling, ctx.sliding_window, ctx.plan = scaling, sliding_window, plan
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, q_index, k_index, q_doc, k_doc = ctx.saved_tensors
+        dtype = compute_dtype(q.dtype)
+        dq = torch.zeros_like(q, dtype=dtype)
+        dk = torch.zeros_like(k, dtype=dtype)
+        dv = torch.zeros_like(v, dtype=dtype)
+        blockwise_backward(
+            dout, q, k, v, out, lse, q_index, k_index, q_doc, k_doc,
+            ctx.scaling, ctx.sliding_window, ctx.plan, dq, dk, dv,
+        )
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None
+
+
+def local_attention(
+    q: Tensor, k: Tensor, v: Tensor, seq_index: Tensor, doc_ids: Tensor, scaling: float,
+    sliding_window: int | None, pieces: int = 1,
+) -> Tensor:
+    """Attention of local queries on local keys (sp=1), [B, Hq, T, D] in q's dtype."""
+    return LocalBlockAttention.apply(
+        q, k, v, seq_index, seq_index, doc_ids, doc_ids, scaling, sliding_window, pieces, pieces
+    )
+
+
+def reference_attention(
+    q: Tensor, k: Tensor, v: Tensor, seq_index: Tensor, doc_ids: Tensor, scaling: float,
+    sliding_window: int | None,
+) -> Tensor:
+    """Single-process attention on a whole row, differentiated by plain autograd: the parity reference."""
+    out, _ = attention_block(q, k, v, seq_index, seq_index, doc_ids, doc_ids, scaling, sliding_window)
+    return out.to(q.dtype)

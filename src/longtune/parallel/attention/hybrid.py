@@ -1,0 +1,31 @@
+"""Hybrid SP: Ulysses inside groups of `ulysses_size` consecutive SP ranks, zigzag ring across the groups.
+
+After the Ulysses exchange each rank holds its group's tokens (2u zigzag chunks) on H/u heads; the ring then runs
+over the ranks holding the same heads in every group.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+from torch import Tensor
+
+from longtune.parallel.attention.ring import ring_attention
+from longtune.parallel.attention.ulysses import HeadsToSeq, scatter_heads
+
+
+def hybrid_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    seq_index: Tensor,
+    doc_ids: Tensor,
+    ulysses_group: dist.ProcessGroup,
+    ring_group: dist.ProcessGroup,
+    scaling: float,
+    sliding_window: int | None,
+) -> Tensor:
+    """[B, Hq, T_local, D] output of this rank's tokens, all heads."""
+    u = dist.get_world_size(ulysses_group)
+    q, k, v, index, docs = scatter_heads(q, k, v, seq_index, doc_ids, ulysses_group)
+    out = ring_attention(q, k, v, index, docs, ring_group, scaling, sliding_window, pieces=2 * u)
+    return HeadsToSeq.apply(out, ulysses_group)

@@ -1,0 +1,110 @@
+"""Zigzag ring attention: K/V blocks travel around the SP group while each rank keeps its queries.
+
+Forward merges one partial attention per ring step by log-sum-exp; backward runs the ring again, recomputing
+each block from the final lse, and sends dK/dV along with their block so that they reach the owner after a full
+turn. Every message goes to rank+1 and comes from rank-1 of the group (batch_isend_irecv on global ranks).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from longtune.parallel.attention.common import (
+    compute_dtype,
+    blockwise_backward,
+    blockwise_forward,
+    merge_partials,
+    plan_blocks,
+)
+
+
+class _RingPass:
+    """One exchange of a list of tensors with the ring neighbours, started now and finished by `wait`."""
+
+    def __init__(self, tensors: list[Tensor], group: dist.ProcessGroup) -> None:
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        send_to = dist.get_global_rank(group, (rank + 1) % size)
+        recv_from = dist.get_global_rank(group, (rank - 1) % size)
+        self.received = [torch.empty_like(t) for t in tensors]
+        ops = [dist.P2POp(dist.isend, t.contiguous(), send_to, group) for t in tensors]
+        ops += [dist.P2POp(dist.irecv, r, recv_from, group) for r in self.received]
+        self._requests = dist.batch_isend_irecv(ops)
+
+    def wait(self) -> list[Tensor]:
+        for request in self._requests:
+            request.wait()
+        return self.received
+
+
+class ZigzagRingAttention(torch.autograd.Function):
+    """q, k, v [B, H, T, D] (k/v may have fewer heads), seq_index/doc_ids [B, T] of these local tokens.
+
+    `pieces` is how many equal index runs the local block is made of (2 for a zigzag shard: the early and the
+    late chunk); fully masked (piece, piece) pairs are skipped on every step.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, seq_index, doc_ids, scaling, sliding_window, group, pieces):
+        size = dist.get_world_size(group)
+        dtype = compute_dtype(q.dtype)
+        kv = torch.stack([k, v]).contiguous()
+        meta = torch.stack([seq_index.long(), doc_ids.long()]).contiguous()
+        b, h, t, d = q.shape
+        out = q.new_zeros(b, h, t, d, dtype=dtype)
+        lse = q.new_full((b, h, t), float("-inf"), dtype=dtype)
+        for step in range(size):
+            exchange = _RingPass([kv, meta], group) if step + 1 < size else None
+            plan = plan_blocks(seq_index, meta[0], doc_ids, meta[1], sliding_window, pieces, pieces)
+            if plan.pairs:
+                part_out, part_lse = blockwise_forward(
+                    q, kv[0], kv[1], seq_index, meta[0], doc_ids, meta[1], scaling, sliding_window, plan
+                )
+                out, lse = merge_partials(out, lse, part_out, part_lse)
+            if exchange is not None:
+                kv, meta = exchange.wait()
+        ctx.save_for_backward(q, k, v, out, lse, seq_index, doc_ids)
+        ctx.scaling, ctx.sliding_window, ctx.group, ctx.pieces = scaling, sliding_window, group, pieces
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, seq_index, doc_ids = ctx.saved_tensors
+        group, pieces = ctx.group, ctx.pieces
+        size = dist.get_world_size(group)
+        dtype = compute_dtype(q.dtype)
+        dq = torch.zeros_like(q, dtype=dtype)
+        kv = torch.stack([k, v]).contiguous()
+        meta = torch.stack([seq_index.long(), doc_ids.long()]).contiguous()
+        # dkv holds, at step s, the gradient gathered so far for the K/V block this rank holds at step s; its
+        # last send (after step size-1) brings every block's gradient back to its owner.
+        dkv = torch.zeros_like(kv, dtype=dtype)
+        for step in range(size):
+            exchange = _RingPass([kv, meta], group) if step + 1 < size else None
+            plan = plan_blocks(seq_index, meta[0], doc_ids, meta[1], ctx.sliding_window, pieces, pieces)
+            if plan.pairs:
+                blockwise_backward(
+                    dout, q, kv[0], kv[1], out, lse, seq_index, meta[0], doc_ids, meta[1],
+                    ctx.scaling, ctx.sliding_window, plan, dq, dkv[0], dkv[1],
+                )
+            if exchange is not None:
+                kv, meta = exchange.wait()
+            if size > 1:
+                (dkv,) = _RingPass([dkv], group).wait()
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None, None
+
+
+def ring_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    seq_index: Tensor,
+    doc_ids: Tensor,
+    group: dist.ProcessGroup,
+    scaling: float,
+    sliding_window: int | None,
+    pieces: int = 2,
+) -> Tensor:
+    """Attention of this rank's queries on the whole row held by `group`; [B, Hq, T_local, D]."""
+    return ZigzagRingAttention.apply(q, k, v, seq_index, doc_ids, scaling, sliding_window, group, pieces)

@@ -1,0 +1,148 @@
+"""Applying sequence parallelism to a model and its batches: choose the SP mode, register the attention with
+transformers' AttentionInterface (no model code is patched), and cut each collated batch into this rank's shard
+with the context the attention needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from longtune.config import ParallelConfig
+from longtune.data.collate import Batch
+from longtune.errors import ConfigError
+from longtune.parallel.layout import shard_for_sequence_parallel, shard_tensor
+from longtune.parallel.mesh import ParallelDims
+
+
+@dataclass
+class ModelInputs:
+    """What a stage feeds the model on this rank. Tensors are [B, T_local]."""
+
+    input_ids: Tensor
+    labels: Tensor  # shifted targets of the local positions
+    position_ids: Tensor
+    sp_context: object | None  # an attention SPContext when the SP attention is active
+    neftune_scale: Tensor | None = None  # alpha / sqrt(L_doc * d) per token (0 on padding), if NEFTune is on
+
+
+def attention_heads(model_config) -> tuple[int, int]:
+    heads = int(model_config.num_attention_heads)
+    kv = int(getattr(model_config, "num_key_value_heads", None) or heads)
+    return heads, kv
+
+
+def resolve_sp_mode(cfg: ParallelConfig, heads: int, kv_heads: int, sp: int) -> tuple[str, int]:
+    """(mode, ulysses_size). `auto`: Ulysses over gcd(kv_heads, sp) ranks, ring over the rest."""
+    mode = cfg.sequence_parallel_mode
+    if sp == 1:
+        return "zigzag_ring", 1
+    from longtune.parallel.attention import choose_ulysses_size
+
+    if mode in ("ulysses",):
+        if heads % sp:
+            raise ConfigError(
+                f"key 'sequence_parallel_mode': ulysses needs num_attention_heads ({heads}) divisible by "
+                f"sequence_parallel_size ({sp}); use hybrid or zigzag_ring"
+            )
+        return "ulysses", sp
+    if mode in ("zigzag_ring", "llama3"):
+        return mode, 1
+    u = choose_ulysses_size(heads, kv_heads, sp)
+    if mode == "auto":
+        if u == sp:
+            return "ulysses", sp
+        if u == 1:
+            return "zigzag_ring", 1
+        return "hybrid", u
+    # explicit hybrid
+    if u in (1, sp):
+        raise ConfigError(
+            f"key 'sequence_parallel_mode': hybrid needs a Ulysses degree strictly between 1 and sp={sp}; "
+            f"gcd(num_key_value_heads={kv_heads}, sp)={u} (use auto, ulysses or zigzag_ring)"
+        )
+    return "hybrid", u
+
+
+class SequenceParallel:
+    """Owns the SP attention setup of one run. With sp == 1 and unpacked rows it is inactive (plain HF attention)."""
+
+    def __init__(self, dims: ParallelDims, cfg: ParallelConfig, model_config, packed: bool, log=print):
+        self.dims = dims
+        heads, kv = attention_heads(model_config)
+        self.mode, self.ulysses_size = resolve_sp_mode(cfg, heads, kv, dims.sp)
+        self.active = dims.sp > 1 or packed
+        self.ulysses_group = None
+        self.ring_group = None
+        if self.mode == "hybrid":
+            from longtune.parallel.attention import make_hybrid_groups
+
+            # Every rank must create every subgroup, in the same order.
+            for dp_rank in range(dims.dp):
+                ranks = list(range(dp_rank * dims.sp, (dp_rank + 1) * dims.sp))
+                u_group, r_group = make_hybrid_groups(ranks, self.ulysses_size)
+                if dp_rank == dims.dp_rank:
+                    self.ulysses_group, self.ring_group = u_group, r_group
+        if self.active and dims.is_main:
+            detail = f" (ulysses {self.ulysses_size} x ring {dims.sp // self.ulysses_size})" if self.mode == "hybrid" else ""
+            log(f"sequence parallel: sp={dims.sp} dp={dims.dp} mode={self.mode}{detail}, document-aware attention")
+
+    def apply(self, model: nn.Module, log=print) -> None:
+        """Switch the model's attention to the SP implementation (registered, not patched)."""
+        if not self.active:
+            return
+        from longtune.parallel.attention import ATTENTION_NAME, register_sp_attention
+        from longtune.models.loader import unwrap_base
+
+        register_sp_attention()
+        base = unwrap_base(model)
+        if float(getattr(base.config, "attention_dropout", 0.0) or 0.0) > 0:
+            if self.dims.is_main:
+                log(f"notice: attention_dropout {base.config.attention_dropout} -> 0 (not reproducible across the ring)")
+            base.config.attention_dropout = 0.0
+            for module in base.modules():
+                if hasattr(module, "attention_dropout"):
+                    module.attention_dropout = 0.0
+        base.set_attn_implementation(ATTENTION_NAME)
+
+    def prepare(
+        self, batch: Batch, pad_token_id: int, device: torch.device, neftune_scale: Tensor | None = None
+    ) -> ModelInputs:
+        """This rank's inputs. `neftune_scale` ([B, T], for the whole row) is cut like the tokens."""
+        if not self.active:
+            return ModelInputs(
+                input_ids=batch.input_ids.to(device),
+                labels=batch.labels.to(device),
+                position_ids=batch.position_ids.to(device),
+                sp_context=None,
+                neftune_scale=None if neftune_scale is None else neftune_scale.to(device),
+            )
+        from longtune.parallel.attention import SPContext
+
+        dims = self.dims
+        shard = shard_for_sequence_parallel(
+            batch.input_ids, batch.labels, batch.position_ids, batch.doc_ids, dims.sp, dims.sp_rank, pad_token_id
+        )
+        ctx = SPContext(
+            mode=self.mode,
+            group=dims.sp_group,
+            sp_size=dims.sp,
+            sp_rank=dims.sp_rank,
+            seq_index=shard.seq_index.to(device),
+            doc_ids=shard.doc_ids.to(device),
+            ulysses_group=self.ulysses_group,
+            ulysses_size=self.ulysses_size,
+            ring_group=self.ring_group,
+            ring_size=dims.sp // self.ulysses_size,
+        )
+        return ModelInputs(
+            input_ids=shard.input_ids.to(device),
+            labels=shard.labels.to(device),
+            position_ids=shard.position_ids.to(device),
+            sp_context=ctx,
+            neftune_scale=None
+            if neftune_scale is None
+            else shard_tensor(neftune_scale, dims.sp, dims.sp_rank, 0.0).to(device),
+        )
