@@ -160,7 +160,15 @@ class ParallelConfig:
     sequence_parallel_mode: Literal["auto", "zigzag_ring", "ulysses", "llama3", "hybrid"] = _key(
         "auto", "How attention is computed across the sequence-parallel group."
     )
-    deepspeed: str | None = _key(None, "A DeepSpeed ZeRO json; not supported yet.")
+    fsdp: bool | None = _key(
+        None,
+        "Shard parameters, gradients and optimizer state over all processes with FSDP2 (ZeRO-3). "
+        "null: on whenever more than one process runs.",
+    )
+    offload_params: bool = _key(False, "With FSDP: keep parameters and optimizer state in CPU memory.")
+    deepspeed: str | None = _key(
+        None, "A DeepSpeed ZeRO json (as LLaMA-Factory examples use); mapped onto FSDP2 with a printed notice."
+    )
 
 
 @dataclass(frozen=True)
@@ -390,8 +398,8 @@ def validate(cfg: Config, source: str) -> None:
         fail("save_total_limit", f"must be > 0, got {t.save_total_limit}")
     if p.sequence_parallel_size < 1:
         fail("sequence_parallel_size", f"must be >= 1, got {p.sequence_parallel_size}")
-    if p.deepspeed:
-        fail("deepspeed", "is not supported yet; remove it")
+    if p.deepspeed and not Path(p.deepspeed).is_file():
+        fail("deepspeed", f"file '{p.deepspeed}' does not exist")
 
 
 def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> Config:

@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
@@ -34,12 +35,13 @@ from longtune.checkpoint import (
 )
 from longtune.config import Config, TrainConfig, save_config
 from longtune.data import Example, load_examples
-from longtune.data.collate import Batch, collate, loss_token_count
+from longtune.data.collate import IGNORE_INDEX, Batch, collate, loss_token_count
 from longtune.data.packing import pack_examples
 from longtune.errors import ConfigError, DataError
 from longtune.models.loader import (
     DTYPES,
     apply_finetuning,
+    decoder_layer_list,
     load_model,
     load_model_config,
     load_tokenizer,
@@ -47,6 +49,7 @@ from longtune.models.loader import (
 )
 from longtune.models.neftune import NEFTune, neftune_scales
 from longtune.optim import build_optimizer, lr_lambda
+from longtune.parallel.fsdp import RootForward, apply_fsdp, full_state_dict, plan_from_config
 from longtune.parallel.mesh import ParallelDims, init_parallel, shutdown_parallel
 from longtune.parallel.sequence import SequenceParallel
 from longtune.stages import STAGE_LOSSES
@@ -220,47 +223,61 @@ class MetricsLog:
 class RunParts:
     """What the loop needs besides the config: built once in `train`, passed explicitly."""
 
-    model: nn.Module
+    root: RootForward  # the model inside the (possibly FSDP-sharded) root module
     dims: ParallelDims
     sequence: SequenceParallel
     pad_id: int
     neftune: NEFTune | None
     hidden_size: int
+    autocast_dtype: torch.dtype | None  # bf16/fp16 compute over fp32 master weights without FSDP
 
 
-def forward_loss(parts: RunParts, batch: Batch, cfg: Config):
+def forward_loss(parts: RunParts, batch: Batch, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's (loss_sum, count) for one collated micro-batch."""
     scale = None
-    if parts.neftune is not None and parts.model.training:
+    if parts.neftune is not None and parts.root.training:
         scale = neftune_scales(batch, float(cfg.data.neftune_noise_alpha or 0.0), parts.hidden_size)
     inputs = parts.sequence.prepare(batch, parts.pad_id, parts.dims.device, neftune_scale=scale)
     if parts.neftune is not None:
         parts.neftune.scale = inputs.neftune_scale
-    return STAGE_LOSSES[cfg.train.stage](parts.model, inputs, cfg.train.loss_chunk_size)
+    stage = STAGE_LOSSES[cfg.train.stage]
+    if parts.autocast_dtype is not None:
+        with torch.autocast(parts.dims.device.type, dtype=parts.autocast_dtype):
+            return parts.root(stage, inputs, cfg.train.loss_chunk_size)
+    return parts.root(stage, inputs, cfg.train.loss_chunk_size)
+
+
+def blank_like(example) -> SimpleNamespace:
+    """The same tokens with no label: a micro-batch that adds nothing to the loss, run by a rank that has run
+    out of real micro-batches so that every rank issues the same collectives (FSDP, SP)."""
+    return SimpleNamespace(input_ids=list(example.input_ids), labels=[IGNORE_INDEX] * len(example.input_ids),
+                           doc_lengths=getattr(example, "doc_lengths", None))
 
 
 def evaluate(parts: RunParts, examples: list, cfg: Config) -> tuple[float, int]:
     """Token-weighted mean loss over the whole eval set (rows split over dp, sequences over sp)."""
-    model, dims = parts.model, parts.dims
-    was_training = model.training
-    model.eval()
+    root, dims = parts.root, parts.dims
+    was_training = root.training
+    root.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=dims.device)
-    mine = examples[dims.dp_rank :: dims.dp]
     bs = cfg.train.per_device_eval_batch_size
+    mine = examples[dims.dp_rank :: dims.dp]
+    rounds = math.ceil(math.ceil(len(examples) / dims.dp) / bs)  # the same on every rank
     with torch.no_grad():
-        for i in range(0, len(mine), bs):
-            out = forward_loss(parts, collate(mine[i : i + bs], parts.pad_id), cfg)
-            sums[0] += out.loss_sum.to(torch.float64)
-            sums[1] += out.count.to(torch.float64)
+        for r in range(rounds):
+            rows = mine[r * bs : (r + 1) * bs] or [blank_like(examples[0])]
+            loss_sum, count = forward_loss(parts, collate(rows, parts.pad_id), cfg)
+            sums[0] += loss_sum.to(torch.float64)
+            sums[1] += count.to(torch.float64)
     dims.all_reduce_sum(sums)
-    model.train(was_training)
+    root.train(was_training)
     # sp ranks each counted their own share of the loss tokens, so the sums are over the whole eval set
     return float(sums[0] / sums[1].clamp_min(1)), int(sums[1])
 
 
 def all_reduce_gradients(params: list[nn.Parameter], dims: ParallelDims) -> None:
-    """Sum gradients over every rank: each rank's loss is its share of one global sum (already divided by
-    the step's global token count), so the sum is the gradient of the whole step."""
+    """Without FSDP: sum gradients over every rank. Each rank's loss is its share of one global sum (already
+    divided by the step's global token count), so the sum is the gradient of the whole step."""
     if dims.world_size == 1:
         return
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -285,22 +302,35 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> RunResult:
         shutdown_parallel(dims)
 
 
+def _enable_checkpointing(model: nn.Module) -> None:
+    base = unwrap_base(model)
+    # transformers 5.x renamed the switch; non-reentrant checkpointing works with frozen embeddings (LoRA).
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunResult:
     t = cfg.train
     out = Path(t.output_dir or "")
     resume_ckpt = check_output_dir(cfg)
-    if dims.is_main:
-        prepare_output_dir(cfg, resume_ckpt)
-    dims.barrier()
-    set_seed(t.seed)
+    sharding = plan_from_config(cfg.parallel.fsdp, cfg.parallel.offload_params, cfg.parallel.deepspeed,
+                                dims.world_size, log)
     device = dims.device
     dtype = DTYPES[cfg.compute_dtype]
     if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("key 'bf16': this GPU does not support bfloat16; use fp16: true")
-
+    if dtype == torch.float16:
+        raise ConfigError("key 'fp16': float16 training needs loss scaling, which longtune does not do; use bf16")
     # Everything that can be checked without weights is checked first (SP degree vs heads, data).
     model_config = load_model_config(cfg.model)
     sequence = SequenceParallel(dims, cfg.parallel, model_config, packed=cfg.packing, log=log)
+    if dims.is_main:
+        prepare_output_dir(cfg, resume_ckpt)
+    dims.barrier()
+    set_seed(t.seed)
+
     tokenizer = load_tokenizer(cfg.model)
     train_examples, eval_examples = load_datasets(cfg, tokenizer, log)
     if cfg.packing:
@@ -312,32 +342,41 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunRe
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     loss_tokens = [loss_token_count(e) for e in train_examples]
 
+    # bf16: frozen weights stay bf16; trainable weights are fp32 masters, compute runs in bf16 (FSDP's
+    # MixedPrecisionPolicy, or autocast on one process), as LLaMA-Factory does outside pure_bf16.
+    low_precision = dtype in (torch.bfloat16, torch.float16)
     model = load_model(cfg.model, dtype)
     model = apply_finetuning(model, cfg.model)
+    if low_precision:
+        for p in model.parameters():
+            if p.requires_grad or sharding.enabled:
+                p.data = p.data.float()
     if t.gradient_checkpointing:
-        base = unwrap_base(model)
-        # transformers 5.x renamed the switch; non-reentrant checkpointing works with frozen embeddings (LoRA).
-        if hasattr(base, "activation_checkpointing_enable"):
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_checkpointing(model)
     sequence.apply(model, log)
-    model.to(device)
-    model.train()
-    neftune = None
-    if cfg.data.neftune_noise_alpha:
-        neftune = NEFTune(unwrap_base(model).get_input_embeddings())
-    parts = RunParts(model, dims, sequence, pad_id, neftune, int(model_config.hidden_size))
+    neftune = NEFTune(unwrap_base(model).get_input_embeddings()) if cfg.data.neftune_noise_alpha else None
+    root = RootForward(model)
+    if sharding.enabled:
+        apply_fsdp(root, dims, decoder_layer_list(model)[1], dtype, sharding)
+        if not sharding.offload:
+            root.to(device)
+    else:
+        root.to(device)
+    root.train()
+    parts = RunParts(root, dims, sequence, pad_id, neftune, int(model_config.hidden_size),
+                     dtype if low_precision and not sharding.enabled else None)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
+    if sharding.enabled:
+        trainable, total_params = trainable * dims.world_size, total_params * dims.world_size  # local shards
 
     plan = plan_steps(len(train_examples), t, dims.dp)
-    optimizer = build_optimizer(model, t)
+    optimizer = build_optimizer(root, t)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t, plan.total_steps))
     start_step, tokens_seen = 0, 0
     if resume_ckpt is not None:
-        load_model_weights(model, resume_ckpt)
-        state = load_training_state(resume_ckpt, optimizer, scheduler)
+        load_model_weights(root, resume_ckpt)
+        state = load_training_state(resume_ckpt, root, optimizer, scheduler)
         start_step, tokens_seen = state.global_step, state.tokens_seen
         log(f"resumed from {resume_ckpt} at step {start_step}")
     metrics = None
@@ -350,11 +389,12 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunRe
         )
     log(
         f"run: {out} | {len(train_examples)} train / {len(eval_examples)} eval rows | "
-        f"{plan.total_steps} steps ({plan.steps_per_epoch}/epoch) | trainable {trainable:,} of {total_params:,} "
+        f"{plan.total_steps} steps ({plan.steps_per_epoch}/epoch) | trainable ~{trainable:,} of ~{total_params:,} "
         f"params | {cfg.model.finetuning_type} | {dtype} on {device} x {dims.world_size}"
+        f"{' | FSDP2' + (' + CPU offload' if sharding.offload else '') if sharding.enabled else ''}"
     )
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in root.parameters() if p.requires_grad]
     eval_every = t.eval_steps or t.logging_steps
     progress = _progress_bar(plan.total_steps, start_step, disabled=t.disable_tqdm or not dims.is_main)
     step = start_step
@@ -366,13 +406,23 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunRe
             step_tokens = sum(loss_tokens[i] for i in everyone)
             input_tokens = sum(len(train_examples[i].input_ids) for i in everyone)
             loss_local = torch.zeros((), dtype=torch.float64, device=device)
-            for ids in plan.micro_batches(step - 1, dims.dp_rank):
-                result = forward_loss(parts, collate([train_examples[i] for i in ids], pad_id), cfg)
-                (result.loss_sum / max(step_tokens, 1)).backward()
-                loss_local += result.loss_sum.detach().to(torch.float64)
-            all_reduce_gradients(params, dims)
+            micro = plan.micro_batches(step - 1, dims.dp_rank)
+            rounds = max(len(plan.micro_batches(step - 1, r)) for r in range(dims.dp))
+            for index in range(rounds):
+                if sharding.enabled:
+                    root.set_requires_gradient_sync(index == rounds - 1)  # reduce-scatter once per step
+                if index < len(micro):
+                    batch = collate([train_examples[i] for i in micro[index]], pad_id)
+                else:
+                    batch = collate([blank_like(train_examples[everyone[0]])], pad_id)
+                loss_sum, _ = forward_loss(parts, batch, cfg)
+                (loss_sum / max(step_tokens, 1)).backward()
+                loss_local += loss_sum.detach().to(torch.float64)
+            if not sharding.enabled:
+                all_reduce_gradients(params, dims)
             max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -381,7 +431,7 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunRe
             elapsed = time.perf_counter() - started
             tokens_seen += step_tokens
             if not math.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss} at step {step}; lower learning_rate or use bf16/fp32")
+                raise FloatingPointError(f"loss became {loss} at step {step}; lower learning_rate or check the data")
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{input_tokens / elapsed:.0f}")
             if metrics is not None and (step == 1 or step % t.logging_steps == 0 or step == plan.total_steps):
@@ -405,13 +455,12 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunRe
                                    "eval_tokens": eval_tokens})
                     progress.write(f"step {step}: eval_loss {eval_loss:.4f}")
             if (t.save_steps and step % t.save_steps == 0) or step == plan.total_steps:
+                save_checkpoint(
+                    out, step, plan.epoch_of(step), tokens_seen, root, tokenizer,
+                    None if t.save_only_model else optimizer, None if t.save_only_model else scheduler, dims,
+                )
                 if dims.is_main:
-                    save_checkpoint(
-                        out, step, plan.epoch_of(step), tokens_seen, model, tokenizer,
-                        None if t.save_only_model else optimizer, None if t.save_only_model else scheduler,
-                    )
                     rotate_checkpoints(out, t.save_total_limit)
-                dims.barrier()
     finally:
         progress.close()
         if metrics is not None:
@@ -420,11 +469,12 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunRe
             neftune.remove()
 
     final_dir = out / "final"
+    state = full_state_dict(root)
     if dims.is_main:
         tmp = out / ".tmp-final"
         if tmp.exists():
             shutil.rmtree(tmp)
-        save_model_dir(model, tokenizer, tmp)
+        save_model_dir(model, tokenizer, tmp, state_dict=state)
         if final_dir.exists():
             shutil.rmtree(final_dir)
         tmp.replace(final_dir)

@@ -97,12 +97,13 @@ def choose_ulysses_size(num_heads: int, num_kv_heads: int, sp: int) -> int:
     return math.gcd(num_kv_heads, sp)
 
 
-def check_ulysses_heads(num_heads: int, ulysses_size: int) -> None:
+def check_ulysses_heads(num_heads: int, ulysses_size: int, setting: str = "sequence_parallel_size") -> None:
+    """Ulysses splits the attention heads over its ranks. `setting` names the degree in the message."""
     if num_heads % ulysses_size:
         raise ValueError(
             f"Ulysses sequence parallelism splits attention heads across ranks: num_attention_heads={num_heads} "
-            f"is not divisible by sequence_parallel_size={ulysses_size} (Ulysses degree). Use "
-            f"sequence_parallel_mode=zigzag_ring or llama3, or hybrid with a Ulysses degree dividing {num_heads}."
+            f"is not divisible by {setting}={ulysses_size}. Use a degree that divides {num_heads}, or the "
+            f"zigzag_ring or llama3 mode, or hybrid with ulysses_size=gcd(num_key_value_heads, sp) (auto)."
         )
 
 
@@ -250,8 +251,9 @@ def plan_blocks(
     b = mask.shape[0]
     seen = mask.view(b, q_pieces, tq // q_pieces, k_pieces, tk // k_pieces).any(dim=4).any(dim=2).any(dim=0)
     groups: dict[tuple[int, ...], list[int]] = {}
+    seen_rows = seen.tolist()  # one device sync per block, not one per piece pair
     for i in range(q_pieces):
-        keys = tuple(j for j in range(k_pieces) if bool(seen[i, j]))
+        keys = tuple(j for j in range(k_pieces) if seen_rows[i][j])
         if keys:
             groups.setdefault(keys, []).append(i)
     device = q_index.device

@@ -26,6 +26,6 @@ def hybrid_attention(
 ) -> Tensor:
     """[B, Hq, T_local, D] output of this rank's tokens, all heads."""
     u = dist.get_world_size(ulysses_group)
-    q, k, v, index, docs = scatter_heads(q, k, v, seq_index, doc_ids, ulysses_group)
+    q, k, v, index, docs = scatter_heads(q, k, v, seq_index, doc_ids, ulysses_group, "ulysses_size")
     out = ring_attention(q, k, v, index, docs, ring_group, scaling, sliding_window, pieces=2 * u)
     return HeadsToSeq.apply(out, ulysses_group)

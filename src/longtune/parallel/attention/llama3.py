@@ -48,4 +48,6 @@ def llama3_attention(
     kv = AllGatherSequence.apply(torch.stack([k, v]), group)
     index, docs = gather_tokens(seq_index, group), gather_tokens(doc_ids, group)
     # Queries are this rank's two zigzag chunks; keys are 2n chunks, two per rank.
-    return LocalBlockAttention.apply(q, kv[0], kv[1], seq_index, index, doc_ids, docs, scaling, sliding_window, 2, 2 * n)
+    return LocalBlockAttention.apply(
+        q, kv[0], kv[1], seq_index, index, doc_ids, docs, scaling, sliding_window, 2, 2 * n
+    )

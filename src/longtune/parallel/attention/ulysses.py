@@ -76,12 +76,18 @@ def gather_tokens(x: Tensor, group: dist.ProcessGroup) -> Tensor:
 
 
 def scatter_heads(
-    q: Tensor, k: Tensor, v: Tensor, seq_index: Tensor, doc_ids: Tensor, group: dist.ProcessGroup
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    seq_index: Tensor,
+    doc_ids: Tensor,
+    group: dist.ProcessGroup,
+    degree_setting: str = "sequence_parallel_size",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The Ulysses exchange of q, k, v and the token metadata, with K/V head replication when needed."""
     n = dist.get_world_size(group)
     num_heads, num_kv_heads = q.shape[1], k.shape[1]
-    check_ulysses_heads(num_heads, n)
+    check_ulysses_heads(num_heads, n, degree_setting)
     if num_kv_heads % n:
         # Replicated heads keep the HF mapping (query head h -> kv head h // (Hq/Hkv)) on every rank's slice.
         replicated = math.lcm(num_kv_heads, n)

@@ -1,0 +1,122 @@
+"""FSDP2 (`fully_shard`) over all dp x sp ranks, the ZeRO-3 equivalent: parameters, gradients and optimizer
+state are sharded over the whole world; bf16/fp16 compute with fp32 master weights through a
+MixedPrecisionPolicy; optional CPU offload of parameters and optimizer state.
+
+Why every rank (not only dp): SP ranks hold identical parameters, so sharding over them too divides the
+parameter memory by sp as well. Gradients are *summed* (divide factor 1): each rank's loss is already its share
+of one global, token-normalised sum.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from longtune.errors import ConfigError
+from longtune.parallel.mesh import ParallelDims
+
+
+class RootForward(nn.Module):
+    """Runs a stage (decoder + chunked head + loss) inside one call of the root module.
+
+    FSDP2 gathers the root's own parameters (embeddings, final norm, LM head) in the root's pre-forward hook and
+    schedules their gradient reduction from it, so the whole stage must run inside the root's forward; a stage
+    that called the decoder and the head separately would bypass those hooks. Without FSDP it is a plain
+    pass-through. Returns a tuple (so FSDP can hook the output tensors for backward).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, stage_fn, inputs, loss_chunk_size: int):
+        out = stage_fn(self.model, inputs, loss_chunk_size)
+        return out.loss_sum, out.count
+
+
+@dataclass(frozen=True)
+class ShardingPlan:
+    enabled: bool
+    reshard_after_forward: bool = True  # ZeRO-3; False keeps gathered params until backward (ZeRO-2-like)
+    offload: bool = False
+
+
+def plan_from_config(fsdp: bool | None, offload_params: bool, deepspeed: str | None, world_size: int,
+                     log=print) -> ShardingPlan:
+    """`fsdp: null` means on whenever there is more than one process. A DeepSpeed ZeRO json maps onto FSDP2."""
+    if deepspeed:
+        path = Path(deepspeed)
+        try:
+            ds = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"key 'deepspeed': cannot read '{deepspeed}' as JSON ({exc})".splitlines()[0]) from None
+        zero = ds.get("zero_optimization", {}) if isinstance(ds, dict) else {}
+        stage = int(zero.get("stage", 0) or 0)
+        offload = any(
+            isinstance(zero.get(k), dict) and zero[k].get("device") == "cpu" for k in ("offload_param", "offload_optimizer")
+        )
+        log(
+            f"notice: deepspeed config {path.name} (ZeRO-{stage}{', offload' if offload else ''}) is mapped onto "
+            f"FSDP2: {'full sharding' if stage == 3 else 'sharded grads/optimizer, params kept gathered in step'}"
+            f"{' + CPU offload' if offload else ''}"
+        )
+        if stage == 0:
+            return ShardingPlan(enabled=False)
+        return ShardingPlan(enabled=True, reshard_after_forward=stage == 3, offload=offload or offload_params)
+    enabled = fsdp if fsdp is not None else world_size > 1
+    if offload_params and not enabled:
+        raise ConfigError("key 'offload_params' needs FSDP (more than one process, or fsdp: true)")
+    return ShardingPlan(enabled=enabled, offload=offload_params)
+
+
+def apply_fsdp(root: RootForward, dims: ParallelDims, layers: nn.ModuleList, compute_dtype: torch.dtype,
+               plan: ShardingPlan) -> None:
+    """fully_shard each decoder layer, then the root (embeddings, norm, head, anything outside the layers)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(dims.device.type, (dims.world_size,), mesh_dim_names=("fsdp",))
+    kwargs = {"mesh": mesh}
+    if compute_dtype in (torch.bfloat16, torch.float16):
+        # Master weights stay fp32 (the optimizer steps on them); compute in bf16/fp16; reduce grads in fp32.
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    if plan.offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=plan.reshard_after_forward, **kwargs)
+    # The root's parameters are needed again right at the start of backward: keep them gathered.
+    fully_shard(root, reshard_after_forward=False, **kwargs)
+    root.set_gradient_divide_factor(1.0)
+
+
+def is_fsdp(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def full_state_dict(root: RootForward) -> dict[str, torch.Tensor]:
+    """The unsharded model state (keys of the wrapped model), on CPU; collective under FSDP, complete on rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if is_fsdp(root):
+        state = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state = root.state_dict()
+    prefix = "model."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def load_full_state_dict(root: RootForward, state: dict[str, torch.Tensor]) -> None:
+    """Load unsharded weights (keys of the wrapped model) into a possibly sharded root; every rank passes them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    prefixed = {f"model.{k}": v for k, v in state.items()}
+    if is_fsdp(root):
+        set_model_state_dict(root, prefixed, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        root.load_state_dict(prefixed, strict=False)

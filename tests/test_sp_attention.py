@@ -1,0 +1,294 @@
+"""Sequence-parallel attention: every mode, sharded by the zigzag layout on gloo ranks, must reproduce the
+single-process reference (output and dQ/dK/dV) to 1e-10 in float64, with packing, padding, GQA and windows.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from longtune.parallel.attention import (
+    ATTENTION_NAME,
+    SPContext,
+    attention_block,
+    attention_block_backward,
+    check_ulysses_heads,
+    choose_ulysses_size,
+    hybrid_group_ranks,
+    make_hybrid_groups,
+    merge_partials,
+    reference_attention,
+    register_sp_attention,
+    sp_attention_forward,
+)
+from longtune.parallel.layout import (
+    PAD_DOCUMENT,
+    local_token_index,
+    pad_row_tensors,
+    shard_for_sequence_parallel,
+    unshard,
+)
+from tests.distributed_utils import run_distributed
+
+TOLERANCE = 1e-10
+BATCH, HEADS, HEAD_DIM = 2, 4, 8
+WORLD = 4
+
+# name -> (document lengths per row (each row sums to the original length), kv heads, sliding window)
+CASES = {
+    "causal": ([[13], [13]], 2, None),
+    "packed": ([[10, 12, 7], [4, 25]], 2, None),
+    "window": ([[10, 12, 7], [29]], 2, 5),
+    "mqa_packed": ([[6, 5, 2], [9, 4]], 1, None),
+}
+# (mode, sp, ulysses_size); sp=2 runs on two SP groups {0,1} and {2,3} of the 4-rank world (dp=2).
+SETUPS = [
+    ("zigzag_ring", 2, 1),
+    ("zigzag_ring", 4, 1),
+    ("ulysses", 2, 2),
+    ("ulysses", 4, 4),
+    ("llama3", 2, 1),
+    ("llama3", 4, 1),
+    ("hybrid", 4, 2),
+    ("hybrid", 2, 1),
+]
+
+
+def _doc_ids(doc_lengths: list[list[int]]) -> torch.Tensor:
+    rows = [torch.cat([torch.full((n,), d) for d, n in enumerate(lengths)]) for lengths in doc_lengths]
+    return torch.stack(rows)
+
+
+def _case_tensors(name: str, sp: int, seed: int):
+    """Full padded row data for one case: q, k, v [B, H, T, D], upstream grad [B, T, Hq, D], docs [B, T]."""
+    doc_lengths, kv_heads, window = CASES[name]
+    docs = _doc_ids(doc_lengths)
+    length = docs.shape[1]
+    ids = torch.zeros_like(docs)
+    positions = torch.arange(length).expand(BATCH, -1)
+    _, _, _, padded_docs = pad_row_tensors(ids, ids, positions, docs, sp, pad_token_id=0)
+    padded = padded_docs.shape[1]
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    q = rand(BATCH, HEADS, padded, HEAD_DIM)
+    k = rand(BATCH, kv_heads, padded, HEAD_DIM)
+    v = rand(BATCH, kv_heads, padded, HEAD_DIM)
+    dout = rand(BATCH, padded, HEADS, HEAD_DIM)
+    return (docs, ids, positions), (q, k, v, dout, padded_docs), window
+
+
+def _max_diffs(mode, sp, sp_rank, group, ulysses_group, ring_group, name, seed) -> dict[str, float] | None:
+    (docs, ids, positions), (q, k, v, dout, padded_docs), window = _case_tensors(name, sp, seed)
+    shard = shard_for_sequence_parallel(ids, ids, positions, docs, sp, sp_rank, pad_token_id=0)
+    padded = padded_docs.shape[1]
+    index = local_token_index(padded, sp, sp_rank)
+    ctx = SPContext(
+        mode=mode, group=group, sp_size=sp, sp_rank=sp_rank, seq_index=shard.seq_index, doc_ids=shard.doc_ids,
+        ulysses_group=ulysses_group, ring_group=ring_group,
+        ulysses_size=dist.get_world_size(ulysses_group) if ulysses_group is not None else 1,
+        ring_size=dist.get_world_size(ring_group) if ring_group is not None else 1,
+    )
+    local = [x[:, :, index].clone().requires_grad_() for x in (q, k, v)]
+    scaling = HEAD_DIM**-0.5
+    out, _ = sp_attention_forward(None, *local, None, scaling=scaling, sliding_window=window, sp_context=ctx)
+    out.backward(dout[:, index])
+
+    def gathered(x: torch.Tensor, dim: int) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(sp)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return unshard(parts, sp, dim=dim)
+
+    got = {"out": gathered(out.detach(), 1)}
+    got.update({f"d{n}": gathered(t.grad, 2) for n, t in zip("qkv", local)})
+    if sp_rank != 0:
+        return None
+    full = [x.clone().requires_grad_() for x in (q, k, v)]
+    seq_index = torch.arange(padded).expand(BATCH, -1)
+    ref = reference_attention(*full, seq_index, padded_docs, scaling, window).transpose(1, 2)
+    ref.backward(dout)
+    want = {"out": ref.detach(), "dq": full[0].grad, "dk": full[1].grad, "dv": full[2].grad}
+    return {key: (got[key] - want[key]).abs().max().item() for key in want}
+
+
+def _sp_worker(rank: int, world: int) -> dict:
+    assert world == WORLD
+    groups = {4: dist.new_group([0, 1, 2, 3])}
+    pair_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    groups[2] = pair_groups[rank // 2]
+    hybrid = {}
+    for mode, sp, u in SETUPS:
+        if mode != "hybrid":
+            continue
+        sp_groups = [[0, 1, 2, 3]] if sp == 4 else [[0, 1], [2, 3]]
+        made = [make_hybrid_groups(ranks, u) for ranks in sp_groups]  # collective: every rank, same order
+        hybrid[(sp, u)] = next(pair for pair, ranks in zip(made, sp_groups) if rank in ranks)
+    results: dict = {}
+    for mode, sp, u in SETUPS:
+        ulysses_group, ring_group = hybrid.get((sp, u), (None, None))
+        sp_rank, dp_rank = rank % sp, rank // sp
+        for case_number, name in enumerate(CASES):
+            seed = 1000 * case_number + 10 * sp + dp_rank
+            diffs = _max_diffs(mode, sp, sp_rank, groups[sp], ulysses_group, ring_group, name, seed)
+            if diffs is not None:
+                results[f"{mode}-sp{sp}-u{u}-{name}-dp{dp_rank}"] = diffs
+    # Ulysses cannot split 2 heads over 4 ranks: every rank must refuse before any communication.
+    ctx = SPContext(mode="ulysses", group=groups[4], sp_size=4, sp_rank=rank,
+                    seq_index=torch.arange(4).expand(1, -1), doc_ids=torch.zeros(1, 4, dtype=torch.long))
+    x = torch.zeros(1, 2, 4, HEAD_DIM, dtype=torch.float64)
+    try:
+        sp_attention_forward(None, x, x, x, None, sp_context=ctx)
+        results["ulysses_error"] = None
+    except ValueError as err:
+        results["ulysses_error"] = str(err)
+    return results
+
+
+@pytest.fixture(scope="module")
+def sp_results() -> dict:
+    """One 4-rank spawn runs every (mode, sp, case); results are max abs diffs against the reference."""
+    merged: dict = {}
+    for rank_results in run_distributed(_sp_worker, WORLD):
+        for key, value in rank_results.items():
+            merged.setdefault(key, []).append(value)
+    return merged
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("mode,sp,ulysses_size", SETUPS, ids=[f"{m}-sp{s}-u{u}" for m, s, u in SETUPS])
+def test_sp_attention_matches_reference(sp_results, mode, sp, ulysses_size, case):
+    for dp_rank in range(WORLD // sp):
+        (diffs,) = sp_results[f"{mode}-sp{sp}-u{ulysses_size}-{case}-dp{dp_rank}"]
+        assert max(diffs.values()) <= TOLERANCE, diffs
+
+
+def test_ulysses_refuses_indivisible_heads_on_every_rank(sp_results):
+    messages = sp_results["ulysses_error"]
+    assert len(messages) == WORLD
+    for message in messages:
+        assert message is not None and "num_attention_heads=2" in message and "sequence_parallel_size=4" in message
+
+
+def test_check_ulysses_heads_message():
+    check_ulysses_heads(8, 4)
+    with pytest.raises(ValueError, match="num_attention_heads=6.*sequence_parallel_size=4"):
+        check_ulysses_heads(6, 4)
+
+
+def test_choose_ulysses_size_and_hybrid_ranks():
+    assert choose_ulysses_size(32, 8, 4) == 4
+    assert choose_ulysses_size(32, 2, 8) == 2
+    assert choose_ulysses_size(14, 7, 4) == 1
+    ulysses, ring = hybrid_group_ranks([4, 5, 6, 7, 8, 9], 2)
+    assert ulysses == [[4, 5], [6, 7], [8, 9]]
+    assert ring == [[4, 6, 8], [5, 7, 9]]
+    with pytest.raises(ValueError, match="ulysses_size=4"):
+        hybrid_group_ranks([0, 1, 2, 3, 4, 5], 4)
+
+
+def _random_block_inputs(seed: int, tq: int = 12, tk: int = 12):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 4, tq, 8, generator=gen, dtype=torch.float64)
+    k = torch.randn(2, 2, tk, 8, generator=gen, dtype=torch.float64)
+    v = torch.randn(2, 2, tk, 8, generator=gen, dtype=torch.float64)
+    index = torch.arange(tk).expand(2, -1)
+    docs = torch.tensor([[0] * 5 + [1] * 5 + [PAD_DOCUMENT] * 2, [0] * 12])
+    return q, k, v, index, docs
+
+
+def test_lse_merge_equals_one_shot_attention():
+    q, k, v, index, docs = _random_block_inputs(0)
+    full_out, full_lse = attention_block(q, k, v, index, index, docs, docs, 0.3, None)
+    # Disjoint, interleaved key subsets; the first subset leaves some queries with no visible key (lse -inf).
+    subsets = [torch.tensor([3, 4, 9]), torch.tensor([0, 5, 6, 11]), torch.tensor([1, 2, 7, 8, 10])]
+    out = torch.zeros_like(full_out)
+    lse = torch.full_like(full_lse, float("-inf"))
+    for keys in subsets:
+        part = attention_block(q, k[:, :, keys], v[:, :, keys], index, index[:, keys], docs, docs[:, keys], 0.3, None)
+        assert not torch.isnan(part[0]).any() and torch.isneginf(part[1]).any()
+        out, lse = merge_partials(out, lse, *part)
+    assert (out - full_out).abs().max() <= TOLERANCE
+    assert (lse - full_lse).abs().max() <= TOLERANCE
+
+
+def test_block_backward_from_lse_matches_autograd():
+    q, k, v, index, docs = _random_block_inputs(1)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = attention_block(*leaves, index, index, docs, docs, 0.3, 4)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    dq, dk, dv = attention_block_backward(dout, q, k, v, out.detach(), lse.detach(), index, index, docs, docs, 0.3, 4)
+    for mine, leaf in zip((dq, dk, dv), leaves):
+        assert (mine - leaf.grad).abs().max() <= TOLERANCE
+
+
+def test_query_without_visible_key_gives_zero_and_no_nan():
+    q, k, v, index, docs = _random_block_inputs(2)
+    later = index + 100  # every key is in the future of every query
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = attention_block(*leaves, index, later, docs, docs, 0.3, None)
+    out.sum().backward()
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+    assert all(torch.isfinite(leaf.grad).all() for leaf in leaves)
+
+
+def test_reference_matches_sdpa_with_explicit_mask():
+    q, k, v, index, docs = _random_block_inputs(3)
+    window = 4
+    i, j = torch.arange(12).unsqueeze(1), torch.arange(12).unsqueeze(0)
+    mask = (j <= i) & (i - j < window) & (docs.unsqueeze(2) == docs.unsqueeze(1))
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1), scale=0.3, enable_gqa=True)
+    got = reference_attention(q, k, v, index, docs, 0.3, window)
+    assert (got - want).abs().max() <= TOLERANCE
+
+
+def test_local_path_matches_reference_with_grads():
+    q, k, v, index, docs = _random_block_inputs(4)
+    ctx = SPContext(mode="zigzag_ring", group=None, sp_size=1, sp_rank=0, seq_index=index, doc_ids=docs)
+    mine = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, none = sp_attention_forward(None, *mine, None, scaling=0.3, sliding_window=3, sp_context=ctx)
+    want = reference_attention(*ref, index, docs, 0.3, 3).transpose(1, 2)
+    dout = torch.randn_like(want)
+    out.backward(dout)
+    want.backward(dout)
+    assert none is None and out.is_contiguous() and out.shape == (2, 12, 4, 8)
+    assert (out - want).abs().max() <= TOLERANCE
+    for a, b in zip(mine, ref):
+        assert (a.grad - b.grad).abs().max() <= TOLERANCE
+
+
+def test_bfloat16_inputs_compute_in_float32():
+    q, k, v, index, docs = _random_block_inputs(5)
+    ctx = SPContext(mode="ulysses", group=None, sp_size=1, sp_rank=0, seq_index=index, doc_ids=docs)
+    low = [x.to(torch.bfloat16).requires_grad_() for x in (q, k, v)]
+    out, _ = sp_attention_forward(None, *low, None, scaling=0.3, sp_context=ctx)
+    out.float().sum().backward()
+    want = reference_attention(*(x.to(torch.bfloat16).double() for x in (q, k, v)), index, docs, 0.3, None)
+    assert out.dtype == torch.bfloat16 and all(x.grad.dtype == torch.bfloat16 for x in low)
+    assert (out.double() - want.transpose(1, 2)).abs().max() < 1e-2
+
+
+def test_registered_attention_runs_inside_a_hf_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    register_sp_attention()
+    register_sp_attention()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).double().eval()
+    docs = torch.tensor([[0] * 6 + [1] * 4])
+    ids = torch.randint(0, 64, (1, 10))
+    positions = torch.cat([torch.arange(6), torch.arange(4)]).unsqueeze(0)
+    shard = shard_for_sequence_parallel(ids, ids, positions, docs, 1, 0, pad_token_id=0)
+    ctx = SPContext(mode="zigzag_ring", group=None, sp_size=1, sp_rank=0, seq_index=shard.seq_index,
+                    doc_ids=shard.doc_ids)
+    model.set_attn_implementation(ATTENTION_NAME)
+    packed = model(input_ids=shard.input_ids, position_ids=shard.position_ids, sp_context=ctx).logits
+    model.set_attn_implementation("sdpa")
+    first = model(input_ids=ids[:, :6]).logits
+    second = model(input_ids=ids[:, 6:]).logits
+    assert (packed[:, :6] - first).abs().max() <= TOLERANCE
+    assert (packed[:, 6:] - second).abs().max() <= TOLERANCE
