@@ -90,7 +90,11 @@ def apply_fsdp(root: RootForward, dims: ParallelDims, layers: nn.ModuleList, com
         fully_shard(layer, reshard_after_forward=plan.reshard_after_forward, **kwargs)
     # The root's parameters are needed again right at the start of backward: keep them gathered.
     fully_shard(root, reshard_after_forward=False, **kwargs)
-    root.set_gradient_divide_factor(1.0)
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in root.modules():  # the factor is per parameter group, not inherited
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
 
 
 def is_fsdp(module: nn.Module) -> bool:
@@ -107,8 +111,16 @@ def full_state_dict(root: RootForward) -> dict[str, torch.Tensor]:
         state = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         state = root.state_dict()
+    # A tied parameter (lm_head sharing embed_tokens) appears under every name; keep its first name only, as
+    # the unsharded model's own save would.
+    seen: set[int] = set()
+    tied_aliases = set()
+    for name, param in root.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            tied_aliases.add(name)
+        seen.add(id(param))
     prefix = "model."
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and k not in tied_aliases}
 
 
 def load_full_state_dict(root: RootForward, state: dict[str, torch.Tensor]) -> None:
