@@ -89,11 +89,45 @@ def test_pt_parity_and_llama(saved_models, tmp_path):
         _assert_same(ref, _result(out), name)
 
 
-def test_impossible_sp_degree_fails_before_loading(alpaca_file, tmp_path):
+def test_impossible_sp_degree_fails_before_loading(alpaca_file, tmp_path, capsys, monkeypatch):
+    import longtune.trainer as trainer_mod
     from longtune.cli import main
 
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("weights were loaded before the SP settings were checked")
+
+    monkeypatch.setattr(trainer_mod, "load_model", must_not_load)
     rc = main(["train", *base_overrides(alpaca_file, tmp_path / "x", sequence_parallel_size=2)])
-    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert err.startswith("ConfigError: key 'sequence_parallel_size': 2 does not divide the world size 1")
+
+
+@pytest.mark.parametrize(
+    "mode,heads,kv,sp,pattern",
+    [
+        ("ulysses", 4, 2, 3, r"ulysses needs num_attention_heads \(4\) divisible by sequence_parallel_size \(3\)"),
+        ("hybrid", 4, 1, 4, r"hybrid needs a Ulysses degree strictly between 1 and sp=4"),
+        ("hybrid", 8, 4, 4, r"hybrid needs a Ulysses degree strictly between 1 and sp=4"),
+    ],
+)
+def test_impossible_sp_modes_are_refused(mode, heads, kv, sp, pattern):
+    from longtune.config import ParallelConfig
+    from longtune.errors import ConfigError
+    from longtune.parallel.sequence import resolve_sp_mode
+
+    with pytest.raises(ConfigError, match=pattern):
+        resolve_sp_mode(ParallelConfig(sequence_parallel_mode=mode), heads, kv, sp)
+
+
+@pytest.mark.parametrize("heads,kv,sp,want", [(4, 2, 2, ("ulysses", 2)), (4, 2, 4, ("hybrid", 2)),
+                                              (28, 4, 8, ("hybrid", 4)), (4, 1, 4, ("zigzag_ring", 1)),
+                                              (32, 8, 8, ("ulysses", 8))])
+def test_auto_mode_choice(heads, kv, sp, want):
+    from longtune.config import ParallelConfig
+    from longtune.parallel.sequence import resolve_sp_mode
+
+    assert resolve_sp_mode(ParallelConfig(), heads, kv, sp) == want
 
 
 def test_resume_under_sp_with_sharded_optimizer(alpaca_file, tmp_path):
