@@ -51,6 +51,8 @@ def _assert_same(ref, got, label):
 # (name, nproc, per-device batch, extra overrides); every variant sees 4 rows per optimizer step.
 VARIANTS = [
     ("sp2_ring", 2, 2, {"sequence_parallel_size": 2, "sequence_parallel_mode": "zigzag_ring"}),
+    ("sp2_ring_math_kernel", 2, 2, {"sequence_parallel_size": 2, "sequence_parallel_mode": "zigzag_ring",
+                                    "attention_kernel": "math", "fsdp": False}),
     ("sp2_ulysses", 2, 2, {"sequence_parallel_size": 2, "sequence_parallel_mode": "ulysses"}),
     ("sp2_llama3", 2, 2, {"sequence_parallel_size": 2, "sequence_parallel_mode": "llama3"}),
     ("sp4_auto_hybrid", 4, 2, {"sequence_parallel_size": 4}),

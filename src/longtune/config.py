@@ -160,6 +160,11 @@ class ParallelConfig:
     sequence_parallel_mode: Literal["auto", "zigzag_ring", "ulysses", "llama3", "hybrid"] = _key(
         "auto", "How attention is computed across the sequence-parallel group."
     )
+    attention_kernel: Literal["auto", "fused", "math"] = _key(
+        "auto",
+        "Block kernel of the SP / packed attention: `auto`/`fused` use PyTorch's SDPA kernels with log-sum-exp "
+        "(flash or memory-efficient on GPU, flash on CPU); `math` the pure-PyTorch reference.",
+    )
     fsdp: bool | None = _key(
         None,
         "Shard parameters, gradients and optimizer state over all processes with FSDP2 (ZeRO-3). "

@@ -74,6 +74,7 @@ class SequenceParallel:
         heads, kv = attention_heads(model_config)
         self.mode, self.ulysses_size = resolve_sp_mode(cfg, heads, kv, dims.sp)
         self.active = dims.sp > 1 or packed
+        self.kernel = cfg.attention_kernel
         self.ulysses_group = None
         self.ring_group = None
         if self.mode == "hybrid":
@@ -96,7 +97,15 @@ class SequenceParallel:
         from longtune.parallel.attention import ATTENTION_NAME, register_sp_attention
         from longtune.models.loader import unwrap_base
 
+        from longtune.parallel.attention.kernels import set_kernel_preference
+
         register_sp_attention()
+        set_kernel_preference(self.kernel)
+        if self.dims.is_main:
+            device = self.dims.device.type
+            fused = {"cuda": "PyTorch flash / memory-efficient SDPA kernels with log-sum-exp",
+                     "cpu": "PyTorch's CPU flash kernel with log-sum-exp"}.get(device, "reference math kernel")
+            log(f"attention kernel: {'reference math kernel' if self.kernel == 'math' else fused}")
         base = unwrap_base(model)
         if float(getattr(base.config, "attention_dropout", 0.0) or 0.0) > 0:
             if self.dims.is_main:

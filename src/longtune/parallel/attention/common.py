@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from longtune.parallel.attention.kernels import fused_block_backward, fused_block_forward, fused_enabled
+
 SP_MODES = ("zigzag_ring", "ulysses", "llama3", "hybrid")
 
 
@@ -213,6 +215,27 @@ def attention_block_backward(
     return dq, _reduce_kv_heads(dk, num_kv_heads), _reduce_kv_heads(dv, num_kv_heads)
 
 
+def block_forward(
+    q: Tensor, k: Tensor, v: Tensor, q_index: Tensor, k_index: Tensor, q_doc: Tensor, k_doc: Tensor,
+    scaling: float, sliding_window: int | None,
+) -> tuple[Tensor, Tensor]:
+    """One block through a fused kernel where the device and dtype allow (kernels.py), else the reference."""
+    if fused_enabled(q):
+        mask = visibility_mask(q_index, k_index, q_doc, k_doc, sliding_window).unsqueeze(1)
+        return fused_block_forward(q, k, v, mask, scaling)
+    return attention_block(q, k, v, q_index, k_index, q_doc, k_doc, scaling, sliding_window)
+
+
+def block_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, q_index: Tensor, k_index: Tensor,
+    q_doc: Tensor, k_doc: Tensor, scaling: float, sliding_window: int | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    if fused_enabled(q):
+        mask = visibility_mask(q_index, k_index, q_doc, k_doc, sliding_window).unsqueeze(1)
+        return fused_block_backward(dout, q, k, v, out, lse, mask, scaling)
+    return attention_block_backward(dout, q, k, v, out, lse, q_index, k_index, q_doc, k_doc, scaling, sliding_window)
+
+
 def merge_partials(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
     """Combine two partial attentions over disjoint key sets: softmax weights are exp(lse_part - lse_total)."""
     lse = torch.logaddexp(lse_a, lse_b)
@@ -280,11 +303,11 @@ def blockwise_forward(
     b, h, tq, d = q.shape
     dtype = compute_dtype(q.dtype)
     if len(plan.pairs) == 1 and plan.pairs[0] == (None, None):
-        return attention_block(q, k, v, q_index, k_index, q_doc, k_doc, scaling, sliding_window)
+        return block_forward(q, k, v, q_index, k_index, q_doc, k_doc, scaling, sliding_window)
     out = q.new_zeros(b, h, tq, d, dtype=dtype)
     lse = q.new_full((b, h, tq), float("-inf"), dtype=dtype)
     for q_rows, k_rows in plan.pairs:
-        part_out, part_lse = attention_block(
+        part_out, part_lse = block_forward(
             take_rows(q, q_rows, 2), take_rows(k, k_rows, 2), take_rows(v, k_rows, 2),
             take_rows(q_index, q_rows, 1), take_rows(k_index, k_rows, 1),
             take_rows(q_doc, q_rows, 1), take_rows(k_doc, k_rows, 1), scaling, sliding_window,
@@ -306,7 +329,7 @@ def blockwise_backward(
 ) -> None:
     """Add this block's gradients into dq, dk, dv (compute dtype, same shapes as q, k, v)."""
     for q_rows, k_rows in plan.pairs:
-        part_dq, part_dk, part_dv = attention_block_backward(
+        part_dq, part_dk, part_dv = block_backward(
             take_rows(dout, q_rows, 2), take_rows(q, q_rows, 2), take_rows(k, k_rows, 2), take_rows(v, k_rows, 2),
             take_rows(out, q_rows, 2), take_rows(lse, q_rows, 2),
             take_rows(q_index, q_rows, 1), take_rows(k_index, k_rows, 1),

@@ -1,0 +1,152 @@
+"""Fused per-block attention kernels with log-sum-exp, for the SP modes' blockwise forward and backward.
+
+The pure-PyTorch block (`common.attention_block`) materialises [Tq, Tk] scores in fp32 or wider; it is the
+reference and the fallback. The fused kernels are PyTorch's own SDPA kernels called through their aten ops,
+because only those return the log-sum-exp (needed to merge ring partials) and accept an external output and
+log-sum-exp in backward (needed to recompute one block against the *final* softmax of its queries):
+
+  CUDA, bf16/fp16, block mask full or causal   flash:      aten._scaled_dot_product_flash_attention(_backward)
+  CUDA, any other block                        efficient:  aten._scaled_dot_product_efficient_attention(_backward)
+                                               (additive -inf bias for document / window masks)
+  CPU                                          flash-cpu:  aten._scaled_dot_product_flash_attention_for_cpu(_backward)
+
+flash-attn is used by none of these; it is optional and not required. Rows with no visible key get output 0 and
+lse -inf, as in the reference kernel.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+KERNEL_CHOICES = ("auto", "fused", "math")
+_preference = os.environ.get("LONGTUNE_ATTENTION_KERNEL", "auto")
+
+
+def set_kernel_preference(choice: str) -> None:
+    """`auto`/`fused`: fused kernels where the device and dtype allow; `math`: always the reference kernel."""
+    global _preference
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"attention kernel must be one of {KERNEL_CHOICES}, got {choice!r}")
+    _preference = choice
+
+
+def kernel_preference() -> str:
+    return _preference
+
+
+def fused_enabled(q: Tensor) -> bool:
+    if _preference == "math":
+        return False
+    if q.is_cuda:
+        return q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    return q.device.type == "cpu" and q.dtype in (torch.float64, torch.float32, torch.bfloat16)
+
+
+def _mask_kind(mask: Tensor) -> str:
+    """'full', 'causal' (top-left aligned lower triangle, square) or 'masked'. mask: [B, 1, Tq, Tk] bool."""
+    if bool(mask.all()):
+        return "full"
+    tq, tk = mask.shape[-2:]
+    if tq == tk:
+        tril = torch.ones(tq, tk, dtype=torch.bool, device=mask.device).tril()
+        if bool((mask == tril).all()):
+            return "causal"
+    return "masked"
+
+
+def _bias(mask: Tensor, dtype: torch.dtype, align: int = 1) -> Tensor:
+    """Additive bias (0 visible, -inf hidden). Rows with no visible key are opened fully (their result is
+    discarded) so no kernel ever normalises an all -inf row. The key dim is padded to `align` for CUDA."""
+    has_key = mask.any(-1, keepdim=True)
+    visible = mask | ~has_key
+    tk = visible.shape[-1]
+    width = -(-tk // align) * align
+    bias = torch.full((*visible.shape[:-1], width), float("-inf"), dtype=dtype, device=mask.device)
+    bias[..., :tk].masked_fill_(visible, 0.0)
+    return bias[..., :tk]
+
+
+def _expand_heads(k: Tensor, v: Tensor, num_heads: int) -> tuple[Tensor, Tensor]:
+    rep = num_heads // k.shape[1]
+    if rep == 1:
+        return k, v
+    return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+
+
+def _reduce_heads(x: Tensor, num_kv_heads: int) -> Tensor:
+    b, h, t, d = x.shape
+    return x if h == num_kv_heads else x.view(b, num_kv_heads, h // num_kv_heads, t, d).sum(2)
+
+
+def fused_block_forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+    """out [B, Hq, Tq, D] (float32 or wider) and lse [B, Hq, Tq] of q on (k, v) under mask [B, 1, Tq, Tk]."""
+    wide = torch.promote_types(q.dtype, torch.float32)
+    k, v = (x.contiguous() for x in _expand_heads(k, v, q.shape[1]))
+    q = q.contiguous()
+    has_key = mask.any(-1)  # [B, 1, Tq]
+    kind = _mask_kind(mask)
+    tq = q.shape[2]
+    if q.is_cuda and kind in ("full", "causal") and q.dtype in (torch.float16, torch.bfloat16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, kind == "causal", False, scale=scaling
+        )[:2]
+    elif q.is_cuda:
+        bias = None if kind == "full" else _bias(mask, q.dtype, align=16).expand(-1, q.shape[1], -1, -1)
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, bias, True, 0.0, kind == "causal" and bias is None, scale=scaling
+        )[:2]
+        lse = lse[..., :tq]  # the kernel pads its lse to a multiple of 32 rows
+    else:
+        bias = None if kind in ("full", "causal") else _bias(mask, q.dtype)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, kind == "causal", attn_mask=bias, scale=scaling
+        )
+    out = out.to(wide) * has_key.unsqueeze(-1)
+    lse = lse.to(wide).masked_fill(~has_key, float("-inf"))
+    return out, lse
+
+
+def fused_block_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Tensor, scaling: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Block gradients against the final out/lse of its queries (see common.attention_block_backward)."""
+    wide = torch.promote_types(q.dtype, torch.float32)
+    num_kv = k.shape[1]
+    # The backward kernels assume q, out and grad_out share one memory layout: make all of them contiguous.
+    k, v = (x.contiguous() for x in _expand_heads(k, v, q.shape[1]))
+    q = q.contiguous()
+    kind = _mask_kind(mask)
+    # Queries that see no key of this block were opened fully in the bias (see _bias); give them lse +inf so
+    # their probabilities are exp(-inf) = 0 and they add no gradient (likewise queries that see nothing at all).
+    has_key = mask.any(-1)  # [B, 1, Tq]
+    lse_in = lse.to(torch.promote_types(q.dtype, torch.float32)).masked_fill(~has_key | torch.isinf(lse), float("inf"))
+    dout_c = dout.to(q.dtype).contiguous()
+    out_c = out.to(q.dtype).contiguous()
+    if q.is_cuda and kind in ("full", "causal") and q.dtype in (torch.float16, torch.bfloat16):
+        tq, tk = q.shape[2], k.shape[2]
+        cum = torch.empty(0, dtype=torch.int32, device=q.device)
+        zero = torch.zeros((), dtype=torch.int64, device=q.device)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            dout_c, q, k, v, out_c, lse_in.contiguous(), cum, cum, tq, tk, 0.0, kind == "causal", zero, zero,
+            scale=scaling,
+        )
+    elif q.is_cuda:
+        bias = None if kind == "full" else _bias(mask, q.dtype, align=16).expand(-1, q.shape[1], -1, -1)
+        tq = q.shape[2]
+        padded = -(-tq // 32) * 32
+        lse_pad = torch.nn.functional.pad(lse_in, (0, padded - tq), value=float("inf")).contiguous()
+        zero = torch.zeros((), dtype=torch.int64, device=q.device)
+        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            dout_c, q, k, v, bias, out_c, lse_pad, zero, zero, 0.0, [True, True, True, False],
+            kind == "causal" and bias is None, scale=scaling,
+        )
+    else:
+        bias = None if kind in ("full", "causal") else _bias(mask, q.dtype)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout_c, q, k, v, out_c, lse_in, 0.0, kind == "causal",
+            attn_mask=bias, scale=scaling,
+        )
+    return dq.to(wide), _reduce_heads(dk.to(wide), num_kv), _reduce_heads(dv.to(wide), num_kv)

@@ -1,0 +1,129 @@
+"""Fused block kernels (kernels.py) against the reference: per-block, and the zigzag split + log-sum-exp merge
+against one unsplit kernel call. The CUDA cases run where a GPU is present (bf16 <= 2e-3 relative, fp32 <= 1e-5)
+and are skipped elsewhere; the CPU cases always run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longtune.parallel.attention.common import (
+    attention_block,
+    attention_block_backward,
+    block_backward,
+    block_forward,
+    merge_partials,
+    visibility_mask,
+)
+from longtune.parallel.attention.kernels import fused_block_backward, fused_block_forward, fused_enabled
+from longtune.parallel.layout import local_token_index
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+def _docs(lengths: list[int], device) -> torch.Tensor:
+    return torch.cat([torch.full((n,), d) for d, n in enumerate(lengths)]).unsqueeze(0).to(device)
+
+
+@pytest.mark.parametrize("case", ["causal", "packed", "window"])
+def test_fused_block_equals_reference_block_cpu_float64(case):
+    """One query block against one key block of another chunk, with the final out/lse of a merged softmax."""
+    g = torch.Generator().manual_seed(0)
+    b, h, hkv, t, d = 2, 4, 2, 12, 8
+    q = torch.randn(b, h, t, d, generator=g, dtype=torch.float64)
+    keys = [torch.randn(b, hkv, t, d, generator=g, dtype=torch.float64) for _ in range(2)]
+    values = [torch.randn(b, hkv, t, d, generator=g, dtype=torch.float64) for _ in range(2)]
+    q_index = (torch.arange(t) + t).expand(b, -1)
+    k_indices = [torch.arange(t).expand(b, -1), (torch.arange(t) + t).expand(b, -1)]
+    lengths = {"causal": [2 * t], "packed": [5, 9, 2 * t - 14], "window": [7, 2 * t - 7]}[case]
+    docs = _docs(lengths, "cpu").expand(b, -1)
+    q_doc, k_docs = docs[:, t:], [docs[:, :t], docs[:, t:]]
+    window = 4 if case == "window" else None
+    parts = [attention_block(q, k, v, q_index, ki, q_doc, kd, 0.3, window)
+             for k, v, ki, kd in zip(keys, values, k_indices, k_docs)]
+    out, lse = merge_partials(parts[0][0], parts[0][1], parts[1][0], parts[1][1])
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    for k, v, ki, kd in zip(keys, values, k_indices, k_docs):
+        mask = visibility_mask(q_index, ki, q_doc, kd, window).unsqueeze(1)
+        ref_out, ref_lse = attention_block(q, k, v, q_index, ki, q_doc, kd, 0.3, window)
+        got_out, got_lse = fused_block_forward(q, k, v, mask, 0.3)
+        assert (got_out - ref_out).abs().max() <= 1e-12
+        finite = torch.isfinite(ref_lse)
+        assert torch.equal(finite, torch.isfinite(got_lse))
+        assert (got_lse[finite] - ref_lse[finite]).abs().max() <= 1e-12
+        ref_grads = attention_block_backward(dout, q, k, v, out, lse, q_index, ki, q_doc, kd, 0.3, window)
+        got_grads = fused_block_backward(dout, q, k, v, out, lse, mask, 0.3)
+        for ref, got in zip(ref_grads, got_grads):
+            assert (ref - got).abs().max() <= 1e-12
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("packed", [False, True])
+def test_zigzag_blocks_merged_equal_unsplit_kernel(device, dtype, packed):
+    """Split one sequence into the zigzag blocks of sp=4, run every (query shard, key shard) block through the
+    fused kernels and merge by lse; compare output and gradients with one unsplit SDPA call."""
+    if device == "cpu" and dtype == torch.bfloat16 and not fused_enabled(torch.zeros(1, dtype=dtype)):
+        pytest.skip("fused CPU kernel disabled")
+    sp, b, h, hkv, d = 4, 1, 8, 2, 64
+    t = 512 if device == "cuda" else 128
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(b, h, t, d, generator=g).to(device, dtype)
+    k = torch.randn(b, hkv, t, d, generator=g).to(device, dtype)
+    v = torch.randn(b, hkv, t, d, generator=g).to(device, dtype)
+    dout = torch.randn(b, h, t, d, generator=g).to(device, dtype)
+    index = torch.arange(t, device=device).unsqueeze(0)
+    docs = _docs([t // 3, t // 4, t - t // 3 - t // 4], device) if packed else torch.zeros(1, t, dtype=torch.long,
+                                                                                            device=device)
+    scale = d**-0.5
+
+    # Unsplit reference: one SDPA call with the causal (+ document) mask, autograd for gradients.
+    qr, kr, vr = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+    mask = visibility_mask(index, index, docs, docs, None).unsqueeze(1)
+    ref = F.scaled_dot_product_attention(qr, kr.repeat_interleave(h // hkv, 1), vr.repeat_interleave(h // hkv, 1),
+                                         attn_mask=mask, scale=scale)
+    ref.backward(dout)
+
+    shards = [local_token_index(t, sp, r).to(device) for r in range(sp)]
+    out = torch.zeros(b, h, t, d, device=device, dtype=torch.float32)
+    dq = torch.zeros_like(out)
+    dk = torch.zeros(b, hkv, t, d, device=device, dtype=torch.float32)
+    dv = torch.zeros_like(dk)
+    for qs in shards:
+        qi, qd = index[:, qs], docs[:, qs]
+        o = torch.zeros(b, h, len(qs), d, device=device, dtype=torch.float32)
+        lse = torch.full((b, h, len(qs)), float("-inf"), device=device)
+        for ks in shards:
+            po, pl = block_forward(q[:, :, qs], k[:, :, ks], v[:, :, ks], qi, index[:, ks], qd, docs[:, ks], scale, None)
+            o, lse = merge_partials(o, lse, po, pl)
+        out[:, :, qs] = o
+        for ks in shards:
+            gq, gk, gv = block_backward(dout[:, :, qs], q[:, :, qs], k[:, :, ks], v[:, :, ks], o, lse, qi,
+                                        index[:, ks], qd, docs[:, ks], scale, None)
+            dq[:, :, qs] += gq
+            dk[:, :, ks] += gk
+            dv[:, :, ks] += gv
+    # float64 truth on the same (rounded) inputs, to judge bf16 gradients against the unsplit kernel's own error
+    q64, k64, v64 = (x.detach().double().requires_grad_(True) for x in (q, k, v))
+    truth = F.scaled_dot_product_attention(q64, k64.repeat_interleave(h // hkv, 1), v64.repeat_interleave(h // hkv, 1),
+                                           attn_mask=mask, scale=scale)
+    truth.backward(dout.double())
+    triples = (("out", out, ref, truth), ("dq", dq, qr.grad, q64.grad), ("dk", dk, kr.grad, k64.grad),
+               ("dv", dv, vr.grad, v64.grad))
+    for name, got, want, exact in triples:
+        want, exact = want.detach().float(), exact.detach().float()
+        if dtype == torch.bfloat16:
+            # Both sides round to bf16 (epsilon 2^-8) per element: compare whole-tensor relative errors. The
+            # output must agree to 2e-3; a gradient must be no further from the float64 truth than the unsplit
+            # bf16 kernel's own gradient is (plus 2e-3).
+            err = float((got - want).norm() / want.norm())
+            if name == "out":
+                assert err <= 2e-3, (name, err)
+            else:
+                ours = float((got - exact).norm() / exact.norm())
+                theirs = float((want - exact).norm() / exact.norm())
+                assert ours <= theirs + 2e-3, (name, ours, theirs)
+        else:
+            err = float((got - want).abs().max() / want.abs().max())
+            assert err <= 1e-5, (name, err)
