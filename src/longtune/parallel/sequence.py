@@ -86,9 +86,11 @@ class SequenceParallel:
                 u_group, r_group = make_hybrid_groups(ranks, self.ulysses_size)
                 if dp_rank == dims.dp_rank:
                     self.ulysses_group, self.ring_group = u_group, r_group
-        if self.active and dims.is_main:
+        if dims.sp > 1 and dims.is_main:
             detail = f" (ulysses {self.ulysses_size} x ring {dims.sp // self.ulysses_size})" if self.mode == "hybrid" else ""
             log(f"sequence parallel: sp={dims.sp} dp={dims.dp} mode={self.mode}{detail}, document-aware attention")
+        elif self.active and dims.is_main:
+            log("packed rows: document-aware attention (no token attends across documents)")
 
     def apply(self, model: nn.Module, log=print) -> None:
         """Switch the model's attention to the SP implementation (registered, not patched)."""
