@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_data_cache(tmp_path_factory):
+    """Tokenized-data cache of the tests (and of the processes they start) lives in a temp dir, not ~/.cache."""
+    previous = os.environ.get("LONGTUNE_CACHE")
+    os.environ["LONGTUNE_CACHE"] = str(tmp_path_factory.mktemp("data_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("LONGTUNE_CACHE", None)
+    else:
+        os.environ["LONGTUNE_CACHE"] = previous
 
 
 @pytest.fixture(scope="session")

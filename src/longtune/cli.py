@@ -9,6 +9,7 @@ import traceback
 
 from longtune import __version__
 from longtune.errors import LongtuneError
+from longtune.preview import add_data_parser
 
 CONFIG_DOC = "docs/config.md (every key with type, default and meaning)"
 
@@ -18,6 +19,7 @@ longtune {__version__}: post-train language models on long sequences.
 commands:
   train    train from a LLaMA-Factory-style YAML (+ key=value overrides)
   export   write a Hugging Face model directory from a run or checkpoint (optionally merging LoRA)
+  data     preview the training data: rendered samples with trained tokens marked, length statistics
 
 Config keys: {CONFIG_DOC}.
 """
@@ -114,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
     export.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     export.set_defaults(func=cmd_export)
+    add_data_parser(sub)
     return parser
 
 

@@ -101,7 +101,7 @@ class DataConfig:
     )
     skip_bad_rows: bool = _key(False, "Skip and count malformed rows instead of stopping at the first one.")
     data_cache_dir: str | None = _key(
-        None, "Where tokenized datasets are cached (default ~/.cache/longtune/data); keyed by data + tokenizer."
+        None, "Where tokenized datasets are cached (default $LONGTUNE_CACHE or ~/.cache/longtune/data); keyed by data + tokenizer."
     )
     overwrite_cache: bool = _key(False, "Re-tokenize even if a cached copy exists.")
     preprocessing_num_workers: int | None = _key(None, "Accepted for LLaMA-Factory compatibility; ignored.")

@@ -34,7 +34,7 @@ from longtune.checkpoint import (
     save_model_dir,
 )
 from longtune.config import Config, TrainConfig, save_config
-from longtune.data import Example, load_examples
+from longtune.data import examples_from_config
 from longtune.data.collate import IGNORE_INDEX, Batch, collate, loss_token_count
 from longtune.data.packing import pack_examples
 from longtune.errors import ConfigError, DataError
@@ -144,26 +144,25 @@ def prepare_output_dir(cfg: Config, resume: Path | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def load_datasets(cfg: Config, tokenizer: Any, log: Callable[[str], None]) -> tuple[list[Example], list[Example]]:
+def load_datasets(cfg: Config, tokenizer: Any, dims: ParallelDims, log: Callable[[str], None]) -> tuple[list, list]:
+    """Train and eval examples. The main rank tokenizes first (and fills the cache); the others then read it."""
     d = cfg.data
-    common = dict(
-        dataset_dir=d.dataset_dir,
-        tokenizer=tokenizer,
-        template=d.template,
-        stage=cfg.train.stage,
-        cutoff_len=d.cutoff_len,
-        train_on_prompt=d.train_on_prompt,
-        max_samples=d.max_samples,
-    )
-    train, stats = load_examples(list(d.dataset), **common)
+    if not dims.is_main:
+        dims.barrier()
+    try:
+        train, stats = examples_from_config(cfg, tokenizer, "train")
+        evals = examples_from_config(cfg, tokenizer, "eval")[0] if d.eval_dataset else []
+    finally:
+        if dims.is_main:
+            dims.barrier()
     log(
-        f"data: {stats.rows} rows -> {stats.kept} examples ({stats.truncated} truncated, {stats.dropped} dropped), "
-        f"{stats.tokens} tokens, {stats.trained_tokens} trained"
+        f"data: {stats.rows} rows -> {len(train)} examples ({stats.truncated} truncated, {stats.dropped} dropped, "
+        f"{stats.skipped} skipped), {stats.tokens} tokens, {stats.trained_tokens} trained"
+        f"{' (from cache)' if stats.cache_hit else ''}"
     )
-    evals: list[Example] = []
-    if d.eval_dataset:
-        evals, _ = load_examples(list(d.eval_dataset), **common)
-    elif d.val_size > 0:
+    for message in stats.skipped_examples:
+        log(f"  skipped: {message}")
+    if not d.eval_dataset and d.val_size > 0:
         n_val = int(d.val_size) if d.val_size >= 1 else max(1, round(d.val_size * len(train)))
         if n_val >= len(train):
             raise ConfigError(f"key 'val_size': {d.val_size} leaves no training examples out of {len(train)}")
@@ -332,7 +331,7 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunRe
     set_seed(t.seed)
 
     tokenizer = load_tokenizer(cfg.model)
-    train_examples, eval_examples = load_datasets(cfg, tokenizer, log)
+    train_examples, eval_examples = load_datasets(cfg, tokenizer, dims, log)
     if cfg.packing:
         train_examples, stats = pack_examples(train_examples, cfg.data.cutoff_len)
         log(f"packing: {stats.documents} examples -> {stats.rows} rows of {stats.capacity}, "

@@ -1,4 +1,4 @@
-"""Tokenize Conversations and TextDocuments into input ids and (unshifted) labels with exact loss masks.
+"""Tokenize rendered conversations and texts into input ids and (unshifted) labels with exact loss masks.
 
 A trained span is found by rendering, not by guessing token patterns: for each assistant turn i, the text
 between render(messages[:i], add_generation_prompt=True) and render(messages[:i+1]) is what the model must
@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 from jinja2 import TemplateError
 
-from longtune.data.conversation import Conversation, TextDocument
+from longtune.data.conversation import Conversation
 from longtune.errors import ConfigError, DataError
 
 IGNORE_INDEX = -100
@@ -49,7 +50,9 @@ def assistant_char_spans(
         if message["role"] != "assistant":
             continue
         prompt = render_messages(tokenizer, chat_template, messages[:j], True, where)
-        upto = render_messages(tokenizer, chat_template, messages[: j + 1], False, where)
+        # the last message is an assistant turn whose rendering is `full`: one render fewer per row
+        last = j == len(messages) - 1
+        upto = full if last else render_messages(tokenizer, chat_template, messages[: j + 1], False, where)
         if not (upto.startswith(prompt) and full.startswith(upto)):
             raise ConfigError(
                 f"template: the chat template does not render {where} incrementally (rendering message {j} "
@@ -60,40 +63,53 @@ def assistant_char_spans(
     return full, spans
 
 
-def encode_conversation(
-    conversation: Conversation, tokenizer, chat_template: str, *, train_on_prompt: bool, where: str
+def tokenize_batch(
+    tokenizer, texts: list[str], *, add_special_tokens: bool, with_offsets: bool
+) -> list[tuple[list[int], list[tuple[int, int]] | None]]:
+    """(ids, character offsets or None) of each text, in one call of the fast tokenizer (no per-text overhead)."""
+    if not texts:
+        return []
+    encoding = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=with_offsets)
+    offsets = encoding["offset_mapping"] if with_offsets else [None] * len(texts)
+    return [(list(ids), off) for ids, off in zip(encoding["input_ids"], offsets, strict=True)]
+
+
+def conversation_labels(
+    input_ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]], *, train_on_prompt: bool
 ) -> EncodedConversation:
-    """Token ids of the rendered conversation; labels keep exactly the assistant spans (or all, train_on_prompt).
+    """Labels keeping exactly the tokens inside an assistant span (or all, train_on_prompt).
 
     A token counts as inside a span when its whole character range is; with a tokenizer whose markup is plain
     text (e.g. llama3 headers on a vocab without them) a token straddling a span edge is left untrained.
+    Zero-width tokens are placed at their position.
     """
+    ids = np.asarray(input_ids, dtype=np.int64)
+    if not len(ids):
+        return EncodedConversation([], [], 0)
+    bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    start, end = bounds[:, :1], bounds[:, 1:]
+    span_start = np.array([a for a, _ in spans], dtype=np.int64)
+    span_end = np.array([b for _, b in spans], dtype=np.int64)
+    after_start = span_start <= start
+    inside = np.where(end == start, after_start & (start < span_end), after_start & (end <= span_end)).any(axis=1)
+    in_last_response = np.flatnonzero(bounds[:, 0] >= spans[-1][0])
+    response_start = int(in_last_response[0]) if len(in_last_response) else len(ids)
+    labels = ids if train_on_prompt else np.where(inside, ids, IGNORE_INDEX)
+    return EncodedConversation(list(input_ids), labels.tolist(), response_start)
+
+
+def encode_conversation(
+    conversation: Conversation, tokenizer, chat_template: str, *, train_on_prompt: bool, where: str
+) -> EncodedConversation:
+    """Token ids of the rendered conversation; labels keep exactly the assistant spans (or all, train_on_prompt)."""
     text, spans = assistant_char_spans(conversation, tokenizer, chat_template, where)
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = list(encoding["input_ids"])
-    inside = []
-    for start, end in encoding["offset_mapping"]:
-        if end == start:  # zero-width tokens are placed at their position
-            inside.append(any(a <= start < b for a, b in spans))
-        else:
-            inside.append(any(a <= start and end <= b for a, b in spans))
-    last_span_start = spans[-1][0]
-    response_start = next(
-        (t for t, (start, _) in enumerate(encoding["offset_mapping"]) if start >= last_span_start), len(input_ids)
-    )
-    labels = [tok if (train_on_prompt or keep) else IGNORE_INDEX for tok, keep in zip(input_ids, inside, strict=True)]
-    return EncodedConversation(input_ids, labels, response_start)
+    ((input_ids, offsets),) = tokenize_batch(tokenizer, [text], add_special_tokens=False, with_offsets=True)
+    assert offsets is not None
+    return conversation_labels(input_ids, offsets, spans, train_on_prompt=train_on_prompt)
 
 
-def encode_rendered(conversation: Conversation, tokenizer, chat_template: str, where: str) -> list[int]:
-    """Token ids of the whole rendered conversation (for pretraining on chat data: everything trained)."""
-    text = render_messages(tokenizer, chat_template, conversation.messages(), False, where)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def encode_text(document: TextDocument, tokenizer) -> list[int]:
-    """Ids of a pretraining text followed by eos; bos only where the tokenizer itself adds one."""
-    ids = list(tokenizer(document.text, add_special_tokens=True)["input_ids"])
+def with_eos(ids: list[int], tokenizer) -> list[int]:
+    """`ids` ending with eos (appended unless the tokenizer already put it there)."""
     eos = tokenizer.eos_token_id
     if eos is not None and (not ids or ids[-1] != eos):
         ids.append(eos)

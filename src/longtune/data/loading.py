@@ -6,7 +6,7 @@ Files are read with the stdlib json module so that every error can name the file
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,8 +121,11 @@ def _resolve_registered(name: str, dataset_dir: Path) -> DatasetSpec:
     return DatasetSpec(name, files, formatting, columns, tags, num_samples)
 
 
-def read_rows(path: Path) -> list[Any]:
-    """Rows of a .json file (a list) or a .jsonl file (one object per non-blank line)."""
+def read_rows(path: Path, on_bad_row: Callable[[DataError], None] | None = None) -> list[Any]:
+    """Rows of a .json file (a list) or a .jsonl file (one object per non-blank line).
+
+    A .jsonl line that is not valid JSON raises, or with `on_bad_row` is reported to it and left out.
+    """
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     if path.suffix.lower() == ".jsonl":
@@ -133,7 +136,10 @@ def read_rows(path: Path) -> list[Any]:
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as e:
-                        raise DataError(f"{path} line {line_number}: invalid JSON ({e.msg})") from None
+                        error = DataError(f"{path} line {line_number}: invalid JSON ({e.msg})")
+                        if on_bad_row is None:
+                            raise error from None
+                        on_bad_row(error)
         return rows
     data = _read_json(path)
     if not isinstance(data, list):
@@ -149,26 +155,52 @@ def _read_json(path: Path) -> Any:
         raise DataError(f"{path} line {e.lineno}: invalid JSON ({e.msg})") from None
 
 
-def load_dataset(name: str, *, dataset_dir: str | Path, max_samples: int | None = None) -> list[ParsedRow]:
+def load_dataset(
+    name: str,
+    *,
+    dataset_dir: str | Path,
+    max_samples: int | None = None,
+    on_bad_row: Callable[[DataError], None] | None = None,
+) -> list[ParsedRow]:
     """Resolve, read and parse one dataset, in file order; `num_samples` then `max_samples` cap the rows.
 
     `num_samples` larger than the dataset repeats it cyclically (LLaMA-Factory samples at random; we stay
-    deterministic and order-preserving).
+    deterministic and order-preserving). A malformed row raises its DataError, or with `on_bad_row` is reported
+    to it and left out (the format is then told from the first row that shows one).
     """
     spec = resolve_dataset(name, dataset_dir)
     located: list[tuple[Path, int, Any]] = []
     for path in spec.files:
-        located += [(path, i, row) for i, row in enumerate(read_rows(path), start=1)]
+        located += [(path, i, row) for i, row in enumerate(read_rows(path, on_bad_row), start=1)]
     if not located:
         raise DataError(f"dataset '{name}': no rows in {', '.join(str(p) for p in spec.files)}")
     if spec.num_samples is not None:
         located = [located[i % len(located)] for i in range(spec.num_samples)]
     if max_samples is not None:
         located = located[:max_samples]
-    first_path, _, first_row = located[0]
-    kind = spec.formatting or detect_format(first_row, source=str(first_path))
+    kind = spec.formatting or _detect_dataset_format(located, skipping=on_bad_row is not None)
     fmt = make_row_format(kind, spec.columns, spec.tags, where=f"dataset '{name}'")
-    return [
-        ParsedRow(str(path), number, parse_row(row, fmt, source=str(path), row_number=number))
-        for path, number, row in located
-    ]
+    if on_bad_row is None:
+        return [
+            ParsedRow(str(path), number, parse_row(row, fmt, source=str(path), row_number=number))
+            for path, number, row in located
+        ]
+    parsed = []
+    for path, number, row in located:
+        try:
+            parsed.append(ParsedRow(str(path), number, parse_row(row, fmt, source=str(path), row_number=number)))
+        except DataError as error:
+            on_bad_row(error)
+    return parsed
+
+
+def _detect_dataset_format(located: list[tuple[Path, int, Any]], *, skipping: bool) -> str:
+    """The format told by the first row, or when bad rows are skipped by the first row that tells one."""
+    first_error: DataError | None = None
+    for path, _, row in located if skipping else located[:1]:
+        try:
+            return detect_format(row, source=str(path))
+        except DataError as error:
+            first_error = first_error or error
+    assert first_error is not None
+    raise first_error
