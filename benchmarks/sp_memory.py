@@ -32,7 +32,7 @@ def worker(args: argparse.Namespace) -> None:
     from longtune.parallel.fsdp import RootForward
     from longtune.parallel.mesh import init_parallel, shutdown_parallel
     from longtune.parallel.sequence import SequenceParallel
-    from longtune.stages import STAGE_LOSSES
+    from longtune.stages.lm import lm_loss
 
     sp = int(os.environ.get("WORLD_SIZE", "1"))
     dims = init_parallel(sp)
@@ -66,7 +66,7 @@ def worker(args: argparse.Namespace) -> None:
 
     before = _rss_mib()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss_sum, count = root(STAGE_LOSSES["sft"], inputs, args.loss_chunk)
+        loss_sum, count, _ = root(lm_loss, inputs, args.loss_chunk)
     (loss_sum / args.length).backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
     result = {"rank": dims.rank, "sp": sp, "saved_mib": saved[0] / 2**20, "peak_mib": peak,

@@ -37,31 +37,64 @@ def _words(rng: random.Random, low: int, high: int) -> list[str]:
 
 def make_task(rng: random.Random) -> tuple[str, str, str]:
     """One (instruction, input, output) triple of a rule-based task."""
+    _, instruction, inp, out = make_kind_task(rng)
+    return instruction, inp, out
+
+
+def make_kind_task(rng: random.Random) -> tuple[int, str, str, str]:
+    """(kind, instruction, input, output) of a rule-based task; `kind` (0..7) tells wrong_answer the rule."""
     kind = rng.randrange(8)
     if kind == 0:
         items = _words(rng, 3, 5)
         instruction = rng.choice(("Reverse the list of words.", "Write the words in reverse order."))
-        return instruction, " ".join(items), " ".join(reversed(items))
+        return kind, instruction, " ".join(items), " ".join(reversed(items))
     if kind == 1:
         word = rng.choice(WORDS)
-        return rng.choice(("Uppercase the word.", "Write the word in capital letters.")), word, word.upper()
+        return kind, rng.choice(("Uppercase the word.", "Write the word in capital letters.")), word, word.upper()
     if kind == 2:
         a, b = rng.randint(10, 99), rng.randint(10, 99)
-        return rng.choice(("Add the two numbers.", "What is the sum?")), f"{a} + {b}", str(a + b)
+        return kind, rng.choice(("Add the two numbers.", "What is the sum?")), f"{a} + {b}", str(a + b)
     if kind == 3:
         letters = rng.sample(string.ascii_lowercase, rng.randint(3, 6))
-        return "Sort the letters alphabetically.", "".join(letters), "".join(sorted(letters))
+        return kind, "Sort the letters alphabetically.", "".join(letters), "".join(sorted(letters))
     if kind == 4:
         word, n = rng.choice(WORDS), rng.randint(2, 5)
-        return f"Repeat the word {n} times.", word, " ".join([word] * n)
+        return kind, f"Repeat the word {n} times.", word, " ".join([word] * n)
     if kind == 5:
         items = _words(rng, 2, 7)
-        return "Count the words.", " ".join(items), str(len(items))
+        return kind, "Count the words.", " ".join(items), str(len(items))
     if kind == 6:
         items = _words(rng, 3, 6)
-        return "What is the last word?", " ".join(items), items[-1]
+        return kind, "What is the last word?", " ".join(items), items[-1]
     day = rng.randrange(7)
-    return f"Which day comes after {DAYS[day]}?", "", DAYS[(day + 1) % 7]
+    return kind, f"Which day comes after {DAYS[day]}?", "", DAYS[(day + 1) % 7]
+
+
+def wrong_answer(rng: random.Random, kind: int, inp: str, out: str) -> str:
+    """A plausible mistake for the task `kind` (the input unchanged, an off-by-some number, ...), never `out`."""
+    items = inp.split()
+    if kind == 0:  # the list left as it was
+        wrong = inp
+    elif kind == 1:  # not uppercased, or only the first letter
+        wrong = rng.choice((inp, inp.capitalize()))
+    elif kind == 2:  # a sum off by a little
+        wrong = str(int(out) + rng.choice((-10, -2, -1, 1, 2, 10)))
+    elif kind == 3:  # the letters unsorted, or sorted backwards
+        wrong = inp if inp != out else out[::-1]
+    elif kind == 4:  # one repetition too few or too many
+        n = len(out.split())
+        wrong = " ".join([inp] * (n - 1 if n > 2 and rng.random() < 0.5 else n + 1))
+    elif kind == 5:  # a miscount
+        wrong = str(len(items) + rng.choice((-1, 1)))
+    elif kind == 6:  # the first word instead of the last
+        wrong = items[0]
+    else:  # the day asked about, or the one before it
+        day = DAYS.index(out)
+        wrong = DAYS[(day + rng.choice((-1, -2))) % 7]
+    if wrong == out:  # a palindromic list, a first word equal to the last, ...
+        others = [w for w in WORDS if w not in items]
+        wrong = " ".join(out.split()[:-1] + [rng.choice(others)]) if kind in (0, 6) else out + " " + out
+    return wrong
 
 
 def make_sft_rows(rng: random.Random, n: int) -> list[dict]:
@@ -139,6 +172,33 @@ def make_kv_rows(rng: random.Random, n: int) -> list[dict]:
     return rows
 
 
+def make_dpo_rows(rng: random.Random, n: int) -> list[dict]:
+    """Alpaca preference rows: chosen is the correct answer, rejected a plausible wrong one."""
+    rows = []
+    for i in range(n):
+        kind, instruction, inp, out = make_kind_task(rng)
+        row = {"instruction": instruction, "input": inp, "chosen": out, "rejected": wrong_answer(rng, kind, inp, out)}
+        if i % 10 == 0:
+            row["system"] = rng.choice(SYSTEM_PROMPTS)
+        rows.append(row)
+    return rows
+
+
+def make_kto_rows(rng: random.Random, n: int) -> list[dict]:
+    """ShareGPT rows with a boolean `kto_tag`: exactly half correct answers (true), half wrong ones (false)."""
+    tags = [True] * (n // 2) + [False] * (n - n // 2)
+    rng.shuffle(tags)
+    rows = []
+    for i, desirable in enumerate(tags):
+        kind, instruction, inp, out = make_kind_task(rng)
+        question = f"{instruction}\n{inp}" if inp else instruction
+        turns = [{"from": "system", "value": rng.choice(SYSTEM_PROMPTS)}] if i % 5 == 0 else []
+        answer = out if desirable else wrong_answer(rng, kind, inp, out)
+        turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+        rows.append({"conversations": turns, "kto_tag": desirable})
+    return rows
+
+
 def write_json(path: Path, rows: list[dict]) -> None:
     # One row per line: small diffs, and DataError line numbers match row numbers.
     path.write_text("[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n]\n", encoding="utf-8")
@@ -157,6 +217,8 @@ def main() -> None:
     write_json(args.out / "sharegpt_demo.json", make_sharegpt_rows(random.Random(2), 500))
     write_jsonl(args.out / "pt_demo.jsonl", make_pt_rows(random.Random(3), 2000))
     write_jsonl(args.out / "kv_retrieval.jsonl", make_kv_rows(random.Random(4), 300))
+    write_json(args.out / "dpo_demo.json", make_dpo_rows(random.Random(5), 1500))
+    write_json(args.out / "kto_demo.json", make_kto_rows(random.Random(6), 1500))
     for path in sorted(args.out.iterdir()):
         print(f"{path.name}: {path.stat().st_size / 1e3:.0f} kB")
 

@@ -5,36 +5,17 @@ with gradient accumulation 2 and packed rows (several documents per row)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from tests.conftest import base_overrides
-
-
-def _launch(nproc: int, overrides: list[str]) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "longtune", "train", *overrides]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "longtune", "train", *overrides]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+from tests.launch import final_params, launch, metric_rows
 
 
 def _result(out: Path) -> tuple[list[float], dict[str, torch.Tensor]]:
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in rows if "loss" in r]
-    params = {}
-    for f in sorted((out / "final").glob("*.safetensors")):
-        params.update(load_file(str(f)))
-    return losses, params
+    return [r["loss"] for r in metric_rows(out) if "loss" in r], final_params(out)
 
 
 def _assert_same(ref, got, label):
@@ -64,7 +45,7 @@ VARIANTS = [
 @pytest.fixture(scope="module")
 def sft_reference(alpaca_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("sp") / "ref"
-    _launch(1, base_overrides(alpaca_file, out, packing=True, per_device_train_batch_size=2,
+    launch(1, base_overrides(alpaca_file, out, packing=True, per_device_train_batch_size=2,
                               gradient_accumulation_steps=2))
     return _result(out)
 
@@ -72,7 +53,7 @@ def sft_reference(alpaca_file, tmp_path_factory):
 @pytest.mark.parametrize("name,nproc,bs,extra", VARIANTS, ids=[v[0] for v in VARIANTS])
 def test_sft_packed_parity(sft_reference, alpaca_file, tmp_path, name, nproc, bs, extra):
     out = tmp_path / name
-    _launch(nproc, base_overrides(alpaca_file, out, packing=True, per_device_train_batch_size=bs,
+    launch(nproc, base_overrides(alpaca_file, out, packing=True, per_device_train_batch_size=bs,
                                   gradient_accumulation_steps=2, **extra))
     _assert_same(sft_reference, _result(out), name)
 
@@ -82,12 +63,12 @@ def test_pt_parity_and_llama(saved_models, tmp_path):
     common = dict(stage="pt", dataset="builtin:pt_demo", max_samples=40, cutoff_len=64,
                   model_name_or_path=str(saved_models["llama"]), gradient_accumulation_steps=2)
     ref_out = tmp_path / "ref"
-    _launch(1, base_overrides(Path("unused"), ref_out, per_device_train_batch_size=2, **common))
+    launch(1, base_overrides(Path("unused"), ref_out, per_device_train_batch_size=2, **common))
     ref = _result(ref_out)
     for name, nproc, bs, extra in (("sp2", 2, 2, {"sequence_parallel_size": 2}),
                                    ("dp2_sp2", 4, 1, {"sequence_parallel_size": 2})):
         out = tmp_path / name
-        _launch(nproc, base_overrides(Path("unused"), out, per_device_train_batch_size=bs, **common, **extra))
+        launch(nproc, base_overrides(Path("unused"), out, per_device_train_batch_size=bs, **common, **extra))
         _assert_same(ref, _result(out), name)
 
 
@@ -138,11 +119,11 @@ def test_resume_under_sp_with_sharded_optimizer(alpaca_file, tmp_path):
     common = dict(packing=True, per_device_train_batch_size=2, sequence_parallel_size=2, save_steps=3,
                   lr_scheduler_type="constant", warmup_steps=0)
     full = tmp_path / "full"
-    _launch(2, base_overrides(alpaca_file, full, max_steps=6, **common))
+    launch(2, base_overrides(alpaca_file, full, max_steps=6, **common))
     cut = tmp_path / "cut"
-    _launch(2, base_overrides(alpaca_file, cut, max_steps=3, **common))
+    launch(2, base_overrides(alpaca_file, cut, max_steps=3, **common))
     assert (cut / "checkpoint-3" / "optimizer_sharded").is_dir()
-    _launch(2, base_overrides(alpaca_file, cut, max_steps=6, resume_from_checkpoint=True, **common))
+    launch(2, base_overrides(alpaca_file, cut, max_steps=6, resume_from_checkpoint=True, **common))
     rows = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
     resumed = [json.loads(x) for x in (cut / "metrics.jsonl").read_text().splitlines()]
     want = [r["loss"] for r in rows if "loss" in r]
@@ -154,6 +135,6 @@ def test_resume_under_sp_with_sharded_optimizer(alpaca_file, tmp_path):
 def test_lora_under_sp_matches_single_process(alpaca_file, tmp_path):
     common = dict(packing=True, per_device_train_batch_size=2, finetuning_type="lora", learning_rate=5e-3,
                   gradient_accumulation_steps=2)
-    _launch(1, base_overrides(alpaca_file, tmp_path / "ref", **common))
-    _launch(2, base_overrides(alpaca_file, tmp_path / "sp2", sequence_parallel_size=2, **common))
+    launch(1, base_overrides(alpaca_file, tmp_path / "ref", **common))
+    launch(2, base_overrides(alpaca_file, tmp_path / "sp2", sequence_parallel_size=2, **common))
     _assert_same(_result(tmp_path / "ref"), _result(tmp_path / "sp2"), "lora sp2")

@@ -109,7 +109,11 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    stage: Literal["sft", "pt"] = _key("sft", "Training objective: `sft` (assistant tokens) or `pt` (all tokens).")
+    stage: Literal["sft", "pt", "dpo", "kto", "rm"] = _key(
+        "sft",
+        "Training objective: `sft` (assistant tokens), `pt` (all tokens), `dpo` (DPO family, see pref_loss), "
+        "`kto`, or `rm` (pairwise reward model).",
+    )
     do_train: bool = _key(True, "Accepted for LLaMA-Factory compatibility; training always runs.")
     output_dir: str | None = _key(None, "Run directory (metrics, checkpoints, final model). Required.")
     overwrite_output_dir: bool = _key(False, "Allow writing into a non-empty output_dir that is not being resumed.")
@@ -178,14 +182,24 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class PreferenceConfig:
-    pref_beta: float = _key(0.1, "DPO-family beta (used by `stage: dpo`, not supported yet).")
-    pref_loss: Literal["sigmoid", "ipo", "hinge", "simpo", "orpo"] = _key("sigmoid", "Preference loss.")
-    pref_ftx: float = _key(0.0, "Weight of an added SFT loss on the chosen response.")
-    simpo_gamma: float = _key(0.5, "SimPO target reward margin.")
+    pref_beta: float = _key(0.1, "Beta of the DPO-family and KTO losses (for ORPO: the weight of the odds-ratio term).")
+    pref_loss: Literal["sigmoid", "ipo", "hinge", "simpo", "orpo"] = _key(
+        "sigmoid", "Preference loss of `stage: dpo`: DPO (sigmoid), IPO, SLiC hinge, SimPO or ORPO (no reference)."
+    )
+    pref_ftx: float = _key(0.0, "Weight of an added SFT loss (mean token NLL of the chosen response).")
+    dpo_label_smoothing: float = _key(0.0, "Conservative-DPO label smoothing in [0, 0.5) (sigmoid loss only).")
+    simpo_gamma: float = _key(0.5, "SimPO target reward margin gamma: -log sigmoid(beta*avg_c - beta*avg_r - gamma).")
     kto_chosen_weight: float = _key(1.0, "KTO weight of desirable examples.")
     kto_undesirable_weight: float = _key(1.0, "KTO weight of undesirable examples.")
-    ref_model: str | None = _key(None, "Reference model path for DPO/KTO.")
-    precompute_ref_log_probs: bool = _key(False, "Compute reference log-probs in a first pass.")
+    ref_model: str | None = _key(
+        None,
+        "Reference model directory for dpo/kto. Default: the base model with adapters disabled (LoRA), or a "
+        "frozen copy of the initial model (full/freeze).",
+    )
+    precompute_ref_log_probs: bool = _key(
+        False,
+        "Compute all reference log-probs in a first pass (cached on disk) and train without a reference model in memory.",
+    )
 
 
 @dataclass(frozen=True)
@@ -207,7 +221,7 @@ class Config:
     @property
     def packing(self) -> bool:
         """`packing` as given, else on for pretraining (as LLaMA-Factory)."""
-        return self.data.packing if self.data.packing is not None else self.train.stage == "pt"
+        return bool(self.data.packing) if self.data.packing is not None else self.train.stage == "pt"
 
     @property
     def compute_dtype(self) -> str:
@@ -230,8 +244,6 @@ GROUPS: dict[str, type] = {
 }
 KEY_TO_GROUP: dict[str, str] = {f.name: g for g, cls in GROUPS.items() for f in dataclasses.fields(cls)}
 
-# Keys whose stages are planned but not built yet: accepted names with a clear refusal.
-_PLANNED_STAGES = {"dpo", "kto", "rm"}
 
 
 def _type_name(tp: Any) -> str:
@@ -401,6 +413,17 @@ def validate(cfg: Config, source: str) -> None:
         fail("eval_steps", f"must be > 0, got {t.eval_steps}")
     if t.save_total_limit is not None and t.save_total_limit <= 0:
         fail("save_total_limit", f"must be > 0, got {t.save_total_limit}")
+    pref = cfg.preference
+    if t.stage in ("dpo", "kto") and pref.pref_beta <= 0:
+        fail("pref_beta", f"must be > 0, got {pref.pref_beta}")
+    if not 0.0 <= pref.dpo_label_smoothing < 0.5:
+        fail("dpo_label_smoothing", f"must be in [0, 0.5), got {pref.dpo_label_smoothing}")
+    if pref.dpo_label_smoothing and pref.pref_loss != "sigmoid":
+        fail("dpo_label_smoothing", f"applies to pref_loss: sigmoid only, not {pref.pref_loss}")
+    if pref.ref_model is not None and not Path(pref.ref_model).is_dir() and not pref.ref_model.startswith("builtin:"):
+        fail("ref_model", f"'{pref.ref_model}' is not a local model directory")
+    if d.packing and t.stage in ("dpo", "kto", "rm"):
+        fail("packing", f"stage {t.stage} already packs each pair into one row; remove packing")
     if p.sequence_parallel_size < 1:
         fail("sequence_parallel_size", f"must be >= 1, got {p.sequence_parallel_size}")
     if p.deepspeed and not Path(p.deepspeed).is_file():
@@ -429,9 +452,6 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None
     for text in overrides or []:
         key, value = parse_override(text)
         values[key] = value
-    stage = values.get("stage")
-    if stage in _PLANNED_STAGES:
-        raise ConfigError(f"{source}: key 'stage' value '{stage}' is not supported yet in this version (use sft or pt)")
     return build_config(values, source)
 
 

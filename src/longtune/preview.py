@@ -45,7 +45,7 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
 
 def cmd_data(args: argparse.Namespace) -> int:
     from longtune.config import load_config
-    from longtune.data import examples_from_config
+    from longtune.trainer import load_split
     from longtune.errors import ConfigError
     from longtune.models.loader import load_tokenizer
 
@@ -62,7 +62,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         items.append("skip_bad_rows=true")
     cfg = load_config(config_path, items)
     tokenizer = load_tokenizer(cfg.model)
-    examples, stats = examples_from_config(cfg, tokenizer)
+    examples, stats = load_split(cfg, tokenizer, "train")  # the stage's own shape (pairs for dpo/rm/kto)
     color = sys.stdout.isatty() and not args.no_color and "NO_COLOR" not in os.environ
     print(format_samples(examples, tokenizer, num=args.num, color=color))
     print(format_statistics(examples, stats, packing_capacity=cfg.data.cutoff_len if cfg.packing else None))

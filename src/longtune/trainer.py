@@ -8,6 +8,7 @@ Dividing by the step's global token count (not averaging per-micro-batch means) 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -52,7 +53,16 @@ from longtune.optim import build_optimizer, lr_lambda
 from longtune.parallel.fsdp import RootForward, apply_fsdp, full_state_dict, plan_from_config
 from longtune.parallel.mesh import ParallelDims, init_parallel, shutdown_parallel
 from longtune.parallel.sequence import SequenceParallel
-from longtune.stages import STAGE_LOSSES
+from longtune.reference import (
+    PrecomputedReference,
+    build_live_reference,
+    cache_path,
+    load_table,
+    precompute_table,
+    reference_fingerprint,
+    save_table,
+)
+from longtune.stages import build_stage
 
 RUN_ARTEFACTS = ("metrics.jsonl", "train_config.yaml", "loss.png", "final", "runs")
 
@@ -144,14 +154,27 @@ def prepare_output_dir(cfg: Config, resume: Path | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def load_split(cfg: Config, tokenizer: Any, split: str):
+    """Examples of one split in the shape the stage needs (pairs for dpo/rm, example + KL doc for kto)."""
+    if cfg.train.stage in ("dpo", "rm"):
+        from longtune.data.preference import load_pair_examples
+
+        return load_pair_examples(cfg, tokenizer, split)
+    if cfg.train.stage == "kto":
+        from longtune.data.preference import load_kto_examples
+
+        return load_kto_examples(cfg, tokenizer, split)
+    return examples_from_config(cfg, tokenizer, split)
+
+
 def load_datasets(cfg: Config, tokenizer: Any, dims: ParallelDims, log: Callable[[str], None]) -> tuple[list, list]:
     """Train and eval examples. The main rank tokenizes first (and fills the cache); the others then read it."""
     d = cfg.data
     if not dims.is_main:
         dims.barrier()
     try:
-        train, stats = examples_from_config(cfg, tokenizer, "train")
-        evals = examples_from_config(cfg, tokenizer, "eval")[0] if d.eval_dataset else []
+        train, stats = load_split(cfg, tokenizer, "train")
+        evals = load_split(cfg, tokenizer, "eval")[0] if d.eval_dataset else []
     finally:
         if dims.is_main:
             dims.barrier()
@@ -225,53 +248,70 @@ class RunParts:
     root: RootForward  # the model inside the (possibly FSDP-sharded) root module
     dims: ParallelDims
     sequence: SequenceParallel
+    stage: Any
     pad_id: int
     neftune: NEFTune | None
     hidden_size: int
-    autocast_dtype: torch.dtype | None  # bf16/fp16 compute over fp32 master weights without FSDP
+    autocast_dtype: torch.dtype | None  # bf16 compute over fp32 master weights without FSDP
+    reference: Any = None  # callable giving per-sequence reference sums, for stages that use one
 
 
-def forward_loss(parts: RunParts, batch: Batch, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's (loss_sum, count) for one collated micro-batch."""
+def forward_loss(parts: RunParts, rows: list, ids: list[int] | None, cfg: Config, reference: Any = None):
+    """This rank's StageOutput for one micro-batch of examples (`ids`: their indices, for precomputed refs)."""
+    batch = collate(rows, parts.pad_id)
     scale = None
     if parts.neftune is not None and parts.root.training:
         scale = neftune_scales(batch, float(cfg.data.neftune_noise_alpha or 0.0), parts.hidden_size)
     inputs = parts.sequence.prepare(batch, parts.pad_id, parts.dims.device, neftune_scale=scale)
     if parts.neftune is not None:
         parts.neftune.scale = inputs.neftune_scale
-    stage = STAGE_LOSSES[cfg.train.stage]
-    if parts.autocast_dtype is not None:
-        with torch.autocast(parts.dims.device.type, dtype=parts.autocast_dtype):
-            return parts.root(stage, inputs, cfg.train.loss_chunk_size)
-    return parts.root(stage, inputs, cfg.train.loss_chunk_size)
+    if hasattr(rows[0], "desirable"):
+        inputs.flags = torch.tensor([bool(getattr(r, "desirable", False)) for r in rows], device=parts.dims.device)
+    autocast = (torch.autocast(parts.dims.device.type, dtype=parts.autocast_dtype)
+                if parts.autocast_dtype is not None else contextlib.nullcontext())
+    with autocast:
+        if parts.stage.uses_reference:
+            inputs.reference = (reference or parts.reference)(parts.stage, inputs, cfg.train.loss_chunk_size, ids)
+        return parts.root(parts.stage.loss, inputs, cfg.train.loss_chunk_size)
 
 
 def blank_like(example) -> SimpleNamespace:
     """The same tokens with no label: a micro-batch that adds nothing to the loss, run by a rank that has run
     out of real micro-batches so that every rank issues the same collectives (FSDP, SP)."""
     return SimpleNamespace(input_ids=list(example.input_ids), labels=[IGNORE_INDEX] * len(example.input_ids),
-                           doc_lengths=getattr(example, "doc_lengths", None))
+                           doc_lengths=getattr(example, "doc_lengths", None), desirable=False)
 
 
-def evaluate(parts: RunParts, examples: list, cfg: Config) -> tuple[float, int]:
-    """Token-weighted mean loss over the whole eval set (rows split over dp, sequences over sp)."""
-    root, dims = parts.root, parts.dims
+def metric_means(names: tuple[str, ...], sums: torch.Tensor) -> dict[str, float]:
+    """(sum, count) pairs, already summed over ranks and micro-batches, to means."""
+    pairs = sums.view(-1, 2)
+    return {name: float(pairs[i, 0] / pairs[i, 1]) for i, name in enumerate(names) if float(pairs[i, 1]) > 0}
+
+
+def evaluate(parts: RunParts, examples: list, cfg: Config, reference: Any = None) -> dict[str, float]:
+    """Mean loss over the whole eval set (rows split over dp, sequences over sp) and the stage's metrics."""
+    root, dims, stage = parts.root, parts.dims, parts.stage
     was_training = root.training
     root.eval()
-    sums = torch.zeros(2, dtype=torch.float64, device=dims.device)
+    sums = torch.zeros(2 + 2 * len(stage.metric_names), dtype=torch.float64, device=dims.device)
     bs = cfg.train.per_device_eval_batch_size
-    mine = examples[dims.dp_rank :: dims.dp]
+    mine = list(range(dims.dp_rank, len(examples), dims.dp))
     rounds = math.ceil(math.ceil(len(examples) / dims.dp) / bs)  # the same on every rank
     with torch.no_grad():
         for r in range(rounds):
-            rows = mine[r * bs : (r + 1) * bs] or [blank_like(examples[0])]
-            loss_sum, count = forward_loss(parts, collate(rows, parts.pad_id), cfg)
-            sums[0] += loss_sum.to(torch.float64)
-            sums[1] += count.to(torch.float64)
+            ids = mine[r * bs : (r + 1) * bs]
+            rows = [examples[i] for i in ids] or [blank_like(examples[0])]
+            out = forward_loss(parts, rows, ids, cfg, reference)
+            sums[0] += out.loss_sum.to(torch.float64)
+            sums[1] += out.count.to(torch.float64)
+            if out.metrics is not None:
+                sums[2:] += out.metrics.to(sums.device)
     dims.all_reduce_sum(sums)
     root.train(was_training)
-    # sp ranks each counted their own share of the loss tokens, so the sums are over the whole eval set
-    return float(sums[0] / sums[1].clamp_min(1)), int(sums[1])
+    # sp ranks each hold their share of loss and count, so the sums are over the whole eval set
+    result = {"eval_loss": float(sums[0] / sums[1].clamp_min(1)), "eval_count": int(round(float(sums[1])))}
+    result.update({f"eval_{k}": v for k, v in metric_means(stage.metric_names, sums[2:]).items()})
+    return result
 
 
 def all_reduce_gradients(params: list[nn.Parameter], dims: ParallelDims) -> None:
@@ -310,6 +350,48 @@ def _enable_checkpointing(model: nn.Module) -> None:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def precompute_references(parts: RunParts, cfg: Config, train_examples: list, eval_examples: list, log):
+    """One pass of the live reference over all examples (cached on disk); then the live one is dropped."""
+    dims, live = parts.dims, parts.reference
+    docs_per_row = 2
+    bs = cfg.train.per_device_train_batch_size
+    tables = []
+    for examples in (train_examples, eval_examples):
+        if not examples:
+            tables.append(None)
+            continue
+        path = cache_path(reference_fingerprint(cfg, examples), cfg.data.data_cache_dir)
+        table = load_table(path, len(examples), docs_per_row)
+        hit = [table is not None]
+        if dims.world_size > 1:
+            import torch.distributed as dist
+
+            flags = torch.tensor([1.0 if hit[0] else 0.0], device=dims.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)  # use the cache only if every rank can read it
+            hit = [bool(flags.item())]
+        if not hit[0]:
+            started = time.perf_counter()
+
+            def run(reference, ids, examples=examples):
+                rows = [examples[i] for i in ids] or [blank_like(examples[0])]
+                batch = collate(rows, parts.pad_id)
+                inputs = parts.sequence.prepare(batch, parts.pad_id, dims.device)
+                return reference(parts.stage, inputs, cfg.train.loss_chunk_size, ids)
+
+            table = precompute_table(live, parts.stage, examples, run, dims, bs, docs_per_row)
+            if dims.is_main:
+                save_table(table, path)
+            log(f"reference log-probs: computed for {len(examples)} examples in "
+                f"{time.perf_counter() - started:.1f}s, cached at {path}")
+        else:
+            log(f"reference log-probs: {len(examples)} examples from cache {path}")
+        tables.append(table)
+    # The caller replaces parts.reference with these tables, which drops the last reference to a frozen copy.
+    train_ref = PrecomputedReference(tables[0])
+    eval_ref = PrecomputedReference(tables[1]) if tables[1] is not None else None
+    return train_ref, eval_ref
+
+
 def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunResult:
     t = cfg.train
     out = Path(t.output_dir or "")
@@ -324,7 +406,9 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunRe
         raise ConfigError("key 'fp16': float16 training needs loss scaling, which longtune does not do; use bf16")
     # Everything that can be checked without weights is checked first (SP degree vs heads, data).
     model_config = load_model_config(cfg.model)
-    sequence = SequenceParallel(dims, cfg.parallel, model_config, packed=cfg.packing, log=log)
+    stage = build_stage(cfg)
+    pairs = t.stage in ("dpo", "kto", "rm")  # two documents per row: document-aware attention even at sp=1
+    sequence = SequenceParallel(dims, cfg.parallel, model_config, packed=cfg.packing or pairs, log=log)
     if dims.is_main:
         prepare_output_dir(cfg, resume_ckpt)
     dims.barrier()
@@ -340,11 +424,12 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunRe
             eval_examples, _ = pack_examples(eval_examples, cfg.data.cutoff_len)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     loss_tokens = [loss_token_count(e) for e in train_examples]
+    normalisers = [stage.normaliser(e) for e in train_examples]
 
     # bf16: frozen weights stay bf16; trainable weights are fp32 masters, compute runs in bf16 (FSDP's
     # MixedPrecisionPolicy, or autocast on one process), as LLaMA-Factory does outside pure_bf16.
     low_precision = dtype in (torch.bfloat16, torch.float16)
-    model = load_model(cfg.model, dtype)
+    model = load_model(cfg.model, dtype, task="reward" if t.stage == "rm" else "causal")
     model = apply_finetuning(model, cfg.model)
     if low_precision:
         for p in model.parameters():
@@ -362,8 +447,14 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunRe
     else:
         root.to(device)
     root.train()
-    parts = RunParts(root, dims, sequence, pad_id, neftune, int(model_config.hidden_size),
+    parts = RunParts(root, dims, sequence, stage, pad_id, neftune, int(model_config.hidden_size),
                      dtype if low_precision and not sharding.enabled else None)
+    eval_reference = None
+    if stage.uses_reference:
+        parts.reference = build_live_reference(cfg, root, dims, dtype, sharding, lambda m: decoder_layer_list(m)[1],
+                                               lambda m: sequence.apply(m, lambda _: None), log)
+        if cfg.preference.precompute_ref_log_probs:
+            parts.reference, eval_reference = precompute_references(parts, cfg, train_examples, eval_examples, log)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
     if sharding.enabled:
@@ -401,22 +492,25 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunRe
         for step in range(start_step + 1, plan.total_steps + 1):
             started = time.perf_counter()
             everyone = plan.step_examples(step - 1)
-            # The divisor of every token loss in this step: all loss tokens of all its micro-batches on all ranks.
+            # The divisor of the step: all loss tokens (sft/pt) or pairs/examples (dpo/kto/rm) of all its
+            # micro-batches on all ranks, known before the step.
+            step_norm = sum(normalisers[i] for i in everyone)
             step_tokens = sum(loss_tokens[i] for i in everyone)
             input_tokens = sum(len(train_examples[i].input_ids) for i in everyone)
             loss_local = torch.zeros((), dtype=torch.float64, device=device)
+            metric_sums = torch.zeros(2 * len(stage.metric_names), dtype=torch.float64, device=device)
             micro = plan.micro_batches(step - 1, dims.dp_rank)
             rounds = max(len(plan.micro_batches(step - 1, r)) for r in range(dims.dp))
             for index in range(rounds):
                 if sharding.enabled:
                     root.set_requires_gradient_sync(index == rounds - 1)  # reduce-scatter once per step
-                if index < len(micro):
-                    batch = collate([train_examples[i] for i in micro[index]], pad_id)
-                else:
-                    batch = collate([blank_like(train_examples[everyone[0]])], pad_id)
-                loss_sum, _ = forward_loss(parts, batch, cfg)
-                (loss_sum / max(step_tokens, 1)).backward()
-                loss_local += loss_sum.detach().to(torch.float64)
+                ids = micro[index] if index < len(micro) else []
+                rows = [train_examples[i] for i in ids] or [blank_like(train_examples[everyone[0]])]
+                result = forward_loss(parts, rows, ids, cfg)
+                (result.loss_sum / max(step_norm, 1)).backward()
+                loss_local += result.loss_sum.detach().to(torch.float64)
+                if result.metrics is not None:
+                    metric_sums += result.metrics.to(device)
             if not sharding.enabled:
                 all_reduce_gradients(params, dims)
             max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
@@ -426,7 +520,8 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunRe
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            loss = float(dims.all_reduce_sum(loss_local)) / max(step_tokens, 1)
+            loss = float(dims.all_reduce_sum(loss_local)) / max(step_norm, 1)
+            step_metrics = metric_means(stage.metric_names, dims.all_reduce_sum(metric_sums))
             elapsed = time.perf_counter() - started
             tokens_seen += step_tokens
             if not math.isfinite(loss):
@@ -445,14 +540,14 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunRe
                         "input_tokens": input_tokens,
                         "tokens_per_s": input_tokens / elapsed,
                         "peak_mem_gib": round(peak_memory_gib(device), 4),
+                        **step_metrics,
                     }
                 )
             if eval_examples and _eval_due(t, step, eval_every, plan):
-                eval_loss, eval_tokens = evaluate(parts, eval_examples, cfg)
+                result_eval = evaluate(parts, eval_examples, cfg, eval_reference)
                 if metrics is not None:
-                    metrics.write({"step": step, "epoch": round(plan.epoch_of(step), 4), "eval_loss": eval_loss,
-                                   "eval_tokens": eval_tokens})
-                    progress.write(f"step {step}: eval_loss {eval_loss:.4f}")
+                    metrics.write({"step": step, "epoch": round(plan.epoch_of(step), 4), **result_eval})
+                    progress.write(f"step {step}: eval_loss {result_eval['eval_loss']:.4f}")
             if (t.save_steps and step % t.save_steps == 0) or step == plan.total_steps:
                 save_checkpoint(
                     out, step, plan.epoch_of(step), tokens_seen, root, tokenizer,

@@ -1,4 +1,5 @@
-"""Parse one dataset row (alpaca, sharegpt, OpenAI messages or plain text) into a Conversation or TextDocument.
+"""Parse one dataset row (alpaca, sharegpt, OpenAI messages or plain text) into a Conversation or TextDocument,
+or, for the preference and KTO stages, into a PreferencePair or a KTOSample.
 
 Column and tag names follow LLaMA-Factory's dataset_info.json, so its registered datasets parse unchanged.
 """
@@ -13,6 +14,9 @@ from longtune.data.conversation import Conversation, TextDocument, Turn
 from longtune.errors import DataError
 
 FORMATS = ("alpaca", "sharegpt", "messages", "text")
+# What a row is read as: a conversation or text (sft, pt), a prompt with chosen and rejected responses (dpo, rm),
+# or a prompt with one completion tagged desirable or not (kto).
+TASKS = ("plain", "preference", "kto")
 
 DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
     "alpaca": {
@@ -25,6 +29,13 @@ DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
     "sharegpt": {"messages": "conversations", "system": "system"},
     "messages": {"messages": "messages", "system": "system"},
     "text": {"prompt": "text"},
+}
+
+# Columns only the preference and KTO stages read (LLaMA-Factory names); not accepted for sft/pt datasets.
+TASK_COLUMNS: dict[str, dict[str, str]] = {
+    "plain": {},
+    "preference": {"chosen": "chosen", "rejected": "rejected"},
+    "kto": {"kto_tag": "kto_tag"},
 }
 
 DEFAULT_TAGS: dict[str, dict[str, str]] = {
@@ -65,20 +76,51 @@ class RowFormat:
     kind: str
     columns: Mapping[str, str] = field(default_factory=dict)
     tags: Mapping[str, str] = field(default_factory=dict)
+    task: str = "plain"  # one of TASKS
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """A prompt (ending with a user or tool turn) and two candidate replies to it, the chosen one preferred."""
+
+    prompt: Conversation
+    chosen: str
+    rejected: str
+
+
+@dataclass(frozen=True)
+class KTOSample:
+    """A prompt (ending with a user or tool turn), one reply to it, and whether that reply is desirable."""
+
+    prompt: Conversation
+    completion: str
+    desirable: bool
 
 
 def make_row_format(
-    kind: str, columns: Mapping[str, str] | None = None, tags: Mapping[str, str] | None = None, *, where: str
+    kind: str,
+    columns: Mapping[str, str] | None = None,
+    tags: Mapping[str, str] | None = None,
+    *,
+    task: str = "plain",
+    where: str,
 ) -> RowFormat:
     """Merge user column/tag overrides onto the defaults of `kind`; unknown names are errors naming `where`."""
     if kind not in FORMATS:
         raise DataError(f"{where}: unknown formatting '{kind}'; expected one of {', '.join(FORMATS)}")
-    merged_columns = dict(DEFAULT_COLUMNS[kind])
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if kind == "text" and task != "plain":
+        raise DataError(f"{where}: plain-text rows have no responses to compare; {task} data needs alpaca, "
+                        f"sharegpt or messages rows")
+    merged_columns = dict(DEFAULT_COLUMNS[kind]) | TASK_COLUMNS[task]
     for key, value in (columns or {}).items():
         if key not in merged_columns:
+            other_tasks = [t for t in TASKS if key in TASK_COLUMNS[t]]
+            hint = f" (it is read by {other_tasks[0]} stages only)" if other_tasks and kind != "text" else ""
             raise DataError(
-                f"{where}: column '{key}' is not supported for {kind} rows; "
-                f"expected one of {', '.join(DEFAULT_COLUMNS[kind])}"
+                f"{where}: column '{key}' is not supported for {kind} rows{hint}; "
+                f"expected one of {', '.join(merged_columns)}"
             )
         merged_columns[key] = value
     merged_tags = dict(DEFAULT_TAGS.get(kind, {}))
@@ -87,7 +129,7 @@ def make_row_format(
             known = ", ".join(merged_tags) or "none"
             raise DataError(f"{where}: tag '{key}' is not supported for {kind} rows; expected one of {known}")
         merged_tags[key] = value
-    return RowFormat(kind, merged_columns, merged_tags)
+    return RowFormat(kind, merged_columns, merged_tags, task)
 
 
 def detect_format(row: Any, *, source: str) -> str:
@@ -110,16 +152,100 @@ def detect_format(row: Any, *, source: str) -> str:
     )
 
 
-def parse_row(row: Any, fmt: RowFormat, *, source: str, row_number: int) -> Conversation | TextDocument:
-    """Parse one row; `source` (the file) and the 1-based `row_number` go into every error message."""
+def detect_task(row: Any, columns: Mapping[str, str] | None = None) -> str:
+    """What a row holds, told from its keys: preference pairs, KTO samples, or plain rows (`columns` renames)."""
+    names = TASK_COLUMNS["preference"] | TASK_COLUMNS["kto"] | dict(columns or {})
+    if not isinstance(row, Mapping):
+        return "plain"
+    if names["chosen"] in row and names["rejected"] in row:
+        return "preference"
+    if names["kto_tag"] in row:
+        return "kto"
+    return "plain"
+
+
+def parse_row(
+    row: Any, fmt: RowFormat, *, source: str, row_number: int
+) -> Conversation | TextDocument | PreferencePair | KTOSample:
+    """Parse one row as `fmt.task` says; `source` (the file) and the 1-based `row_number` go into every error."""
     where = f"{source} row {row_number}"
     if not isinstance(row, Mapping):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if fmt.task == "preference":
+        return _parse_preference(row, fmt, where)
+    if fmt.task == "kto":
+        return _parse_kto(row, fmt, where)
     if fmt.kind == "alpaca":
         return _parse_alpaca(row, fmt.columns, where)
     if fmt.kind == "text":
         return TextDocument(_required_str(row, fmt.columns["prompt"], where, "text rows need it"))
     return _parse_chat(row, fmt, where)
+
+
+def _parse_preference(row: Mapping, fmt: RowFormat, where: str) -> PreferencePair:
+    """LLaMA-Factory ranking rows: an alpaca prompt with `chosen`/`rejected` strings, or a conversation ending with
+    a user turn with `chosen`/`rejected` assistant messages (a plain string is accepted as the content)."""
+    if fmt.kind == "alpaca":
+        prompt = _alpaca_prompt(row, fmt.columns, where)
+    else:
+        prompt = _chat_prompt(_parse_chat(row, fmt, where), fmt.columns["messages"], where)
+    need = f"preference rows need '{fmt.columns['chosen']}' and '{fmt.columns['rejected']}'"
+    chosen, rejected = (_response(row, fmt, fmt.columns[key], where, need) for key in ("chosen", "rejected"))
+    return PreferencePair(prompt, chosen, rejected)
+
+
+def _parse_kto(row: Mapping, fmt: RowFormat, where: str) -> KTOSample:
+    """LLaMA-Factory KTO rows: an alpaca row or a conversation ending with the assistant's completion, and a
+    boolean `kto_tag` (true: desirable)."""
+    name = fmt.columns["kto_tag"]
+    if name not in row:
+        raise DataError(f"{where}: missing field '{name}' (KTO rows need a boolean tag: true = desirable)")
+    tag = row[name]
+    if not isinstance(tag, bool):
+        raise DataError(f"{where}: field '{name}' must be true or false, got {tag!r}")
+    if fmt.kind == "alpaca":
+        conversation = _parse_alpaca(row, fmt.columns, where)
+        prompt = Conversation(conversation.turns[:-1], conversation.system)
+        return KTOSample(prompt, conversation.turns[-1].content, tag)
+    conversation = _parse_chat(row, fmt, where)
+    if conversation.turns[-1].role != "assistant":
+        raise DataError(
+            f"{where}: a KTO conversation must end with the assistant's completion "
+            f"(its last turn is {conversation.turns[-1].role})"
+        )
+    prompt = _chat_prompt(Conversation(conversation.turns[:-1], conversation.system), fmt.columns["messages"], where)
+    return KTOSample(prompt, conversation.turns[-1].content, tag)
+
+
+def _chat_prompt(prompt: Conversation, field_name: str, where: str) -> Conversation:
+    """`prompt` when it ends with a turn the assistant answers next (user or tool), else a DataError."""
+    last = prompt.turns[-1].role if prompt.turns else "none"
+    if last not in ("user", "tool"):
+        raise DataError(
+            f"{where}: the prompt in '{field_name}' must end with a user (or tool) turn, its last turn is {last}"
+        )
+    return prompt
+
+
+def _response(row: Mapping, fmt: RowFormat, key: str, where: str, need: str) -> str:
+    """A reply: a string, or (sharegpt/messages) an assistant message object, alone or as a one-message list
+    (TRL's conversational preference rows)."""
+    if key not in row or row[key] is None:
+        raise DataError(f"{where}: missing field '{key}' ({need})")
+    value = row[key]
+    if isinstance(value, list) and len(value) == 1 and fmt.kind != "alpaca":
+        value = value[0]
+    if isinstance(value, str) or fmt.kind == "alpaca":
+        return _as_str(value, where, key)
+    role_tag, content_tag = fmt.tags["role_tag"], fmt.tags["content_tag"]
+    if not isinstance(value, Mapping) or content_tag not in value:
+        raise DataError(
+            f"{where}: field '{key}' must be a message object with '{role_tag}' and '{content_tag}', or a string"
+        )
+    replies = (fmt.tags["assistant_tag"], fmt.tags["function_tag"])
+    if role_tag in value and value[role_tag] not in replies:
+        raise DataError(f"{where}: {key}.{role_tag} is {value[role_tag]!r}; expected {replies[0]!r}")
+    return _as_str(value[content_tag], where, f"{key}.{content_tag}")
 
 
 def _required_str(row: Mapping, key: str, where: str, need: str) -> str:
@@ -141,8 +267,15 @@ def _as_str(value: Any, where: str, name: str) -> str:
 
 def _parse_alpaca(row: Mapping, columns: Mapping[str, str], where: str) -> Conversation:
     need = f"alpaca rows need '{columns['prompt']}' and '{columns['response']}'"
-    instruction = _required_str(row, columns["prompt"], where, need)
+    _required_str(row, columns["prompt"], where, need)  # named first when both are missing
     response = _required_str(row, columns["response"], where, need)
+    prompt = _alpaca_prompt(row, columns, where)
+    return Conversation(prompt.turns + (Turn("assistant", response),), prompt.system)
+
+
+def _alpaca_prompt(row: Mapping, columns: Mapping[str, str], where: str) -> Conversation:
+    """History turns, then the instruction (+ input) as the last user turn; the system prompt if any."""
+    instruction = _required_str(row, columns["prompt"], where, f"alpaca rows need '{columns['prompt']}'")
     query = _optional_str(row, columns["query"], where)
     prompt = f"{instruction}\n{query}" if query else instruction
     turns: list[Turn] = []
@@ -156,7 +289,7 @@ def _parse_alpaca(row: Mapping, columns: Mapping[str, str], where: str) -> Conve
                 raise DataError(f"{where}: field '{name}'[{i}] must be a [query, response] pair")
             turns.append(Turn("user", _as_str(pair[0], where, f"{name}[{i}][0]")))
             turns.append(Turn("assistant", _as_str(pair[1], where, f"{name}[{i}][1]")))
-    turns += [Turn("user", prompt), Turn("assistant", response)]
+    turns.append(Turn("user", prompt))
     system = _optional_str(row, columns["system"], where)
     return Conversation(tuple(turns), system or None)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from longtune.data.conversation import Conversation, TextDocument
-from longtune.data.formats import detect_format, make_row_format, parse_row
+from longtune.data.formats import KTOSample, PreferencePair, detect_format, detect_task, make_row_format, parse_row
 from longtune.errors import ConfigError, DataError
 
 BUILTIN_PREFIX = "builtin:"
@@ -22,10 +22,15 @@ BUILTIN_DATASETS = {
     "sharegpt_demo": "sharegpt_demo.json",
     "pt_demo": "pt_demo.jsonl",
     "kv_retrieval": "kv_retrieval.jsonl",
+    "dpo_demo": "dpo_demo.json",
+    "kto_demo": "kto_demo.json",
 }
 DATASET_INFO = "dataset_info.json"
 _SUFFIXES = (".json", ".jsonl")
-_INFO_KEYS = {"file_name", "formatting", "columns", "tags", "num_samples", "split", "load_from", "subset", "folder"}
+_INFO_KEYS = {
+    "file_name", "formatting", "columns", "tags", "num_samples", "ranking", "split", "load_from", "subset", "folder"
+}
+_TASK_STAGES = {"plain": "sft or pt", "preference": "dpo or rm", "kto": "kto"}
 _HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
 
 
@@ -39,13 +44,14 @@ class DatasetSpec:
     columns: Mapping[str, str] = field(default_factory=dict)
     tags: Mapping[str, str] = field(default_factory=dict)
     num_samples: int | None = None
+    ranking: bool = False  # dataset_info.json says its rows are preference pairs
 
 
 @dataclass(frozen=True)
 class ParsedRow:
     source: str  # the file, for messages
     row_number: int  # 1-based within that file
-    item: Conversation | TextDocument
+    item: Conversation | TextDocument | PreferencePair | KTOSample
 
 
 def resolve_dataset(name: str, dataset_dir: str | Path) -> DatasetSpec:
@@ -88,9 +94,10 @@ def _resolve_registered(name: str, dataset_dir: Path) -> DatasetSpec:
     for key in _HUB_KEYS:
         if key in entry:
             raise DataError(f"{where}: '{key}' is not supported (longtune reads local files only); set 'file_name'")
-    if entry.get("ranking"):
-        raise DataError(f"{where}: ranking (preference) datasets need a preference stage, not sft/pt")
-    unknown = sorted(set(entry) - _INFO_KEYS - {"ranking"})
+    ranking = entry.get("ranking", False)
+    if not isinstance(ranking, bool):
+        raise DataError(f"{where}: 'ranking' must be true or false, got {ranking!r}")
+    unknown = sorted(set(entry) - _INFO_KEYS)
     if unknown:
         raise DataError(
             f"{where}: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(sorted(_INFO_KEYS))}"
@@ -118,7 +125,7 @@ def _resolve_registered(name: str, dataset_dir: Path) -> DatasetSpec:
     num_samples = entry.get("num_samples")
     if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
         raise DataError(f"{where}: 'num_samples' must be a positive integer, got {num_samples!r}")
-    return DatasetSpec(name, files, formatting, columns, tags, num_samples)
+    return DatasetSpec(name, files, formatting, columns, tags, num_samples, ranking)
 
 
 def read_rows(path: Path, on_bad_row: Callable[[DataError], None] | None = None) -> list[Any]:
@@ -161,14 +168,21 @@ def load_dataset(
     dataset_dir: str | Path,
     max_samples: int | None = None,
     on_bad_row: Callable[[DataError], None] | None = None,
+    task: str = "plain",
 ) -> list[ParsedRow]:
     """Resolve, read and parse one dataset, in file order; `num_samples` then `max_samples` cap the rows.
 
-    `num_samples` larger than the dataset repeats it cyclically (LLaMA-Factory samples at random; we stay
-    deterministic and order-preserving). A malformed row raises its DataError, or with `on_bad_row` is reported
-    to it and left out (the format is then told from the first row that shows one).
+    `task` (formats.TASKS) says what every row must be: "plain" (sft, pt) rows, "preference" pairs (dpo, rm) or
+    "kto" samples. `num_samples` larger than the dataset repeats it cyclically (LLaMA-Factory samples at random;
+    we stay deterministic and order-preserving). A malformed row raises its DataError, or with `on_bad_row` is
+    reported to it and left out (the format is then told from the first row that shows one).
     """
     spec = resolve_dataset(name, dataset_dir)
+    if spec.ranking and task != "preference":
+        raise DataError(
+            f"{Path(dataset_dir) / DATASET_INFO} entry '{name}': ranking (preference) datasets need stage dpo or rm, "
+            f"not {_TASK_STAGES[task]}"
+        )
     located: list[tuple[Path, int, Any]] = []
     for path in spec.files:
         located += [(path, i, row) for i, row in enumerate(read_rows(path, on_bad_row), start=1)]
@@ -179,7 +193,17 @@ def load_dataset(
     if max_samples is not None:
         located = located[:max_samples]
     kind = spec.formatting or _detect_dataset_format(located, skipping=on_bad_row is not None)
-    fmt = make_row_format(kind, spec.columns, spec.tags, where=f"dataset '{name}'")
+    if task == "plain":
+        # Training sft on pairs or KTO samples would fail row by row, or worse train on undesirable replies.
+        found = detect_task(located[0][2], spec.columns)
+        if found != "plain":
+            path, number, _ = located[0]
+            raise DataError(
+                f"{path} row {number}: the rows hold {found} data (their keys include the "
+                f"{'chosen/rejected' if found == 'preference' else 'kto_tag'} columns); use stage "
+                f"{_TASK_STAGES[found]}"
+            )
+    fmt = make_row_format(kind, spec.columns, spec.tags, task=task, where=f"dataset '{name}'")
     if on_bad_row is None:
         return [
             ParsedRow(str(path), number, parse_row(row, fmt, source=str(path), row_number=number))

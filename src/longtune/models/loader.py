@@ -61,7 +61,46 @@ def attention_implementation(model_cfg: ModelConfig, dtype: torch.dtype) -> str:
     return "sdpa"
 
 
-def load_model(model_cfg: ModelConfig, dtype: torch.dtype) -> nn.Module:
+def load_reward_model(model_cfg: ModelConfig, dtype: torch.dtype) -> nn.Module:
+    """A ForSequenceClassification model with one output (the reward), from a causal LM or a reward model dir.
+
+    The score head of a fresh model is initialised from a fixed seed, so runs are reproducible."""
+    name = model_cfg.model_name_or_path
+    assert name is not None
+    if is_builtin_model(name):
+        from transformers import AutoModelForSequenceClassification
+
+        causal = build_builtin_model(name, dtype=dtype)
+        config = causal.config
+        config.num_labels = 1
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = AutoModelForSequenceClassification.from_config(config).to(dtype)
+        missing, _ = model.load_state_dict(causal.state_dict(), strict=False)
+        assert all(k.startswith("score.") for k in missing), missing
+        model.config._attn_implementation = attention_implementation(model_cfg, dtype)
+        return model
+    from transformers import AutoModelForSequenceClassification
+
+    path = _check_model_dir(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(path), num_labels=1, dtype=dtype, attn_implementation=attention_implementation(model_cfg, dtype),
+                trust_remote_code=model_cfg.trust_remote_code,
+            )
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"key 'model_name_or_path': cannot load a reward model from '{path}': {exc}".splitlines()[0]) from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def load_model(model_cfg: ModelConfig, dtype: torch.dtype, task: str = "causal") -> nn.Module:
+    """The model to train: a causal LM, or with task='reward' a scalar-head reward model."""
+    if task == "reward":
+        return load_reward_model(model_cfg, dtype)
     name = model_cfg.model_name_or_path
     assert name is not None
     if is_builtin_model(name):
@@ -94,14 +133,17 @@ def decoder_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
+HEAD_NAMES = {"lm_head", "score", "classifier", "v_head"}
+
+
 def linear_module_names(model: nn.Module) -> list[str]:
-    """Leaf names of every nn.Linear except the output embedding (LM head)."""
+    """Leaf names of every nn.Linear except output heads (LM head, reward/classification head)."""
     head = model.get_output_embeddings()
     names = {
         name.rsplit(".", 1)[-1]
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and module is not head
-    }
+    } - HEAD_NAMES
     return sorted(names)
 
 
@@ -149,15 +191,17 @@ def apply_lora(model: nn.Module, model_cfg: ModelConfig) -> nn.Module:
         raise ConfigError(
             f"key 'lora_target': {unknown} not found among the model's linear layers {available}"
         )
+    reward = hasattr(model, "score")
+    extra = _split(model_cfg.additional_target) + (["score"] if reward else [])
     lora_config = LoraConfig(
-        task_type="CAUSAL_LM",
+        task_type="SEQ_CLS" if reward else "CAUSAL_LM",
         r=model_cfg.lora_rank,
         lora_alpha=model_cfg.lora_alpha if model_cfg.lora_alpha is not None else 2 * model_cfg.lora_rank,
         lora_dropout=model_cfg.lora_dropout,
         target_modules=targets,
         use_dora=model_cfg.use_dora,
         use_rslora=model_cfg.use_rslora,
-        modules_to_save=_split(model_cfg.additional_target) or None,
+        modules_to_save=extra or None,
     )
     return get_peft_model(model, lora_config)
 

@@ -26,7 +26,7 @@ class RootForward(nn.Module):
     FSDP2 gathers the root's own parameters (embeddings, final norm, LM head) in the root's pre-forward hook and
     schedules their gradient reduction from it, so the whole stage must run inside the root's forward; a stage
     that called the decoder and the head separately would bypass those hooks. Without FSDP it is a plain
-    pass-through. Returns a tuple (so FSDP can hook the output tensors for backward).
+    pass-through. Stages return tensors or NamedTuples (so FSDP can hook the output tensors for backward).
     """
 
     def __init__(self, model: nn.Module):
@@ -34,8 +34,7 @@ class RootForward(nn.Module):
         self.model = model
 
     def forward(self, stage_fn, inputs, loss_chunk_size: int):
-        out = stage_fn(self.model, inputs, loss_chunk_size)
-        return out.loss_sum, out.count
+        return stage_fn(self.model, inputs, loss_chunk_size)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,14 @@ class ModelInputs:
     position_ids: Tensor
     sp_context: object | None  # an attention SPContext when the SP attention is active
     neftune_scale: Tensor | None = None  # alpha / sqrt(L_doc * d) per token (0 on padding), if NEFTune is on
+    # Sequence-level stages (preference, KTO, reward model):
+    sequence_ids: Tensor | None = None  # row * docs_per_row + document, -1 on padding
+    last_token: Tensor | None = None  # True at the last token of each document
+    num_sequences: int = 0
+    sp_group: object | None = None
+    sp_size: int = 1
+    reference: Tensor | None = None  # per-sequence reference log-prob sums [num_sequences], if any
+    flags: Tensor | None = None  # per-row booleans (KTO: desirable)
 
 
 def attention_heads(model_config) -> tuple[int, int]:
@@ -122,6 +130,15 @@ class SequenceParallel:
         self, batch: Batch, pad_token_id: int, device: torch.device, neftune_scale: Tensor | None = None
     ) -> ModelInputs:
         """This rank's inputs. `neftune_scale` ([B, T], for the whole row) is cut like the tokens."""
+        docs_per_row = max(1, int(batch.doc_ids.max()) + 1)
+        sequence_ids = torch.where(
+            batch.doc_ids >= 0,
+            torch.arange(batch.doc_ids.shape[0]).unsqueeze(1) * docs_per_row + batch.doc_ids,
+            torch.full_like(batch.doc_ids, -1),
+        )
+        following = torch.nn.functional.pad(batch.doc_ids[:, 1:], (0, 1), value=-1)
+        last_token = (batch.doc_ids >= 0) & (batch.doc_ids != following)
+        common = dict(num_sequences=batch.doc_ids.shape[0] * docs_per_row)
         if not self.active:
             return ModelInputs(
                 input_ids=batch.input_ids.to(device),
@@ -129,6 +146,9 @@ class SequenceParallel:
                 position_ids=batch.position_ids.to(device),
                 sp_context=None,
                 neftune_scale=None if neftune_scale is None else neftune_scale.to(device),
+                sequence_ids=sequence_ids.to(device),
+                last_token=last_token.to(device),
+                **common,
             )
         from longtune.parallel.attention import SPContext
 
@@ -148,12 +168,16 @@ class SequenceParallel:
             ring_group=self.ring_group,
             ring_size=dims.sp // self.ulysses_size,
         )
+        cut = lambda x, pad: shard_tensor(x, dims.sp, dims.sp_rank, pad).to(device)  # noqa: E731
         return ModelInputs(
             input_ids=shard.input_ids.to(device),
             labels=shard.labels.to(device),
             position_ids=shard.position_ids.to(device),
             sp_context=ctx,
-            neftune_scale=None
-            if neftune_scale is None
-            else shard_tensor(neftune_scale, dims.sp, dims.sp_rank, 0.0).to(device),
+            neftune_scale=None if neftune_scale is None else cut(neftune_scale, 0.0),
+            sequence_ids=cut(sequence_ids, -1),
+            last_token=cut(last_token, False),
+            sp_group=dims.sp_group,
+            sp_size=dims.sp,
+            **common,
         )

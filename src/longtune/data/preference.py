@@ -1,0 +1,328 @@
+"""Preference pairs (stages dpo, rm) and KTO samples into rows of two documents with exact label masks.
+
+Each document is prompt + one reply, rendered and located like an SFT conversation (encode.py): only the reply's
+assistant span, end-of-turn markers included, is trained; the prompt never is. Labels are NOT shifted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from longtune.data import ENCODE_BATCH, MAX_SKIPPED_EXAMPLES, DataStats, Example
+from longtune.data.cache import (
+    cache_file,
+    file_fingerprint,
+    fingerprint,
+    gc_paused,
+    load_cached,
+    save_cached,
+    tokenizer_fingerprint,
+)
+from longtune.data.conversation import Conversation, Turn
+from longtune.data.encode import (
+    IGNORE_INDEX,
+    EncodedConversation,
+    assistant_char_spans,
+    conversation_labels,
+    tokenize_batch,
+    truncate_conversation,
+)
+from longtune.data.formats import KTOSample, PreferencePair
+from longtune.data.loading import ParsedRow, load_dataset, resolve_dataset
+from longtune.data.mixing import check_mix_settings, mix_examples
+from longtune.data.templates import resolve_chat_template
+from longtune.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from longtune.config import Config
+
+PAIR_STAGES = ("dpo", "rm")
+KTO_STAGES = ("kto",)
+
+
+@dataclass
+class PairExample:
+    """One row of two documents: prompt + chosen, then prompt + rejected (the same prompt, cut the same way)."""
+
+    input_ids: list[int]
+    labels: list[int]  # NOT shifted; -100 on the prompt tokens of both documents
+    doc_lengths: list[int]  # [len(prompt + chosen), len(prompt + rejected)]
+
+
+@dataclass
+class KTOExample:
+    """One row of two documents: prompt + completion (the target), then the KL document.
+
+    The KL document pairs this example's prompt with the completion of the next example of its dataset
+    ((i + 1) mod N), a mismatched pair whose log-ratio estimates the KL term of KTO (Ethayarajh et al. 2024, as
+    TRL and LLaMA-Factory build it).
+    """
+
+    input_ids: list[int]
+    labels: list[int]  # NOT shifted; -100 on the prompt tokens of both documents
+    doc_lengths: list[int]  # [len(target), len(kl)]
+    desirable: bool
+
+
+def load_pair_examples(
+    cfg: Config, tokenizer, split: Literal["train", "eval"] = "train"
+) -> tuple[list[PairExample], DataStats]:
+    """Preference pairs of `dataset` (mixed by mix_strategy) or `eval_dataset` (concatenated), for dpo and rm."""
+    return _load(cfg, tokenizer, split, "preference")
+
+
+def load_kto_examples(
+    cfg: Config, tokenizer, split: Literal["train", "eval"] = "train"
+) -> tuple[list[KTOExample], DataStats]:
+    """KTO samples of `dataset` (mixed by mix_strategy) or `eval_dataset` (concatenated), each with its KL document.
+
+    KL documents pair within each dataset, before mixing: example i takes the completion of example (i + 1) mod N
+    of the same dataset (N: its rows after skipping bad ones), so mixing moves whole examples.
+    """
+    return _load(cfg, tokenizer, split, "kto")
+
+
+def truncate_documents(
+    documents: list[EncodedConversation], cutoff_len: int
+) -> tuple[list[tuple[list[int], list[int]]], bool]:
+    """(ids, labels) of documents that share one prompt, each cut to at most cutoff_len tokens; whether any was cut.
+
+    The rule of truncate_conversation applied to the longest reply: the prompt keeps
+    max(cutoff_len - longest reply, min(prompt, cutoff_len // 2)) tokens, its start and end (it loses its
+    middle), so every reply fits whole whenever that is possible; replies are then cut from the right to the room
+    left. All documents keep the same prompt tokens, so their log-probs compare replies to the same context.
+    """
+    prompt_len = max(d.response_start for d in documents)
+    reply_len = max(len(d.input_ids) - d.response_start for d in documents)
+    if prompt_len + reply_len <= cutoff_len:
+        return [(d.input_ids, d.labels) for d in documents], False
+    prompt_keep = max(cutoff_len - reply_len, min(prompt_len, cutoff_len // 2))
+    reply_keep = cutoff_len - prompt_keep
+    out = []
+    for d in documents:
+        p = d.response_start
+        # A prompt with an empty reply, cut to prompt_keep tokens: truncate_conversation's head + tail cut.
+        ids, labels = truncate_conversation(d.input_ids[:p], d.labels[:p], p, prompt_keep)
+        out.append((ids + d.input_ids[p : p + reply_keep], labels + d.labels[p : p + reply_keep]))
+    return out, True
+
+
+def _load(
+    cfg: Config, tokenizer, split: str, task: Literal["preference", "kto"]
+) -> tuple[list, DataStats]:
+    stages = PAIR_STAGES if task == "preference" else KTO_STAGES
+    if cfg.train.stage not in stages:
+        raise ConfigError(f"stage: {task} data is for stage {' or '.join(stages)}, got '{cfg.train.stage}'")
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    d = cfg.data
+    mixed = split == "train"
+    key_name = "dataset" if mixed else "eval_dataset"
+    names = [part.strip() for name in (d.dataset if mixed else d.eval_dataset) for part in str(name).split(",")]
+    names = [name for name in names if name]
+    if not names:
+        raise ConfigError(f"{key_name}: no dataset given")
+    if not isinstance(d.cutoff_len, int) or d.cutoff_len < 2:
+        raise ConfigError(f"cutoff_len: expected an integer >= 2, got {d.cutoff_len!r}")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError("model_name_or_path: the tokenizer must be a fast (Rust) tokenizer to locate label spans")
+    mix_strategy = d.mix_strategy if mixed else "concat"
+    interleave_probs = d.interleave_probs if mixed else ()
+    check_mix_settings(mix_strategy, interleave_probs, len(names))  # before any tokenizing
+    chat_template = resolve_chat_template(d.template, tokenizer)
+
+    key = fingerprint(
+        {
+            "task": task,  # no key of load_examples: never the same file as an sft/pt cache
+            "datasets": [_dataset_fingerprint(name, d.dataset_dir) for name in names],
+            "template": [d.template, chat_template],
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "cutoff_len": d.cutoff_len,
+            "max_samples": d.max_samples,
+            "mix": [mix_strategy, list(interleave_probs), cfg.train.seed if mix_strategy != "concat" else None],
+            "skip_bad_rows": d.skip_bad_rows,
+        }
+    )
+    path = cache_file(d.data_cache_dir, key)
+    cached = None if d.overwrite_cache else _from_cache(path, task)
+    if cached is not None:
+        return cached
+
+    stats = DataStats(0, 0, 0, 0, 0, 0)
+    with gc_paused():
+        per_dataset = [
+            _encode_dataset(
+                name,
+                task=task,
+                dataset_dir=d.dataset_dir,
+                tokenizer=tokenizer,
+                chat_template=chat_template,
+                cutoff_len=d.cutoff_len,
+                max_samples=d.max_samples,
+                skip_bad_rows=d.skip_bad_rows,
+                stats=stats,
+            )
+            for name in names
+        ]
+    examples = mix_examples(
+        per_dataset, strategy=mix_strategy, interleave_probs=interleave_probs, seed=cfg.train.seed, names=names
+    )
+    stats.tokens = sum(len(e.input_ids) for e in examples)
+    stats.trained_tokens = sum(sum(label != IGNORE_INDEX for label in e.labels) for e in examples)
+    saved = asdict(stats)
+    del saved["cache_hit"]
+    documents = [doc for e in examples for doc in _documents(e)]
+    desirable = [e.desirable for e in examples] if task == "kto" else None
+    save_cached(path, documents, {"data_stats": saved, "desirable": desirable})
+    return examples, stats
+
+
+def _documents(example: PairExample | KTOExample) -> list[Example]:
+    first = example.doc_lengths[0]
+    return [
+        Example(example.input_ids[:first], example.labels[:first]),
+        Example(example.input_ids[first:], example.labels[first:]),
+    ]
+
+
+def _from_cache(path: Path, task: str) -> tuple[list, DataStats] | None:
+    cached = load_cached(path)
+    if cached is None:
+        return None
+    documents, saved = cached
+    desirable = saved.get("desirable")
+    try:
+        stats = DataStats(**saved["data_stats"])
+    except (KeyError, TypeError):  # written with another layout: a miss
+        return None
+    if len(documents) % 2 or (task == "kto" and (desirable is None or len(desirable) * 2 != len(documents))):
+        return None
+    stats.cache_hit = True
+    examples: list = []
+    with gc_paused():
+        for i in range(0, len(documents), 2):
+            (ids_a, labels_a), (ids_b, labels_b) = documents[i], documents[i + 1]
+            lengths = [len(ids_a), len(ids_b)]
+            if task == "kto":
+                examples.append(KTOExample(ids_a + ids_b, labels_a + labels_b, lengths, bool(desirable[i // 2])))
+            else:
+                examples.append(PairExample(ids_a + ids_b, labels_a + labels_b, lengths))
+    return examples, stats
+
+
+def _dataset_fingerprint(name: str, dataset_dir: str) -> dict:
+    """What identifies a dataset's rows: its files (by content or stat) and how its entry says to read them."""
+    spec = resolve_dataset(name, Path(dataset_dir))
+    return {
+        "name": name,
+        "files": [file_fingerprint(f) for f in spec.files],
+        "formatting": spec.formatting,
+        "columns": dict(spec.columns),
+        "tags": dict(spec.tags),
+        "num_samples": spec.num_samples,
+        "ranking": spec.ranking,
+    }
+
+
+def _encode_dataset(
+    name: str,
+    *,
+    task: str,
+    dataset_dir: str,
+    tokenizer,
+    chat_template: str,
+    cutoff_len: int,
+    max_samples: int | None,
+    skip_bad_rows: bool,
+    stats: DataStats,
+) -> list:
+    """The examples of one dataset, in row order; row counts go into `stats`.
+
+    Rows are rendered one by one (a bad row fails alone), then tokenized ENCODE_BATCH rows at a time.
+    """
+
+    def skip(error: DataError) -> None:
+        stats.rows += 1
+        stats.skipped += 1
+        if len(stats.skipped_examples) < MAX_SKIPPED_EXAMPLES:
+            stats.skipped_examples.append(str(error))
+
+    rows = load_dataset(
+        name,
+        dataset_dir=Path(dataset_dir),
+        max_samples=max_samples,
+        on_bad_row=skip if skip_bad_rows else None,
+        task=task,
+    )
+    examples: list = []
+    for first in range(0, len(rows), ENCODE_BATCH):
+        rendered: list[tuple[ParsedRow, list[tuple[str, tuple[int, int]]]]] = []
+        for i in range(first, min(first + ENCODE_BATCH, len(rows))):
+            row = rows[i]
+            where = f"{row.source} row {row.row_number}"
+            try:
+                replies = [_render_reply(row.item.prompt, reply, tokenizer, chat_template, where)
+                           for reply in _replies(rows, i)]
+            except DataError as error:
+                if not skip_bad_rows:
+                    raise
+                skip(error)
+                continue
+            rendered.append((row, replies))
+        texts = [text for _, replies in rendered for text, _ in replies]
+        encoded = iter(tokenize_batch(tokenizer, texts, add_special_tokens=False, with_offsets=True))
+        for row, replies in rendered:
+            documents = []
+            for _, span in replies:
+                ids, offsets = next(encoded)
+                assert offsets is not None
+                documents.append(conversation_labels(ids, offsets, [span], train_on_prompt=False))
+            kept, truncated = truncate_documents(documents, cutoff_len)
+            stats.rows += 1
+            stats.truncated += truncated
+            # position 0 of a document is never a target after the shift: a reply must train a later token
+            if any(all(label == IGNORE_INDEX for label in labels[1:]) for _, labels in kept):
+                stats.dropped += 1
+                continue
+            stats.kept += 1
+            (a, a_labels), (b, b_labels) = kept
+            lengths = [len(a), len(b)]
+            if task == "kto":
+                assert isinstance(row.item, KTOSample)
+                examples.append(KTOExample(a + b, a_labels + b_labels, lengths, row.item.desirable))
+            else:
+                examples.append(PairExample(a + b, a_labels + b_labels, lengths))
+    return examples
+
+
+def _replies(rows: list[ParsedRow], i: int) -> tuple[str, str]:
+    """The two replies to the prompt of rows[i]: chosen and rejected, or its completion and the next row's."""
+    item = rows[i].item
+    if isinstance(item, PreferencePair):
+        return item.chosen, item.rejected
+    assert isinstance(item, KTOSample)
+    following = rows[(i + 1) % len(rows)].item
+    assert isinstance(following, KTOSample)
+    return item.completion, following.completion
+
+
+def _render_reply(
+    prompt: Conversation, reply: str, tokenizer, chat_template: str, where: str
+) -> tuple[str, tuple[int, int]]:
+    """The rendered prompt + reply and the character span of the reply's assistant turn (as SFT locates it)."""
+    conversation = Conversation(prompt.turns + (Turn("assistant", reply),), prompt.system)
+    text, spans = assistant_char_spans(conversation, tokenizer, chat_template, where)
+    return text, spans[-1]
+
+
+__all__ = [
+    "PairExample",
+    "KTOExample",
+    "load_pair_examples",
+    "load_kto_examples",
+    "truncate_documents",
+    "PAIR_STAGES",
+    "KTO_STAGES",
+]

@@ -1,0 +1,68 @@
+"""KTO stage (Ethayarajh et al. 2024). Each row holds the example (prompt + completion, with its desirable flag)
+and a KL document (the same prompt with another example's completion) as two documents of one forward.
+
+The KL reference point z0 = max(0, mean over the micro-batch's KL documents of log pi - log ref), detached and
+averaged over every data-parallel rank (each SP rank holds the same sequence values and adds 1/sp of them).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from longtune.config import PreferenceConfig
+from longtune.losses.preference import SequenceLogps, kto_loss
+from longtune.parallel.sequence import ModelInputs
+from longtune.stages.base import StageOutput, metric_vector, sequence_logps
+from longtune.stages.preference import split_pairs
+
+
+class KTOStage:
+    name = "kto"
+    uses_reference = True
+    metric_names = ("kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
+
+    def __init__(self, cfg: PreferenceConfig):
+        self.cfg = cfg
+
+    def normaliser(self, example) -> int:
+        return 1
+
+    def reference_logps(self, model: nn.Module, inputs: ModelInputs, loss_chunk_size: int) -> Tensor:
+        sums, _ = sequence_logps(model, inputs, loss_chunk_size)
+        return sums.detach()
+
+    def loss(self, model: nn.Module, inputs: ModelInputs, loss_chunk_size: int) -> StageOutput:
+        sums, counts = sequence_logps(model, inputs, loss_chunk_size)
+        if inputs.reference is None or inputs.flags is None:
+            raise RuntimeError("KTO needs reference log-probs and desirable flags")
+        target, kl_doc = split_pairs(sums)
+        ref_target, ref_kl = split_pairs(inputs.reference)
+        target_count = split_pairs(counts)[0]
+        valid = (target_count > 0).to(sums.dtype)
+        sp = inputs.sp_size
+        with torch.no_grad():
+            kl_stats = torch.stack([((kl_doc - ref_kl) * valid).sum(), valid.sum()]).double() / sp
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(kl_stats)
+            z0 = (kl_stats[0] / kl_stats[1].clamp_min(1)).clamp_min(0).to(sums.dtype)
+        safe = target_count.clamp_min(1)
+        desirable = inputs.flags.to(torch.bool)
+        out = kto_loss(SequenceLogps(target, safe), SequenceLogps(ref_target, safe), desirable, z0,
+                       beta=self.cfg.pref_beta, chosen_weight=self.cfg.kto_chosen_weight,
+                       undesirable_weight=self.cfg.kto_undesirable_weight)
+        good = valid * desirable.to(valid.dtype)
+        bad = valid * (~desirable).to(valid.dtype)
+        one = torch.ones((), dtype=torch.float64, device=sums.device)
+        metrics = metric_vector(
+            [
+                (z0 * one, one),
+                ((out.rewards * good).sum(), good.sum()),
+                ((out.rewards * bad).sum(), bad.sum()),
+                ((out.logps * good).sum(), good.sum()),
+                ((out.logps * bad).sum(), bad.sum()),
+            ],
+            sp,
+        )
+        return StageOutput(loss_sum=(out.loss * valid).sum() / sp, count=valid.sum().detach() / sp, metrics=metrics)
