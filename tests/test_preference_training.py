@@ -35,6 +35,13 @@ def _assert_runs_equal(ref: Path, other: Path, label: str) -> None:
             if key in ra:
                 assert abs(ra[key] - rb[key]) <= 1e-9, (label, key, ra[key], rb[key])
     assert max_rel_diff(final_params(other), final_params(ref)) <= 1e-8, label
+    eval_a = [r for r in metric_rows(ref) if "eval_loss" in r]
+    eval_b = [r for r in metric_rows(other) if "eval_loss" in r]
+    assert len(eval_a) == len(eval_b)
+    for ra, rb in zip(eval_a, eval_b):
+        for key, value in ra.items():
+            if key.startswith("eval_"):
+                assert abs(value - rb[key]) <= 1e-9, (label, key, value, rb[key])
 
 
 @pytest.mark.parametrize("nproc", [1, 2, 4])
@@ -49,15 +56,16 @@ def test_dpo_first_step_loss_is_ln2(tmp_path, nproc):
 
 # (label, stage overrides, sp degrees compared with sp=1)
 PARITY = [
-    ("dpo_sigmoid_full", dict(pref_loss="sigmoid", finetuning_type="full", dpo_label_smoothing=0.1, pref_ftx=0.5),
+    ("dpo_sigmoid_full", dict(pref_loss="sigmoid", finetuning_type="full", dpo_label_smoothing=0.1, pref_ftx=0.5,
+                              val_size=6, eval_steps=2),
      (2, 4)),
     ("dpo_ipo_lora", dict(pref_loss="ipo", finetuning_type="lora", learning_rate=5e-3), (2,)),
     ("dpo_hinge_full", dict(pref_loss="hinge", finetuning_type="full"), (2,)),
     ("dpo_simpo_full", dict(pref_loss="simpo", finetuning_type="full", pref_beta=2.0, simpo_gamma=0.3), (2,)),
     ("dpo_orpo_full", dict(pref_loss="orpo", finetuning_type="full"), (2,)),
     ("kto_lora", dict(stage="kto", dataset="builtin:kto_demo", finetuning_type="lora", learning_rate=5e-3,
-                      kto_undesirable_weight=1.5), (2, 4)),
-    ("rm_full", dict(stage="rm", finetuning_type="full"), (2, 4)),
+                      kto_undesirable_weight=1.5, val_size=5, eval_steps=3), (2, 4)),
+    ("rm_full", dict(stage="rm", finetuning_type="full", val_size=5, eval_steps=3), (2, 4)),
 ]
 
 
@@ -110,3 +118,25 @@ def test_demo_configs_improve_reward_accuracy(tmp_path, config):
     assert train[0]["rewards/accuracies"] == 0.0  # step 0: policy == reference, no margin yet
     late = [r["rewards/accuracies"] for r in train[-5:]]
     assert sum(late) / len(late) > 0.55, late
+
+
+@pytest.mark.parametrize("ftype", ["full", "lora"])
+def test_reward_model_exports_with_its_head(tmp_path, ftype):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from longtune.cli import main
+    from longtune.config import ModelConfig
+    from longtune.models.loader import load_reward_model
+
+    out = tmp_path / "rm"
+    launch(1, _overrides(out, stage="rm", finetuning_type=ftype, max_steps=3, learning_rate=1e-2))
+    assert main(["export", str(out), str(tmp_path / "exported"), "--merge-lora"]) == 0
+    exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "exported", dtype=torch.float64)
+    initial = load_reward_model(ModelConfig(model_name_or_path="builtin:tiny"), torch.float64)
+    assert exported.config.num_labels == 1
+    assert not torch.equal(exported.score.weight, initial.score.weight)  # the trained head was exported
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        reward = exported(input_ids=ids).logits
+    assert reward.shape == (1, 1) and torch.isfinite(reward).all()

@@ -46,13 +46,19 @@ def _run_dtype(model_dir: Path) -> str:
     return "float32"
 
 
-def _load_base(name: str, dtype):
+def _load_base(name: str, dtype, reward: bool):
+    """The adapter's base: a causal LM, or for a reward-model adapter (peft SEQ_CLS) the scalar-head model."""
+    if not is_builtin_model(name) and not Path(name).is_dir():
+        raise ConfigError(f"export --merge-lora: base model '{name}' (from adapter_config.json) is not a local directory")
+    if reward:
+        from longtune.config import ModelConfig
+        from longtune.models.loader import load_reward_model
+
+        return load_reward_model(ModelConfig(model_name_or_path=name), dtype)
     if is_builtin_model(name):
         return build_builtin_model(name, dtype=dtype)
     from transformers import AutoModelForCausalLM
 
-    if not Path(name).is_dir():
-        raise ConfigError(f"export --merge-lora: base model '{name}' (from adapter_config.json) is not a local directory")
     return AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
 
 
@@ -77,7 +83,8 @@ def export_model(source: str | Path, out: str | Path, merge_lora: bool = False, 
             if not base_name:
                 raise ConfigError(f"export: {src / 'adapter_config.json'} names no base_model_name_or_path")
             dtype = DTYPES[_run_dtype(src)]
-            merged = PeftModel.from_pretrained(_load_base(base_name, dtype), str(src)).merge_and_unload()
+            reward = adapter_cfg.get("task_type") == "SEQ_CLS"
+            merged = PeftModel.from_pretrained(_load_base(base_name, dtype, reward), str(src)).merge_and_unload()
             merged.save_pretrained(str(tmp), safe_serialization=True)
             for f in src.iterdir():
                 if f.is_file() and ("token" in f.name or f.name in {"vocab.json", "merges.txt", "chat_template.jinja"}):
