@@ -127,3 +127,40 @@ def test_zigzag_blocks_merged_equal_unsplit_kernel(device, dtype, packed):
         else:
             err = float((got - want).abs().max() / want.abs().max())
             assert err <= 1e-5, (name, err)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("window", [None, 3])
+def test_block_plan_kinds_agree_with_elementwise_masks(seed, window):
+    """The planner classifies piece pairs from O(T) summaries; every classification must match the mask."""
+    from longtune.parallel.attention.common import plan_blocks
+
+    g = torch.Generator().manual_seed(seed)
+    sp = 2 + seed % 3
+    t = 2 * sp * 6
+    docs = torch.zeros(2, t, dtype=torch.long)
+    for row in range(2):
+        cuts = sorted(torch.randint(1, t, (seed % 3,), generator=g).tolist())
+        for c in cuts:
+            docs[row, c:] += 1
+        docs[row, t - int(torch.randint(0, 5, (1,), generator=g)):] = -1  # padding tail
+    for q_rank in range(sp):
+        for k_rank in range(sp):
+            qi = local_token_index(t, sp, q_rank).expand(2, -1)
+            ki = local_token_index(t, sp, k_rank).expand(2, -1)
+            qd, kd = docs.gather(1, qi), docs.gather(1, ki)
+            plan = plan_blocks(qi, ki, qd, kd, window, 2, 2)
+            listed = {(i, j): kind for i, j, kind in plan.piece_pairs}
+            for i in range(2):
+                for j in range(2):
+                    qs, ks = slice(i * plan.q_piece, (i + 1) * plan.q_piece), slice(j * plan.k_piece, (j + 1) * plan.k_piece)
+                    mask = visibility_mask(qi[:, qs], ki[:, ks], qd[:, qs], kd[:, ks], window)
+                    kind = listed.get((i, j))
+                    if kind is None:
+                        assert not mask.any()
+                    elif kind == "full":
+                        assert mask.all()
+                    elif kind == "causal":
+                        assert torch.equal(mask, torch.ones_like(mask[0]).tril().expand_as(mask))
+                    else:
+                        assert mask.any()

@@ -8,7 +8,7 @@ document id of its queries and keys, so any token order (zigzag, rank-major afte
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -222,7 +222,7 @@ def block_forward(
     """One block through a fused kernel where the device and dtype allow (kernels.py), else the reference."""
     if fused_enabled(q):
         mask = visibility_mask(q_index, k_index, q_doc, k_doc, sliding_window).unsqueeze(1)
-        return fused_block_forward(q, k, v, mask, scaling)
+        return fused_block_forward(q, k, v, mask, scaling, "masked")
     return attention_block(q, k, v, q_index, k_index, q_doc, k_doc, scaling, sliding_window)
 
 
@@ -232,7 +232,7 @@ def block_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     if fused_enabled(q):
         mask = visibility_mask(q_index, k_index, q_doc, k_doc, sliding_window).unsqueeze(1)
-        return fused_block_backward(dout, q, k, v, out, lse, mask, scaling)
+        return fused_block_backward(dout, q, k, v, out, lse, mask, scaling, "masked")
     return attention_block_backward(dout, q, k, v, out, lse, q_index, k_index, q_doc, k_doc, scaling, sliding_window)
 
 
@@ -253,9 +253,53 @@ def merge_partials(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -
 
 @dataclass
 class BlockPlan:
-    """Pairs (query rows, key rows) to compute; None means all rows. An empty list means nothing is visible."""
+    """Pairs (query rows, key rows) to compute; None means all rows. An empty list means nothing is visible.
+
+    `piece_pairs` lists every visible (query piece, key piece) with its mask kind — 'full', 'causal' or
+    'masked' — for the fused kernels, which then need no [Tq, Tk] mask for the first two kinds."""
 
     pairs: list[tuple[Tensor | None, Tensor | None]]
+    piece_pairs: list[tuple[int, int, str]] = field(default_factory=list)
+    q_piece: int = 0  # rows per query piece
+    k_piece: int = 0
+
+
+def _piece_summaries(index: Tensor, doc: Tensor, pieces: int) -> list[tuple[int, int, bool, list[int] | None]]:
+    """Per piece: (first index, last index, contiguous ascending run?, its document per row if uniform else None).
+    Built from O(T) reductions, so planning never materialises a [Tq, Tk] mask in the common cases."""
+    b, t = index.shape
+    size = t // pieces
+    idx = index.view(b, pieces, size)
+    docs = doc.view(b, pieces, size)
+    lo, hi = idx[0, :, 0].tolist(), idx[0, :, -1].tolist()
+    same_rows = bool((idx == idx[:1]).all())
+    steps_ok = (idx[0, :, 1:] - idx[0, :, :-1] == 1).all(dim=-1).tolist() if size > 1 else [True] * pieces
+    uniform = (docs == docs[..., :1]).all(dim=-1)  # [B, pieces]
+    first_doc = docs[..., 0].transpose(0, 1).tolist()  # [pieces][B]
+    uniform_ok = uniform.all(dim=0).tolist()
+    return [(lo[p], hi[p], same_rows and steps_ok[p], first_doc[p] if uniform_ok[p] and first_doc[p] is not None
+             and min(first_doc[p]) >= 0 else None) for p in range(pieces)]
+
+
+def _pair_kind(q: tuple, k: tuple, window: int | None) -> str | None:
+    """'none' / 'full' / 'causal' from piece summaries when both are contiguous single-document pieces in every
+    row; None when the pair needs its elementwise mask."""
+    q_lo, q_hi, q_run, q_docs = q
+    k_lo, k_hi, k_run, k_docs = k
+    if not (q_run and k_run) or q_docs is None or k_docs is None:
+        return None
+    same = [a == b for a, b in zip(q_docs, k_docs)]
+    if not any(same):
+        return "none"
+    if k_lo > q_hi or (window is not None and q_lo - k_hi >= window):
+        return "none"
+    if not all(same) or window is not None:
+        return None
+    if k_hi <= q_lo:
+        return "full"
+    if (q_lo, q_hi) == (k_lo, k_hi):
+        return "causal"
+    return None
 
 
 def plan_blocks(
@@ -270,11 +314,27 @@ def plan_blocks(
     tq, tk = q_index.shape[-1], k_index.shape[-1]
     if tq % q_pieces or tk % k_pieces:
         q_pieces, k_pieces = 1, 1
-    mask = visibility_mask(q_index, k_index, q_doc, k_doc, sliding_window)
-    b = mask.shape[0]
-    seen = mask.view(b, q_pieces, tq // q_pieces, k_pieces, tk // k_pieces).any(dim=4).any(dim=2).any(dim=0)
+    qs_size, ks_size = tq // q_pieces, tk // k_pieces
+    q_sum = _piece_summaries(q_index, q_doc, q_pieces)
+    k_sum = _piece_summaries(k_index, k_doc, k_pieces)
+    seen_rows: list[list[bool]] = []
+    piece_pairs: list[tuple[int, int, str]] = []
+    for i in range(q_pieces):
+        row = []
+        for j in range(k_pieces):
+            kind = _pair_kind(q_sum[i], k_sum[j], sliding_window)
+            if kind is None:
+                # Only this piece pair's mask, and only when the summaries cannot decide.
+                mask = visibility_mask(q_index[:, i * qs_size : (i + 1) * qs_size],
+                                       k_index[:, j * ks_size : (j + 1) * ks_size],
+                                       q_doc[:, i * qs_size : (i + 1) * qs_size],
+                                       k_doc[:, j * ks_size : (j + 1) * ks_size], sliding_window)
+                kind = "masked" if bool(mask.any()) else "none"
+            row.append(kind != "none")
+            if kind != "none":
+                piece_pairs.append((i, j, kind))
+        seen_rows.append(row)
     groups: dict[tuple[int, ...], list[int]] = {}
-    seen_rows = seen.tolist()  # one device sync per block, not one per piece pair
     for i in range(q_pieces):
         keys = tuple(j for j in range(k_pieces) if seen_rows[i][j])
         if keys:
@@ -287,8 +347,45 @@ def plan_blocks(
         return torch.cat([torch.arange(p * size, (p + 1) * size, device=device) for p in pieces])
 
     return BlockPlan(
-        [(rows(qs, q_pieces, tq // q_pieces), rows(ks, k_pieces, tk // k_pieces)) for ks, qs in groups.items()]
+        [(rows(qs, q_pieces, qs_size), rows(ks, k_pieces, ks_size)) for ks, qs in groups.items()],
+        piece_pairs, qs_size, ks_size,
     )
+
+
+def _fused_pairs_forward(q, k, v, q_index, k_index, q_doc, k_doc, scaling, sliding_window, plan):
+    """Fused kernels per visible piece pair, merged by lse per query piece (slices are views, no copies)."""
+    b, h, tq, d = q.shape
+    dtype = compute_dtype(q.dtype)
+    out = q.new_zeros(b, h, tq, d, dtype=dtype)
+    lse = q.new_full((b, h, tq), float("-inf"), dtype=dtype)
+    qs, ks = plan.q_piece, plan.k_piece
+    for i, j, kind in plan.piece_pairs:
+        qsl, ksl = slice(i * qs, (i + 1) * qs), slice(j * ks, (j + 1) * ks)
+        mask = None
+        if kind == "masked":
+            mask = visibility_mask(q_index[:, qsl], k_index[:, ksl], q_doc[:, qsl], k_doc[:, ksl],
+                                   sliding_window).unsqueeze(1)
+        part_out, part_lse = fused_block_forward(q[:, :, qsl], k[:, :, ksl], v[:, :, ksl], mask, scaling, kind)
+        out[:, :, qsl], lse[:, :, qsl] = merge_partials(out[:, :, qsl], lse[:, :, qsl], part_out, part_lse)
+    return out, lse
+
+
+def _fused_pairs_backward(dout, q, k, v, out, lse, q_index, k_index, q_doc, k_doc, scaling, sliding_window,
+                          plan, dq, dk, dv) -> None:
+    qs, ks = plan.q_piece, plan.k_piece
+    for i, j, kind in plan.piece_pairs:
+        qsl, ksl = slice(i * qs, (i + 1) * qs), slice(j * ks, (j + 1) * ks)
+        mask = None
+        if kind == "masked":
+            mask = visibility_mask(q_index[:, qsl], k_index[:, ksl], q_doc[:, qsl], k_doc[:, ksl],
+                                   sliding_window).unsqueeze(1)
+        part_dq, part_dk, part_dv = fused_block_backward(
+            dout[:, :, qsl], q[:, :, qsl], k[:, :, ksl], v[:, :, ksl], out[:, :, qsl], lse[:, :, qsl], mask,
+            scaling, kind,
+        )
+        dq[:, :, qsl] += part_dq
+        dk[:, :, ksl] += part_dk
+        dv[:, :, ksl] += part_dv
 
 
 def take_rows(x: Tensor, rows: Tensor | None, dim: int) -> Tensor:
@@ -300,6 +397,8 @@ def blockwise_forward(
     scaling: float, sliding_window: int | None, plan: BlockPlan,
 ) -> tuple[Tensor, Tensor]:
     """Output and lse of q on (k, v) following `plan`; rows the plan skips get 0 and -inf."""
+    if fused_enabled(q):
+        return _fused_pairs_forward(q, k, v, q_index, k_index, q_doc, k_doc, scaling, sliding_window, plan)
     b, h, tq, d = q.shape
     dtype = compute_dtype(q.dtype)
     if len(plan.pairs) == 1 and plan.pairs[0] == (None, None):
@@ -328,6 +427,10 @@ def blockwise_backward(
     dq: Tensor, dk: Tensor, dv: Tensor,
 ) -> None:
     """Add this block's gradients into dq, dk, dv (compute dtype, same shapes as q, k, v)."""
+    if fused_enabled(q):
+        _fused_pairs_backward(dout, q, k, v, out, lse, q_index, k_index, q_doc, k_doc, scaling, sliding_window,
+                              plan, dq, dk, dv)
+        return
     for q_rows, k_rows in plan.pairs:
         part_dq, part_dk, part_dv = block_backward(
             take_rows(dout, q_rows, 2), take_rows(q, q_rows, 2), take_rows(k, k_rows, 2), take_rows(v, k_rows, 2),

@@ -81,22 +81,34 @@ def _reduce_heads(x: Tensor, num_kv_heads: int) -> Tensor:
     return x if h == num_kv_heads else x.view(b, num_kv_heads, h // num_kv_heads, t, d).sum(2)
 
 
-def fused_block_forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
-    """out [B, Hq, Tq, D] (float32 or wider) and lse [B, Hq, Tq] of q on (k, v) under mask [B, 1, Tq, Tk]."""
+def _kind_and_keys(mask: Tensor | None, kind: str | None, q: Tensor) -> tuple[str, Tensor]:
+    """The mask kind (classified from the mask when not given) and which query rows see any key [B, 1, Tq]."""
+    if kind in ("full", "causal"):
+        return kind, torch.ones(q.shape[0], 1, q.shape[2], dtype=torch.bool, device=q.device)
+    assert mask is not None, "a 'masked' block needs its mask"
+    return (_mask_kind(mask) if kind is None else kind), mask.any(-1)
+
+
+def fused_block_forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float,
+                        kind: str | None = None) -> tuple[Tensor, Tensor]:
+    """out [B, Hq, Tq, D] (float32 or wider) and lse [B, Hq, Tq] of q on (k, v).
+
+    `kind` 'full' or 'causal' (square, top-left aligned) needs no mask; otherwise mask [B, 1, Tq, Tk] is used."""
     wide = torch.promote_types(q.dtype, torch.float32)
     k, v = (x.contiguous() for x in _expand_heads(k, v, q.shape[1]))
     q = q.contiguous()
-    has_key = mask.any(-1)  # [B, 1, Tq]
-    kind = _mask_kind(mask)
+    kind, has_key = _kind_and_keys(mask, kind, q)
+    if kind == "masked" and mask is not None and bool(mask.all()):
+        kind = "full"
     tq = q.shape[2]
     if q.is_cuda and kind in ("full", "causal") and q.dtype in (torch.float16, torch.bfloat16):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
             q, k, v, 0.0, kind == "causal", False, scale=scaling
         )[:2]
     elif q.is_cuda:
-        bias = None if kind == "full" else _bias(mask, q.dtype, align=16).expand(-1, q.shape[1], -1, -1)
+        bias = None if kind in ("full", "causal") else _bias(mask, q.dtype, align=16).expand(-1, q.shape[1], -1, -1)
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, k, v, bias, True, 0.0, kind == "causal" and bias is None, scale=scaling
+            q, k, v, bias, True, 0.0, kind == "causal", scale=scaling
         )[:2]
         lse = lse[..., :tq]  # the kernel pads its lse to a multiple of 32 rows
     else:
@@ -110,7 +122,8 @@ def fused_block_forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scaling: 
 
 
 def fused_block_backward(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Tensor, scaling: float
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Tensor | None, scaling: float,
+    kind: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Block gradients against the final out/lse of its queries (see common.attention_block_backward)."""
     wide = torch.promote_types(q.dtype, torch.float32)
@@ -118,10 +131,11 @@ def fused_block_backward(
     # The backward kernels assume q, out and grad_out share one memory layout: make all of them contiguous.
     k, v = (x.contiguous() for x in _expand_heads(k, v, q.shape[1]))
     q = q.contiguous()
-    kind = _mask_kind(mask)
+    kind, has_key = _kind_and_keys(mask, kind, q)
+    if kind == "masked" and mask is not None and bool(mask.all()):
+        kind = "full"
     # Queries that see no key of this block were opened fully in the bias (see _bias); give them lse +inf so
     # their probabilities are exp(-inf) = 0 and they add no gradient (likewise queries that see nothing at all).
-    has_key = mask.any(-1)  # [B, 1, Tq]
     lse_in = lse.to(torch.promote_types(q.dtype, torch.float32)).masked_fill(~has_key | torch.isinf(lse), float("inf"))
     dout_c = dout.to(q.dtype).contiguous()
     out_c = out.to(q.dtype).contiguous()
@@ -134,14 +148,14 @@ def fused_block_backward(
             scale=scaling,
         )
     elif q.is_cuda:
-        bias = None if kind == "full" else _bias(mask, q.dtype, align=16).expand(-1, q.shape[1], -1, -1)
+        bias = None if kind in ("full", "causal") else _bias(mask, q.dtype, align=16).expand(-1, q.shape[1], -1, -1)
         tq = q.shape[2]
         padded = -(-tq // 32) * 32
         lse_pad = torch.nn.functional.pad(lse_in, (0, padded - tq), value=float("inf")).contiguous()
         zero = torch.zeros((), dtype=torch.int64, device=q.device)
         dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
             dout_c, q, k, v, bias, out_c, lse_pad, zero, zero, 0.0, [True, True, True, False],
-            kind == "causal" and bias is None, scale=scaling,
+            kind == "causal", scale=scaling,
         )
     else:
         bias = None if kind in ("full", "causal") else _bias(mask, q.dtype)
