@@ -19,15 +19,29 @@ B, T, H, I, V = 2, 37, 32, 96, 64
 TOL = 1e-10
 
 
-def _tiny(arch: str) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny float64 ops gain nothing from threads; on a busy 2-core host the thread pool's spinning costs 5x."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
-    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[arch]
-    config = config_cls(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                        use_cache=False, attn_implementation="eager")
+
+def _config(arch: str):
+    from transformers import LlamaConfig, Qwen2Config
+
+    return {"qwen2": Qwen2Config, "llama": LlamaConfig}[arch](
+        vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, use_cache=False, attn_implementation="eager")
+
+
+def _tiny(arch: str) -> torch.nn.Module:
+    from transformers import LlamaForCausalLM, Qwen2ForCausalLM
+
     torch.manual_seed(0)
-    return model_cls(config).to(torch.float64).train()
+    model_cls = {"qwen2": Qwen2ForCausalLM, "llama": LlamaForCausalLM}[arch]
+    return model_cls(_config(arch)).to(torch.float64).train()
 
 
 def _batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +89,8 @@ def test_state_dict_round_trip_and_reapply():
             p.add_(1.0)
     tiled.load_state_dict(plain.state_dict(), strict=True)  # untiled weights load into the tiled model as-is
     assert apply_tiled_mlp(tiled, 3) == 2  # applying again changes the tile size, does not nest
-    assert tiled.model.layers[1].mlp.tile_tokens == 3 and isinstance(tiled.model.layers[1].mlp.gate_proj, torch.nn.Linear)
+    mlp = tiled.model.layers[1].mlp
+    assert mlp.tile_tokens == 3 and isinstance(mlp.gate_proj, torch.nn.Linear)
     _assert_same(_loss_and_grads(tiled), _loss_and_grads(plain))
     tiled.eval()
     assert not tiled.model.layers[0].mlp.training and not tiled.model.layers[0].mlp.up_proj.training
@@ -117,7 +132,10 @@ def test_tiled_mlp_with_lora():
 
 
 def _mlp_case(tile: int | None):
-    mlp = _tiny("qwen2").model.layers[0].mlp
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
+
+    torch.manual_seed(0)
+    mlp = Qwen2MLP(_config("qwen2")).to(torch.float64)
     if tile is not None:
         mlp = TiledMLP(mlp, tile)
     x = torch.randn(B, T, H, dtype=torch.float64, generator=torch.Generator().manual_seed(5), requires_grad=True)

@@ -203,3 +203,13 @@ def test_run_directory_contents(alpaca_file, tmp_path):
     # the config written is the resolved one and reloads to the same values
     again = load_config(out / "train_config.yaml")
     assert again.train.max_steps == 4 and again.model.dtype == "float64"
+
+
+def test_tiled_mlp_and_offload_keys_give_the_same_training(alpaca_file, tmp_path):
+    """tiled_mlp_tokens / offload_activations change memory, not numbers (float64, 3 steps)."""
+    ref = _run(alpaca_file, tmp_path / "plain", per_device_train_batch_size=4, gradient_checkpointing=True)
+    tiled = _run(alpaca_file, tmp_path / "tiled", per_device_train_batch_size=4, gradient_checkpointing=True,
+                 tiled_mlp_tokens=7, offload_activations=True)
+    for a, b in zip(_losses(tiled), _losses(ref)):
+        assert abs(a - b) <= 1e-10 * abs(b)
+    assert _max_rel(_params(tiled.final_dir), _params(ref.final_dir)) <= 1e-10

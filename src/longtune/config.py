@@ -136,6 +136,12 @@ class TrainConfig:
     warmup_steps: int = _key(0, "Warmup steps (overrides warmup_ratio when > 0).")
     seed: int = _key(42, "Seed for data order, initialisation of adapters, and dropout.")
     gradient_checkpointing: bool = _key(True, "Recompute decoder-layer activations in backward to save memory.")
+    offload_activations: bool = _key(
+        False, "With gradient_checkpointing on a GPU: keep the checkpointed layer inputs in pinned host memory."
+    )
+    tiled_mlp_tokens: int | None = _key(
+        None, "Run each MLP over tiles of this many tokens with recomputation (never T x intermediate at once)."
+    )
     loss_chunk_size: int = _key(
         4096, "Tokens per chunk of the LM head + loss; full-sequence logits are never materialised."
     )
@@ -409,6 +415,10 @@ def validate(cfg: Config, source: str) -> None:
         fail("warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}")
     if t.max_steps <= 0 and t.num_train_epochs <= 0:
         fail("num_train_epochs", "must be > 0 when max_steps is not set")
+    if t.offload_activations and not t.gradient_checkpointing:
+        fail("offload_activations", "needs gradient_checkpointing: true (it offloads the checkpointed inputs)")
+    if t.tiled_mlp_tokens is not None and t.tiled_mlp_tokens <= 0:
+        fail("tiled_mlp_tokens", f"must be > 0, got {t.tiled_mlp_tokens}")
     if t.eval_steps is not None and t.eval_steps <= 0:
         fail("eval_steps", f"must be > 0, got {t.eval_steps}")
     if t.save_total_limit is not None and t.save_total_limit <= 0:

@@ -50,6 +50,7 @@ from longtune.models.loader import (
 )
 from longtune.models.neftune import NEFTune, neftune_scales
 from longtune.optim import build_optimizer, lr_lambda
+from longtune.parallel.activation import apply_tiled_mlp, enable_checkpointing
 from longtune.parallel.fsdp import RootForward, apply_fsdp, full_state_dict, plan_from_config
 from longtune.parallel.mesh import ParallelDims, init_parallel, shutdown_parallel
 from longtune.parallel.sequence import SequenceParallel
@@ -254,6 +255,7 @@ class RunParts:
     hidden_size: int
     autocast_dtype: torch.dtype | None  # bf16 compute over fp32 master weights without FSDP
     reference: Any = None  # callable giving per-sequence reference sums, for stages that use one
+    forward_context: Callable[[], Any] = contextlib.nullcontext  # activation offload (save_on_cpu fallback)
 
 
 def forward_loss(parts: RunParts, rows: list, ids: list[int] | None, cfg: Config, reference: Any = None):
@@ -269,7 +271,7 @@ def forward_loss(parts: RunParts, rows: list, ids: list[int] | None, cfg: Config
         inputs.flags = torch.tensor([bool(getattr(r, "desirable", False)) for r in rows], device=parts.dims.device)
     autocast = (torch.autocast(parts.dims.device.type, dtype=parts.autocast_dtype)
                 if parts.autocast_dtype is not None else contextlib.nullcontext())
-    with autocast:
+    with autocast, parts.forward_context():
         if parts.stage.uses_reference:
             inputs.reference = (reference or parts.reference)(parts.stage, inputs, cfg.train.loss_chunk_size, ids)
         return parts.root(parts.stage.loss, inputs, cfg.train.loss_chunk_size)
@@ -339,15 +341,6 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> RunResult:
         return _train(cfg, dims, log if dims.is_main else (lambda _: None))
     finally:
         shutdown_parallel(dims)
-
-
-def _enable_checkpointing(model: nn.Module) -> None:
-    base = unwrap_base(model)
-    # transformers 5.x renamed the switch; non-reentrant checkpointing works with frozen embeddings (LoRA).
-    if hasattr(base, "activation_checkpointing_enable"):
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def precompute_references(parts: RunParts, cfg: Config, train_examples: list, eval_examples: list, log):
@@ -435,8 +428,12 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunRe
         for p in model.parameters():
             if p.requires_grad or sharding.enabled:
                 p.data = p.data.float()
+    if t.tiled_mlp_tokens:
+        tiled = apply_tiled_mlp(model, t.tiled_mlp_tokens)
+        log(f"tiled MLP: {tiled} layers, {t.tiled_mlp_tokens} tokens per tile")
+    forward_context: Callable[[], Any] = contextlib.nullcontext
     if t.gradient_checkpointing:
-        _enable_checkpointing(model)
+        forward_context = enable_checkpointing(model, t.offload_activations)
     sequence.apply(model, log)
     neftune = NEFTune(unwrap_base(model).get_input_embeddings()) if cfg.data.neftune_noise_alpha else None
     root = RootForward(model)
@@ -448,7 +445,8 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunRe
         root.to(device)
     root.train()
     parts = RunParts(root, dims, sequence, stage, pad_id, neftune, int(model_config.hidden_size),
-                     dtype if low_precision and not sharding.enabled else None)
+                     dtype if low_precision and not sharding.enabled else None,
+                     forward_context=forward_context)
     eval_reference = None
     if stage.uses_reference:
         parts.reference = build_live_reference(cfg, root, dims, dtype, sharding, lambda m: decoder_layer_list(m)[1],
