@@ -138,3 +138,14 @@ def test_lora_under_sp_matches_single_process(alpaca_file, tmp_path):
     launch(1, base_overrides(alpaca_file, tmp_path / "ref", **common))
     launch(2, base_overrides(alpaca_file, tmp_path / "sp2", sequence_parallel_size=2, **common))
     _assert_same(_result(tmp_path / "ref"), _result(tmp_path / "sp2"), "lora sp2")
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 5e-2)])
+def test_low_precision_fsdp_under_sp(alpaca_file, tmp_path, dtype, tol):
+    """FSDP2 + SP in float32 and bf16 (fp32 master weights, bf16 compute) run on gloo and track sp=1."""
+    common = dict(packing=True, per_device_train_batch_size=2, dtype=dtype)
+    launch(1, base_overrides(alpaca_file, tmp_path / "ref", **common))
+    launch(2, base_overrides(alpaca_file, tmp_path / "sp2", sequence_parallel_size=2, **common))
+    ref = [r["loss"] for r in metric_rows(tmp_path / "ref") if "loss" in r]
+    got = [r["loss"] for r in metric_rows(tmp_path / "sp2") if "loss" in r]
+    assert all(abs(a - b) <= tol * abs(b) for a, b in zip(got, ref)), (got, ref)

@@ -122,7 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may come before or after options (`train cfg.yaml --nproc 2 lr=1e-4`): argparse stops
+    # collecting positionals at the first option, so the rest arrive as unknown arguments.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if "=" not in a or a.startswith("-")]
+    if stray or (extra and not hasattr(args, "config_and_overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.config_and_overrides = [*args.config_and_overrides, *extra]
     if args.command is None:
         parser.print_help()
         return 0

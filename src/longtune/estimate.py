@@ -104,16 +104,15 @@ class MemoryEstimate:
         return sum(self.at_peak.values())
 
 
-# Tensors alive while one decoder layer is recomputed and back-propagated (non-reentrant checkpointing, SDPA),
-# in units of T_local * width * bytes. Counted from the HF Qwen2/Llama layer: two RMSNorms keep their normalised
-# input and output (2 H each); q, rotate_half(q), rope(q), attention output, its contiguous copy and the
-# residual sum (6 H); k, v, rotate_half(k), rope(k) (4 KV); gate, up, act(gate), act*up (4 I) plus, in the MLP
-# backward, the gradients of act*up and of gate/up (3 I); and the incoming/outgoing hidden gradients (3 H).
-LAYER_HIDDEN_WIDTHS = 13
-LAYER_KV_WIDTHS = 4
-LAYER_INTERMEDIATE_WIDTHS = 7
-# Outside the layers: the final norm's input, normalised input and output, and the loss-token copy the chunked
-# head reads from (4 H), and the gradient of that copy being accumulated during the loss backward (1 H).
+# Tensors alive at the peak of one decoder layer's recompute + backward (non-reentrant checkpointing, SDPA),
+# in units of T_local * width * bytes, counted with `longtune bench --tensor-memory` on the HF Qwen2 layer (the
+# peak falls in the MLP backward): the attention half's saved tensors and the hidden gradients (8 H, 2 KV), and
+# gate, up, act(gate), act*up plus two of their gradients (6 I).
+LAYER_HIDDEN_WIDTHS = 8
+LAYER_KV_WIDTHS = 2
+LAYER_INTERMEDIATE_WIDTHS = 6
+# Outside the layers, alive until the loss backward is done: the final norm's input, normalised input and output,
+# and the loss-token copy the chunked head reads from.
 OUTSIDE_HIDDEN_WIDTHS = 4
 # One loss chunk in its backward: the recomputed logits' log-softmax, the gradient from the NLL, and the
 # gradient of the logits (3 x chunk x vocab), in fp32 whatever the compute dtype.
@@ -130,10 +129,11 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
                    gathered root (embeddings, head) plus two layers with FSDP
       grads        P_t * 4 / S (+ one layer's unsharded grads with FSDP)
       optimizer    AdamW: 2 fp32 states per trainable parameter, / S (bf16: the fp32 masters are counted in params)
-      activations  checkpointed layer inputs L * T * H * b, plus the final norm / loss inputs (4 T H b) and rope
-                   cos/sin (2 T head_dim b); without checkpointing every layer keeps its working set
+      activations  checkpointed layer inputs L * T * H * b and rope cos/sin (2 T head_dim b), plus the final
+                   norm / loss inputs (4 T H b, freed once the loss backward is done); without checkpointing every
+                   layer keeps its working set instead of its input
       layer_recompute   one layer's working set during its recompute + backward:
-                   T * (13 H + 4 KV + 7 I) * b (see LAYER_*_WIDTHS)
+                   T * (8 H + 2 KV + 6 I) * b (see LAYER_*_WIDTHS)
       logits_chunk C * V * 4 bytes * 3 (log-softmax, NLL grad, logits grad, fp32)
       attention_workspace  fused kernels: the log-sum-exp (heads x T x 4); SP/document attention adds K/V
                    send/receive buffers (4 T KV b) and fp32 dq/dkv accumulators (T (H + 2 KV) 4); the math kernel
@@ -141,8 +141,8 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
       optimizer_step_temp  foreach AdamW's sqrt(v) temporary: P_t * 4 / S
     The peak is the largest of four moments (what is alive when):
       loss_backward    params + optimizer + all activations + head grads + logits_chunk
-      last_layer       params + optimizer + all activations + head grads + layer_recompute + attention_workspace
-      first_layer      params + optimizer + one layer's activations + all grads + layer_recompute + attention
+      last_layer       params + optimizer + layer checkpoints + head grads + layer_recompute + attention_workspace
+      first_layer      params + optimizer + one checkpoint + all grads + layer_recompute + attention_workspace
       optimizer_step   params + optimizer + grads + optimizer_step_temp
     """
     b = DTYPE_BYTES[setup.dtype]
@@ -165,8 +165,9 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
     optimizer = 2 * Pt * 4 // shard
     layer_recompute = T * (LAYER_HIDDEN_WIDTHS * H + LAYER_KV_WIDTHS * KV + LAYER_INTERMEDIATE_WIDTHS * I) * b
     checkpoint_per_layer = T * H * b if setup.gradient_checkpointing else layer_recompute
-    outside = T * (OUTSIDE_HIDDEN_WIDTHS * H + 2 * shape.head_dim) * b
-    activations = L * checkpoint_per_layer + outside
+    rope = 2 * T * shape.head_dim * b
+    outside = T * OUTSIDE_HIDDEN_WIDTHS * H * b
+    activations = L * checkpoint_per_layer + rope + outside
     logits_chunk = min(setup.loss_chunk_size, T) * V * 4 * LOGITS_COPIES
     attention = shape.num_heads * T * 4
     if setup.sp_attention or setup.sp > 1:
@@ -191,9 +192,9 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
     candidates = {
         "loss_backward": {**zero, **static, "grads": head_grads, "activations": activations,
                           "logits_chunk": logits_chunk},
-        "last_layer": {**zero, **static, "grads": head_grads, "activations": activations,
+        "last_layer": {**zero, **static, "grads": head_grads, "activations": L * checkpoint_per_layer + rope,
                        "layer_recompute": layer_recompute, "attention_workspace": attention},
-        "first_layer": {**zero, **static, "grads": grads, "activations": checkpoint_per_layer + outside // 2,
+        "first_layer": {**zero, **static, "grads": grads, "activations": checkpoint_per_layer + rope,
                         "layer_recompute": layer_recompute, "attention_workspace": attention},
         "optimizer_step": {**zero, **static, "grads": grads, "optimizer_step_temp": step_temp},
     }

@@ -51,7 +51,7 @@ from longtune.models.loader import (
 from longtune.models.neftune import NEFTune, neftune_scales
 from longtune.optim import build_optimizer, lr_lambda
 from longtune.parallel.activation import apply_tiled_mlp, enable_checkpointing
-from longtune.parallel.fsdp import RootForward, apply_fsdp, full_state_dict, plan_from_config
+from longtune.parallel.fsdp import RootForward, apply_fsdp, full_state_dict, gradient_scale, plan_from_config
 from longtune.parallel.mesh import ParallelDims, init_parallel, shutdown_parallel
 from longtune.parallel.sequence import SequenceParallel
 from longtune.reference import (
@@ -455,8 +455,6 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunRe
             parts.reference, eval_reference = precompute_references(parts, cfg, train_examples, eval_examples, log)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
-    if sharding.enabled:
-        trainable, total_params = trainable * dims.world_size, total_params * dims.world_size  # local shards
 
     plan = plan_steps(len(train_examples), t, dims.dp)
     optimizer = build_optimizer(root, t)
@@ -477,12 +475,13 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunRe
         )
     log(
         f"run: {out} | {len(train_examples)} train / {len(eval_examples)} eval rows | "
-        f"{plan.total_steps} steps ({plan.steps_per_epoch}/epoch) | trainable ~{trainable:,} of ~{total_params:,} "
+        f"{plan.total_steps} steps ({plan.steps_per_epoch}/epoch) | trainable {trainable:,} of {total_params:,} "
         f"params | {cfg.model.finetuning_type} | {dtype} on {device} x {dims.world_size}"
         f"{' | FSDP2' + (' + CPU offload' if sharding.offload else '') if sharding.enabled else ''}"
     )
 
     params = [p for p in root.parameters() if p.requires_grad]
+    backward_scale = gradient_scale(sharding, dims)
     eval_every = t.eval_steps or t.logging_steps
     progress = _progress_bar(plan.total_steps, start_step, disabled=t.disable_tqdm or not dims.is_main)
     step = start_step
@@ -505,7 +504,7 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunRe
                 ids = micro[index] if index < len(micro) else []
                 rows = [train_examples[i] for i in ids] or [blank_like(train_examples[everyone[0]])]
                 result = forward_loss(parts, rows, ids, cfg)
-                (result.loss_sum / max(step_norm, 1)).backward()
+                (result.loss_sum * (backward_scale / max(step_norm, 1))).backward()
                 loss_local += result.loss_sum.detach().to(torch.float64)
                 if result.metrics is not None:
                     metric_sums += result.metrics.to(device)

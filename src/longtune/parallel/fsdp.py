@@ -3,8 +3,8 @@ state are sharded over the whole world; bf16/fp16 compute with fp32 master weigh
 MixedPrecisionPolicy; optional CPU offload of parameters and optimizer state.
 
 Why every rank (not only dp): SP ranks hold identical parameters, so sharding over them too divides the
-parameter memory by sp as well. Gradients are *summed* (divide factor 1): each rank's loss is already its share
-of one global, token-normalised sum.
+parameter memory by sp as well. Gradients must be *summed*: each rank's loss is already its share of one global,
+token-normalised sum (see gradient_scale).
 """
 
 from __future__ import annotations
@@ -89,11 +89,14 @@ def apply_fsdp(root: RootForward, dims: ParallelDims, layers: nn.ModuleList, com
         fully_shard(layer, reshard_after_forward=plan.reshard_after_forward, **kwargs)
     # The root's parameters are needed again right at the start of backward: keep them gathered.
     fully_shard(root, reshard_after_forward=False, **kwargs)
-    from torch.distributed.fsdp import FSDPModule
+    # FSDP averages gradients over the world; the trainer multiplies its backward loss by the world size
+    # (gradient_scale) so that the result is the sum. (A divide factor of 1 would need ReduceOp.PREMUL_SUM,
+    # which gloo lacks.)
 
-    for module in root.modules():  # the factor is per parameter group, not inherited
-        if isinstance(module, FSDPModule):
-            module.set_gradient_divide_factor(1.0)
+
+def gradient_scale(plan: ShardingPlan, dims: ParallelDims) -> float:
+    """Factor on the backward loss that turns FSDP's gradient average over all ranks into their sum."""
+    return float(dims.world_size) if plan.enabled else 1.0
 
 
 def is_fsdp(module: nn.Module) -> bool:

@@ -95,7 +95,8 @@ def fused_block_forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, sc
 
     `kind` 'full' or 'causal' (square, top-left aligned) needs no mask; otherwise mask [B, 1, Tq, Tk] is used."""
     wide = torch.promote_types(q.dtype, torch.float32)
-    k, v = (x.contiguous() for x in _expand_heads(k, v, q.shape[1]))
+    # Under autocast the projections may come back in different dtypes; the aten kernels need one.
+    k, v = (x.to(q.dtype).contiguous() for x in _expand_heads(k, v, q.shape[1]))
     q = q.contiguous()
     kind, has_key = _kind_and_keys(mask, kind, q)
     if kind == "masked" and mask is not None and bool(mask.all()):
@@ -129,7 +130,8 @@ def fused_block_backward(
     wide = torch.promote_types(q.dtype, torch.float32)
     num_kv = k.shape[1]
     # The backward kernels assume q, out and grad_out share one memory layout: make all of them contiguous.
-    k, v = (x.contiguous() for x in _expand_heads(k, v, q.shape[1]))
+    # Under autocast the projections may come back in different dtypes; the aten kernels need one.
+    k, v = (x.to(q.dtype).contiguous() for x in _expand_heads(k, v, q.shape[1]))
     q = q.contiguous()
     kind, has_key = _kind_and_keys(mask, kind, q)
     if kind == "masked" and mask is not None and bool(mask.all()):
