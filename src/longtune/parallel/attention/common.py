@@ -352,12 +352,8 @@ def plan_blocks(
     )
 
 
-def _fused_pairs_forward(q, k, v, q_index, k_index, q_doc, k_doc, scaling, sliding_window, plan):
-    """Fused kernels per visible piece pair, merged by lse per query piece (slices are views, no copies)."""
-    b, h, tq, d = q.shape
-    dtype = compute_dtype(q.dtype)
-    out = q.new_zeros(b, h, tq, d, dtype=dtype)
-    lse = q.new_full((b, h, tq), float("-inf"), dtype=dtype)
+def _piece_pair_blocks(plan: BlockPlan, q_index, k_index, q_doc, k_doc, sliding_window):
+    """(query slice, key slice, kind, mask or None) for each visible piece pair; masks only for 'masked'."""
     qs, ks = plan.q_piece, plan.k_piece
     for i, j, kind in plan.piece_pairs:
         qsl, ksl = slice(i * qs, (i + 1) * qs), slice(j * ks, (j + 1) * ks)
@@ -365,6 +361,16 @@ def _fused_pairs_forward(q, k, v, q_index, k_index, q_doc, k_doc, scaling, slidi
         if kind == "masked":
             mask = visibility_mask(q_index[:, qsl], k_index[:, ksl], q_doc[:, qsl], k_doc[:, ksl],
                                    sliding_window).unsqueeze(1)
+        yield qsl, ksl, kind, mask
+
+
+def _fused_pairs_forward(q, k, v, q_index, k_index, q_doc, k_doc, scaling, sliding_window, plan):
+    """Fused kernels per visible piece pair, merged by lse per query piece (slices are views, no copies)."""
+    b, h, tq, d = q.shape
+    dtype = compute_dtype(q.dtype)
+    out = q.new_zeros(b, h, tq, d, dtype=dtype)
+    lse = q.new_full((b, h, tq), float("-inf"), dtype=dtype)
+    for qsl, ksl, kind, mask in _piece_pair_blocks(plan, q_index, k_index, q_doc, k_doc, sliding_window):
         part_out, part_lse = fused_block_forward(q[:, :, qsl], k[:, :, ksl], v[:, :, ksl], mask, scaling, kind)
         out[:, :, qsl], lse[:, :, qsl] = merge_partials(out[:, :, qsl], lse[:, :, qsl], part_out, part_lse)
     return out, lse
@@ -372,13 +378,7 @@ def _fused_pairs_forward(q, k, v, q_index, k_index, q_doc, k_doc, scaling, slidi
 
 def _fused_pairs_backward(dout, q, k, v, out, lse, q_index, k_index, q_doc, k_doc, scaling, sliding_window,
                           plan, dq, dk, dv) -> None:
-    qs, ks = plan.q_piece, plan.k_piece
-    for i, j, kind in plan.piece_pairs:
-        qsl, ksl = slice(i * qs, (i + 1) * qs), slice(j * ks, (j + 1) * ks)
-        mask = None
-        if kind == "masked":
-            mask = visibility_mask(q_index[:, qsl], k_index[:, ksl], q_doc[:, qsl], k_doc[:, ksl],
-                                   sliding_window).unsqueeze(1)
+    for qsl, ksl, kind, mask in _piece_pair_blocks(plan, q_index, k_index, q_doc, k_doc, sliding_window):
         part_dq, part_dk, part_dv = fused_block_backward(
             dout[:, :, qsl], q[:, :, qsl], k[:, :, ksl], v[:, :, ksl], out[:, :, qsl], lse[:, :, qsl], mask,
             scaling, kind,
