@@ -9,6 +9,8 @@ import traceback
 
 from longtune import __version__
 from longtune.errors import LongtuneError
+from longtune.bench import add_bench_parser
+from longtune.estimate import add_estimate_parser
 from longtune.preview import add_data_parser
 
 CONFIG_DOC = "docs/config.md (every key with type, default and meaning)"
@@ -20,6 +22,8 @@ commands:
   train    train from a LLaMA-Factory-style YAML (+ key=value overrides)
   export   write a Hugging Face model directory from a run or checkpoint (optionally merging LoRA)
   data     preview the training data: rendered samples with trained tokens marked, length statistics
+  estimate predicted peak memory per GPU, broken down; suggests sequence_parallel_size
+  bench    max length / tokens per second / peak memory / MFU, ours vs a plain HF baseline
 
 Config keys: {CONFIG_DOC}.
 """
@@ -117,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     export.set_defaults(func=cmd_export)
     add_data_parser(sub)
+    add_estimate_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

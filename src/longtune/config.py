@@ -143,7 +143,9 @@ class TrainConfig:
         None, "Run each MLP over tiles of this many tokens with recomputation (never T x intermediate at once)."
     )
     loss_chunk_size: int = _key(
-        4096, "Tokens per chunk of the LM head + loss; full-sequence logits are never materialised."
+        1024,
+        "Tokens per chunk of the LM head + loss; full-sequence logits are never materialised (one chunk's "
+        "backward holds ~3 fp32 copies of chunk x vocab).",
     )
     logging_steps: int = _key(10, "Write a metrics.jsonl row every N optimizer steps (and the first and last).")
     save_steps: int = _key(500, "Save a checkpoint every N optimizer steps (0: only at the end).")

@@ -16,6 +16,9 @@ from longtune.errors import ConfigError
 
 GIB = 2**30
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+# A configuration "fits" when its estimate is at most this share of the GPU memory: the rest is for what the
+# estimate leaves out (allocator fragmentation, the CUDA context, NCCL buffers).
+USABLE_FRACTION = 0.9
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,8 @@ class TrainSetup:
     dtype: str = "float32"  # compute dtype; bf16/fp16 keep fp32 masters of trainable weights
     trainable_params: int | None = None  # None: full fine-tuning
     gradient_checkpointing: bool = True
+    offload_activations: bool = False  # checkpointed layer inputs live in host memory
+    tiled_mlp_tokens: int | None = None  # the MLP runs over tiles of this many tokens
     loss_chunk_size: int = 4096
     math_attention: bool = False  # attention_kernel: math materialises score blocks
     sp_attention: bool = False  # the SP / document-aware attention (ring buffers, fp32 accumulators)
@@ -131,9 +136,11 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
       optimizer    AdamW: 2 fp32 states per trainable parameter, / S (bf16: the fp32 masters are counted in params)
       activations  checkpointed layer inputs L * T * H * b and rope cos/sin (2 T head_dim b), plus the final
                    norm / loss inputs (4 T H b, freed once the loss backward is done); without checkpointing every
-                   layer keeps its working set instead of its input
+                   layer keeps its working set instead of its input; offload_activations keeps 2 layers' inputs
+                   on the GPU instead of L
       layer_recompute   one layer's working set during its recompute + backward:
-                   T * (8 H + 2 KV + 6 I) * b (see LAYER_*_WIDTHS)
+                   T * (8 H + 2 KV + 6 I) * b (see LAYER_*_WIDTHS); with tiled_mlp_tokens = t the 6 I term is
+                   min(t, T) * 6 I * b plus one T * H * b copy of the tile inputs
       logits_chunk C * V * 4 bytes * 3 (log-softmax, NLL grad, logits grad, fp32)
       attention_workspace  fused kernels: the log-sum-exp (heads x T x 4); SP/document attention adds K/V
                    send/receive buffers (4 T KV b) and fp32 dq/dkv accumulators (T (H + 2 KV) 4); the math kernel
@@ -163,11 +170,20 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
         params += (root + 2 * shape.layer_params) * b if setup.fsdp else P * b
     grads = Pt * 4 // shard + (shape.layer_params * 4 if setup.fsdp else 0)
     optimizer = 2 * Pt * 4 // shard
-    layer_recompute = T * (LAYER_HIDDEN_WIDTHS * H + LAYER_KV_WIDTHS * KV + LAYER_INTERMEDIATE_WIDTHS * I) * b
-    checkpoint_per_layer = T * H * b if setup.gradient_checkpointing else layer_recompute
+    # Without FSDP, bf16 runs under autocast over fp32 weights: the residual stream (embeddings + residual adds),
+    # hence the checkpointed layer inputs, stays fp32. FSDP's bf16 parameters make it bf16.
+    hb = 4 if low_precision and not setup.fsdp else b
+    layer_recompute = T * (LAYER_HIDDEN_WIDTHS * H + LAYER_KV_WIDTHS * KV) * b
+    if setup.tiled_mlp_tokens:  # the tile inputs (one copy of the MLP input) + one tile's intermediates
+        layer_recompute += T * H * b + min(setup.tiled_mlp_tokens, T) * LAYER_INTERMEDIATE_WIDTHS * I * b
+    else:
+        layer_recompute += T * LAYER_INTERMEDIATE_WIDTHS * I * b
+    checkpoint_per_layer = T * H * hb if setup.gradient_checkpointing else layer_recompute
+    # Offloaded checkpoints: on the GPU only the layer being recomputed and the one being fetched.
+    on_gpu_layers = min(L, 2) if setup.offload_activations else L
     rope = 2 * T * shape.head_dim * b
-    outside = T * OUTSIDE_HIDDEN_WIDTHS * H * b
-    activations = L * checkpoint_per_layer + rope + outside
+    outside = T * OUTSIDE_HIDDEN_WIDTHS * H * hb
+    activations = on_gpu_layers * checkpoint_per_layer + rope + outside
     logits_chunk = min(setup.loss_chunk_size, T) * V * 4 * LOGITS_COPIES
     attention = shape.num_heads * T * 4
     if setup.sp_attention or setup.sp > 1:
@@ -192,7 +208,7 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
     candidates = {
         "loss_backward": {**zero, **static, "grads": head_grads, "activations": activations,
                           "logits_chunk": logits_chunk},
-        "last_layer": {**zero, **static, "grads": head_grads, "activations": L * checkpoint_per_layer + rope,
+        "last_layer": {**zero, **static, "grads": head_grads, "activations": on_gpu_layers * checkpoint_per_layer + rope,
                        "layer_recompute": layer_recompute, "attention_workspace": attention},
         "first_layer": {**zero, **static, "grads": grads, "activations": checkpoint_per_layer + rope,
                         "layer_recompute": layer_recompute, "attention_workspace": attention},
@@ -234,6 +250,8 @@ def setup_from_config(cfg, shape: ModelShape, gpus: int, tokens: int | None = No
         dtype=cfg.compute_dtype,
         trainable_params=trainable,
         gradient_checkpointing=t.gradient_checkpointing,
+        offload_activations=t.offload_activations,
+        tiled_mlp_tokens=t.tiled_mlp_tokens,
         loss_chunk_size=t.loss_chunk_size,
         math_attention=p.attention_kernel == "math",
         sp_attention=cfg.packing or pairs,
@@ -246,9 +264,10 @@ def sp_degrees(gpus: int) -> list[int]:
 
 
 def suggest_sp(shape: ModelShape, setup: TrainSetup, gpu_mem: int) -> tuple[int | None, dict[int, MemoryEstimate]]:
-    """The smallest SP degree whose estimate fits `gpu_mem` bytes (None if none does), and every estimate."""
+    """The smallest SP degree whose estimate fits USABLE_FRACTION of `gpu_mem` bytes (None if none does), and
+    every estimate."""
     table = {sp: estimate_memory(shape, replace(setup, sp=sp)) for sp in sp_degrees(setup.world_size)}
-    fitting = [sp for sp, est in table.items() if est.total <= gpu_mem]
+    fitting = [sp for sp, est in table.items() if est.total <= USABLE_FRACTION * gpu_mem]
     return (fitting[0] if fitting else None), table
 
 
@@ -266,7 +285,7 @@ def parse_size(text: str) -> int:
 
 
 def _gib(n: int) -> str:
-    return f"{n / GIB:.2f}"
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
 
 
 def format_estimate(shape: ModelShape, setup: TrainSetup, gpu_mem: int) -> str:
@@ -281,7 +300,7 @@ def format_estimate(shape: ModelShape, setup: TrainSetup, gpu_mem: int) -> str:
         f"FSDP {'on' if setup.fsdp else 'off'}, checkpointing {'on' if setup.gradient_checkpointing else 'off'}, "
         f"loss_chunk_size {setup.loss_chunk_size}",
         "",
-        f"breakdown at sequence_parallel_size={setup.sp} (GiB; 'at peak' = alive at the peak moment, "
+        f"breakdown at sequence_parallel_size={setup.sp} ('at peak' = alive at the peak moment, "
         f"'{chosen.peak_moment}'):",
         "| term | size | at peak |",
         "| --- | --- | --- |",
@@ -289,18 +308,19 @@ def format_estimate(shape: ModelShape, setup: TrainSetup, gpu_mem: int) -> str:
     for name, size in chosen.components.items():
         lines.append(f"| {name} | {_gib(size)} | {_gib(chosen.at_peak[name])} |")
     lines.append(f"| **total (peak)** | | **{_gib(chosen.total)}** |")
-    lines += ["", f"per-GPU peak by SP degree (GPU memory {_gib(gpu_mem)} GiB):",
+    lines += ["", f"per-GPU peak by SP degree (GPU memory {_gib(gpu_mem)}):",
               "| sequence_parallel_size | tokens per rank | activations | peak | fits |", "| --- | --- | --- | --- | --- |"]
     for sp, est in table.items():
         tokens = replace(setup, sp=sp).local_tokens
         lines.append(f"| {sp} | {tokens} | {_gib(est.components['activations'])} | {_gib(est.total)} | "
-                     f"{'yes' if est.total <= gpu_mem else 'no'} |")
+                     f"{'yes' if est.total <= USABLE_FRACTION * gpu_mem else 'no'} |")
     if best is None:
         lines.append(f"suggestion: no SP degree up to {setup.world_size} fits; use more GPUs, LoRA, "
                      "offload_params: true, or a shorter cutoff_len")
     else:
         lines.append(f"suggestion: sequence_parallel_size: {best}")
-    lines.append("(an estimate: allocator fragmentation, CUDA context and NCCL buffers come on top, ~1-3 GiB)")
+    lines.append(f"(fits = estimate <= {USABLE_FRACTION:.0%} of the GPU memory; the rest is for allocator "
+                 "fragmentation, the CUDA context and NCCL buffers, which the estimate leaves out)")
     return "\n".join(lines)
 
 
