@@ -106,3 +106,10 @@ def test_cpu_512_16k_ours_vs_baseline_memory():
     base = run_in_subprocess(BenchCase("cpu-512", "sft", "baseline", 16384, 2))
     assert ours["status"] == base["status"] == "ok", (ours, base)
     assert ours["peak_mem_mib"] / base["peak_mem_mib"] <= 0.35, (ours["peak_mem_mib"], base["peak_mem_mib"])
+
+
+def test_bench_uses_the_trainer_default_loss_chunk():
+    from longtune.bench import DEFAULT_LOSS_CHUNK
+    from longtune.config import TrainConfig
+
+    assert DEFAULT_LOSS_CHUNK == TrainConfig.__dataclass_fields__["loss_chunk_size"].default

@@ -149,3 +149,15 @@ def test_low_precision_fsdp_under_sp(alpaca_file, tmp_path, dtype, tol):
     ref = [r["loss"] for r in metric_rows(tmp_path / "ref") if "loss" in r]
     got = [r["loss"] for r in metric_rows(tmp_path / "sp2") if "loss" in r]
     assert all(abs(a - b) <= tol * abs(b) for a, b in zip(got, ref)), (got, ref)
+
+
+def test_deepspeed_zero3_offload_json_maps_to_fsdp_offload(alpaca_file, tmp_path):
+    """A LLaMA-Factory-style `deepspeed: ds_z3_offload_config.json` runs as FSDP2 with CPU offload, exactly."""
+    ds = tmp_path / "ds_z3_offload_config.json"
+    ds.write_text(json.dumps({"train_batch_size": "auto", "zero_optimization": {
+        "stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
+        "offload_param": {"device": "cpu", "pin_memory": True}}}))
+    common = dict(packing=True, per_device_train_batch_size=2)
+    launch(1, base_overrides(alpaca_file, tmp_path / "ref", **common))
+    launch(2, base_overrides(alpaca_file, tmp_path / "ds", sequence_parallel_size=2, deepspeed=str(ds), **common))
+    _assert_same(_result(tmp_path / "ref"), _result(tmp_path / "ds"), "deepspeed z3 offload")

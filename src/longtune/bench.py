@@ -45,7 +45,7 @@ FLOP_CONVENTION = (
     "attention counted as full (not halved for causality), activation recompute not counted. "
     "MFU = FLOPs per step / step time / 989e12 (H100 dense bf16 peak)."
 )
-DEFAULT_LOSS_CHUNK = 4096
+DEFAULT_LOSS_CHUNK = 1024  # TrainConfig.loss_chunk_size's default (checked by a test)
 SEARCH_START = 4096
 
 

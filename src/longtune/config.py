@@ -105,6 +105,7 @@ class DataConfig:
     )
     overwrite_cache: bool = _key(False, "Re-tokenize even if a cached copy exists.")
     preprocessing_num_workers: int | None = _key(None, "Accepted for LLaMA-Factory compatibility; ignored.")
+    dataloader_num_workers: int | None = _key(None, "Accepted for LLaMA-Factory compatibility; ignored.")
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,8 @@ def apply_fsdp(root: RootForward, dims: ParallelDims, layers: nn.ModuleList, com
         # Master weights stay fp32 (the optimizer steps on them); compute in bf16/fp16; reduce grads in fp32.
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     if plan.offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+        # Pinned host memory needs an accelerator; on a CPU-only run the policy still runs, unpinned.
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=dims.device.type == "cuda")
     for layer in layers:
         fully_shard(layer, reshard_after_forward=plan.reshard_after_forward, **kwargs)
     # The root's parameters are needed again right at the start of backward: keep them gathered.
