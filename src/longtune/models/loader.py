@@ -78,7 +78,7 @@ def load_reward_model(model_cfg: ModelConfig, dtype: torch.dtype) -> nn.Module:
             model = AutoModelForSequenceClassification.from_config(config).to(dtype)
         missing, _ = model.load_state_dict(causal.state_dict(), strict=False)
         assert all(k.startswith("score.") for k in missing), missing
-        model.config._attn_implementation = attention_implementation(model_cfg, dtype)
+        model.set_attn_implementation(attention_implementation(model_cfg, dtype))
         return model
     from transformers import AutoModelForSequenceClassification
 
@@ -105,7 +105,7 @@ def load_model(model_cfg: ModelConfig, dtype: torch.dtype, task: str = "causal")
     assert name is not None
     if is_builtin_model(name):
         model = build_builtin_model(name, dtype=dtype)
-        model.config._attn_implementation = attention_implementation(model_cfg, dtype)
+        model.set_attn_implementation(attention_implementation(model_cfg, dtype))
         return model
     from transformers import AutoModelForCausalLM
 
