@@ -34,7 +34,8 @@ def main() -> int:
             print(f"| {model} | {stage} | {length} | {chunk} | {row['status']} | | | |")
             continue
         shape = ModelShape.from_hf_config(qwen2_config(model, length))
-        est = estimate_memory(shape, TrainSetup(tokens=length, loss_chunk_size=chunk, sp_attention=stage == "dpo"))
+        est = estimate_memory(shape, TrainSetup(tokens=length, loss_chunk_size=chunk, sp_attention=stage == "dpo",
+                                                   fused_loss=stage == "sft"))
         measured, predicted = row["peak_tensor_mib"], est.total / 2**20
         error = (predicted - measured) / measured
         worst = max(worst, abs(error))

@@ -21,10 +21,11 @@ def _case(seed=0, B=2, T=37, H=16, V=50):
     return hidden, head, labels
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "checkpointed"])
 @pytest.mark.parametrize("chunk", [1, 5, 16, 1000])
-def test_chunked_loss_equals_full_logits(chunk):
+def test_chunked_loss_equals_full_logits(chunk, fused):
     hidden, head, labels = _case()
-    loss_sum, count = chunked_lm_loss(hidden, labels, head, chunk)
+    loss_sum, count = chunked_lm_loss(hidden, labels, head, chunk, fused=fused)
     loss_sum.backward()
     got_h, got_w = hidden.grad.clone(), head.weight.grad.clone()
     hidden.grad = None
@@ -37,6 +38,71 @@ def test_chunked_loss_equals_full_logits(chunk):
     assert abs(float(loss_sum) - float(ref)) <= 1e-10 * abs(float(ref))
     torch.testing.assert_close(got_h, hidden.grad, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(got_w, head.weight.grad, rtol=1e-10, atol=1e-12)
+
+
+def _grads(loss, *tensors):
+    return torch.autograd.grad(loss, tensors, retain_graph=True)
+
+
+def test_fused_loss_with_bias_frozen_weight_and_scaled_backward():
+    """The fused path's gradients are fixed in forward and scaled in backward: check a non-unit upstream
+    gradient, a bias, and a frozen head (no weight gradient wanted) against full float64 logits."""
+    hidden, _, labels = _case(seed=3, T=29)
+    g = torch.Generator().manual_seed(7)
+    head = torch.nn.Linear(16, 50, bias=True, dtype=torch.float64)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(50, 16, dtype=torch.float64, generator=g))
+        head.bias.copy_(torch.randn(50, dtype=torch.float64, generator=g))
+    loss_sum, _ = chunked_lm_loss(hidden, labels, head, 7)
+    got = _grads(loss_sum * -2.5, hidden, head.weight, head.bias)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        _grads(loss_sum, hidden)
+    logits = head(hidden).reshape(-1, 50)
+    ref = F.cross_entropy(logits, labels.reshape(-1), reduction="sum", ignore_index=IGNORE_INDEX)
+    want = _grads(ref * -2.5, hidden, head.weight, head.bias)
+    assert abs(float(loss_sum) - float(ref)) <= 1e-12 * abs(float(ref))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    head.requires_grad_(False)
+    loss_sum, _ = chunked_lm_loss(hidden, labels, head, 7)
+    (grad_h,) = _grads(loss_sum, hidden)
+    torch.testing.assert_close(grad_h, _grads(ref, hidden)[0], rtol=1e-10, atol=1e-12)
+
+
+def test_fused_loss_under_bf16_autocast_matches_checkpointed():
+    """Under autocast both paths run the head matmuls in bf16 and the softmax in fp32: same loss, gradients in
+    the parameters' own dtypes, and errors against float64 at bf16 level (the fused one no worse)."""
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(300, 64, generator=g, requires_grad=True)
+    head = torch.nn.Linear(64, 500, bias=False)
+    labels = torch.randint(0, 500, (300,), generator=g)
+    h64, w64 = hidden.detach().double().requires_grad_(), head.weight.detach().double().requires_grad_()
+    ref = F.cross_entropy(h64 @ w64.T, labels, reduction="sum")
+    ref_h, ref_w = _grads(ref, h64, w64)
+    errors, losses = {}, {}
+    for fused in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss_sum, _ = chunked_lm_loss(hidden, labels, head, 128, fused=fused)
+        grad_h, grad_w = _grads(loss_sum, hidden, head.weight)
+        assert loss_sum.dtype == grad_h.dtype == grad_w.dtype == torch.float32
+        losses[fused] = float(loss_sum)
+        errors[fused] = [float((grad_h - ref_h).abs().max() / ref_h.abs().max()),
+                         float((grad_w - ref_w).abs().max() / ref_w.abs().max())]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+    assert losses[True] == pytest.approx(float(ref), rel=1e-3)
+    for fused_err, ckpt_err in zip(errors[True], errors[False], strict=True):
+        assert fused_err <= 0.02 and fused_err <= 1.25 * ckpt_err + 1e-4
+
+
+def test_lora_wrapped_head_uses_checkpointed_path():
+    from longtune.losses.causal_lm import fused_head_supported
+
+    class Wrapped(torch.nn.Linear):
+        pass
+
+    assert fused_head_supported(torch.nn.Linear(4, 4))
+    assert not fused_head_supported(Wrapped(4, 4))
+    assert not fused_head_supported(torch.nn.Sequential(torch.nn.Linear(4, 4)))
 
 
 def test_no_label_tokens_gives_zero_and_keeps_graph():

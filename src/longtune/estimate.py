@@ -83,6 +83,7 @@ class TrainSetup:
     offload_activations: bool = False  # checkpointed layer inputs live in host memory
     tiled_mlp_tokens: int | None = None  # the MLP runs over tiles of this many tokens
     loss_chunk_size: int = 4096
+    fused_loss: bool = True  # sft/pt: gradients of the head computed in the loss forward (see losses.causal_lm)
     math_attention: bool = False  # attention_kernel: math materialises score blocks
     sp_attention: bool = False  # the SP / document-aware attention (ring buffers, fp32 accumulators)
 
@@ -119,8 +120,8 @@ LAYER_INTERMEDIATE_WIDTHS = 6
 # Outside the layers, alive until the loss backward is done: the final norm's input, normalised input and output,
 # and the loss-token copy the chunked head reads from.
 OUTSIDE_HIDDEN_WIDTHS = 4
-# One loss chunk in its backward: the recomputed logits' log-softmax, the gradient from the NLL, and the
-# gradient of the logits (3 x chunk x vocab), in fp32 whatever the compute dtype.
+# One loss chunk of the checkpointed head (dpo/kto/rm) in its backward: the recomputed logits' log-softmax, the
+# gradient from the NLL, and the gradient of the logits (3 x chunk x vocab), in fp32 whatever the compute dtype.
 LOGITS_COPIES = 3
 
 
@@ -141,13 +142,18 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
       layer_recompute   one layer's working set during its recompute + backward:
                    T * (8 H + 2 KV + 6 I) * b (see LAYER_*_WIDTHS); with tiled_mlp_tokens = t the 6 I term is
                    min(t, T) * 6 I * b plus one T * H * b copy of the tile inputs
-      logits_chunk C * V * 4 bytes * 3 (log-softmax, NLL grad, logits grad, fp32)
+      logits_chunk checkpointed head (dpo/kto/rm): C * V * 4 bytes * 3 (log-softmax, NLL grad, logits grad, fp32);
+                   fused head (sft/pt): C * V * 4 (logits, turned into their gradient in place) + C * V * b
+                   in bf16 (the matmul's output, then the gradient's bf16 copy), plus the head-gradient buffer
+                   V * H * 4 (full size, even under FSDP, when the head is trained) and the hidden-state
+                   gradient of the loss tokens T * H * hb
       attention_workspace  fused kernels: the log-sum-exp (heads x T x 4); SP/document attention adds K/V
                    send/receive buffers (4 T KV b) and fp32 dq/dkv accumulators (T (H + 2 KV) 4); the math kernel
                    adds heads x T x T x 4 x 3 (scores, probabilities, their gradient)
       optimizer_step_temp  foreach AdamW's sqrt(v) temporary: P_t * 4 / S
     The peak is the largest of four moments (what is alive when):
-      loss_backward    params + optimizer + all activations + head grads + logits_chunk
+      loss             params + optimizer + all activations + head grads + logits_chunk (the loss backward of
+                       the checkpointed head, or the forward of the fused one)
       last_layer       params + optimizer + layer checkpoints + head grads + layer_recompute + attention_workspace
       first_layer      params + optimizer + one checkpoint + all grads + layer_recompute + attention_workspace
       optimizer_step   params + optimizer + grads + optimizer_step_temp
@@ -184,7 +190,15 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
     rope = 2 * T * shape.head_dim * b
     outside = T * OUTSIDE_HIDDEN_WIDTHS * H * hb
     activations = on_gpu_layers * checkpoint_per_layer + rope + outside
-    logits_chunk = min(setup.loss_chunk_size, T) * V * 4 * LOGITS_COPIES
+    C = min(setup.loss_chunk_size, T)
+    head_grads = head_trainable * 4 // shard
+    if setup.fused_loss:
+        head_weight_trained = Pt == P  # full fine-tuning (LoRA and freeze leave the head frozen)
+        logits_chunk = C * V * 4 + (C * V * b if low_precision else 0) + T * H * hb
+        loss_grads = V * H * 4 if head_weight_trained else 0
+    else:
+        logits_chunk = C * V * 4 * LOGITS_COPIES
+        loss_grads = head_grads
     attention = shape.num_heads * T * 4
     if setup.sp_attention or setup.sp > 1:
         attention += 4 * T * KV * b + T * (H + 2 * KV) * 4
@@ -194,7 +208,7 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
 
     components = {
         "params": params,
-        "grads": grads,
+        "grads": max(grads, loss_grads),  # the fused head's buffer is full size even under FSDP
         "optimizer": optimizer,
         "activations": activations,
         "layer_recompute": layer_recompute,
@@ -204,10 +218,8 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
     }
     zero = dict.fromkeys(components, 0)
     static = {"params": params, "optimizer": optimizer}
-    head_grads = head_trainable * 4 // shard
     candidates = {
-        "loss_backward": {**zero, **static, "grads": head_grads, "activations": activations,
-                          "logits_chunk": logits_chunk},
+        "loss": {**zero, **static, "grads": loss_grads, "activations": activations, "logits_chunk": logits_chunk},
         "last_layer": {**zero, **static, "grads": head_grads, "activations": on_gpu_layers * checkpoint_per_layer + rope,
                        "layer_recompute": layer_recompute, "attention_workspace": attention},
         "first_layer": {**zero, **static, "grads": grads, "activations": checkpoint_per_layer + rope,
@@ -253,6 +265,7 @@ def setup_from_config(cfg, shape: ModelShape, gpus: int, tokens: int | None = No
         offload_activations=t.offload_activations,
         tiled_mlp_tokens=t.tiled_mlp_tokens,
         loss_chunk_size=t.loss_chunk_size,
+        fused_loss=t.stage in ("sft", "pt"),
         math_attention=p.attention_kernel == "math",
         sp_attention=cfg.packing or pairs,
     )

@@ -1,6 +1,15 @@
-"""Chunked causal-LM loss: the LM head runs over chunks of loss tokens under checkpointing, so full-sequence
-logits (T x V, in fp32) never exist. Returns a token-loss *sum* and a token *count*; the trainer divides by the
-global count of the optimizer step, which is what makes accumulation and (later) parallelism exact."""
+"""Chunked causal-LM loss: the LM head runs over chunks of loss tokens, so full-sequence logits (T x V, in fp32)
+never exist. Returns a token-loss *sum* and a token *count*; the trainer divides by the global count of the
+optimizer step, which is what makes accumulation and parallelism exact.
+
+Two implementations of the same sum:
+- fused (a plain `nn.Linear` head, gradients wanted): each chunk's logits are turned into the gradients of the
+  loss sum with respect to the chunk's hidden states and the head weight right away, in the forward pass; the
+  backward pass only scales them by the incoming scalar. Three head matmuls per chunk, as with full logits, and
+  no recompute. Valid because the loss sum is a scalar, so its gradient is fixed up to that one factor.
+- checkpointed (any other head, e.g. a LoRA-wrapped one): the chunk's head + cross-entropy run under activation
+  checkpointing and are recomputed in backward (four head matmuls per chunk).
+"""
 
 from __future__ import annotations
 
@@ -19,14 +28,86 @@ def _chunk_loss_sum(hidden: Tensor, targets: Tensor, head: nn.Module) -> Tensor:
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+def _compute_dtype(tensor: Tensor) -> torch.dtype:
+    kind = tensor.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return tensor.dtype
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Sum over rows of cross_entropy(hidden @ weight.T + bias, targets), gradients computed in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_size: int):
+        dtype = _compute_dtype(hidden)
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_b = bias is not None and ctx.needs_input_grad[2]
+        acc = torch.promote_types(dtype, torch.float32)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            b = bias.to(dtype) if bias is not None else None
+            grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if want_h else None
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
+            grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if want_b else None
+            total = torch.zeros((), dtype=acc, device=hidden.device)
+            for start in range(0, hidden.shape[0], chunk_size):
+                h = hidden[start : start + chunk_size].to(dtype)
+                y = targets[start : start + chunk_size]
+                logits = F.linear(h, w, b).to(acc)  # softmax in at least fp32
+                lse = torch.logsumexp(logits, dim=-1)
+                rows = torch.arange(y.shape[0], device=y.device)
+                total += (lse - logits[rows, y]).sum()
+                # d(sum of losses)/d(logits) = softmax - onehot, built in place of the logits.
+                probs = logits.sub_(lse.unsqueeze(-1)).exp_()
+                probs[rows, y] -= 1.0
+                g = probs.to(dtype)
+                if grad_h is not None:  # written in place where the dtypes allow: no T x H or V x H temporaries
+                    if grad_h.dtype == dtype:
+                        torch.mm(g, w, out=grad_h[start : start + chunk_size])
+                    else:
+                        grad_h[start : start + chunk_size] = (g @ w).to(hidden.dtype)
+                if grad_w is not None:
+                    if acc == dtype:
+                        grad_w.addmm_(g.t(), h)
+                    else:
+                        grad_w += (g.t() @ h).to(acc)
+                if grad_b is not None:
+                    grad_b += probs.sum(0)
+                del logits, probs, g
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        ctx.used = False
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        # The buffers are scaled in place (no second V x H copy at the start of backward), so they serve one
+        # backward pass; a second one (retain_graph) would see scaled values and is refused.
+        if ctx.used:
+            raise RuntimeError("the fused LM-head loss supports one backward pass per forward")
+        ctx.used = True
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        out_h = grad_h.mul_(grad_out.to(grad_h.dtype)) if grad_h is not None else None
+        out_w = grad_w.mul_(grad_out.to(grad_w.dtype)).to(weight_dtype) if grad_w is not None else None
+        out_b = grad_b.mul_(grad_out.to(grad_b.dtype)).to(bias_dtype) if grad_b is not None else None
+        return out_h, out_w, out_b, None, None
+
+
+def fused_head_supported(head: nn.Module) -> bool:
+    """A plain linear head (not wrapped by an adapter): the fused path can read its weight and bias."""
+    return type(head) is nn.Linear
+
+
 def chunked_lm_loss(
-    hidden: Tensor, labels: Tensor, head: nn.Module, chunk_size: int
+    hidden: Tensor, labels: Tensor, head: nn.Module, chunk_size: int, fused: bool = True
 ) -> tuple[Tensor, Tensor]:
     """Sum of token cross-entropies and the number of loss tokens.
 
     hidden: [..., T, H] final hidden states; labels: [..., T] already shifted (labels[t] is the target of
     position t, IGNORE_INDEX where nothing is trained). Only positions with a label reach the head, so SFT
-    prompts cost no head FLOPs at all.
+    prompts cost no head FLOPs at all. `fused=False` forces the checkpointed path (see the module docstring).
     """
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1)
@@ -37,6 +118,8 @@ def chunked_lm_loss(
         return hidden.sum() * 0.0, count
     sel_hidden = flat_hidden.index_select(0, keep)
     sel_labels = flat_labels.index_select(0, keep)
+    if fused and torch.is_grad_enabled() and fused_head_supported(head):
+        return _FusedLinearCrossEntropy.apply(sel_hidden, head.weight, head.bias, sel_labels, chunk_size), count
     total = None
     for start in range(0, sel_hidden.shape[0], chunk_size):
         h = sel_hidden[start : start + chunk_size]
