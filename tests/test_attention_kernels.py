@@ -148,17 +148,47 @@ def test_block_plan_kinds_agree_with_elementwise_masks(seed, window):
             ki = local_token_index(t, sp, k_rank).expand(2, -1)
             qd, kd = docs.gather(1, qi), docs.gather(1, ki)
             plan = plan_blocks(qi, ki, qd, kd, window, 2, 2)
-            listed = {(i, j): kind for i, j, kind in plan.piece_pairs}
-            for i in range(2):
-                for j in range(2):
-                    qs, ks = slice(i * plan.q_piece, (i + 1) * plan.q_piece), slice(j * plan.k_piece, (j + 1) * plan.k_piece)
-                    mask = visibility_mask(qi[:, qs], ki[:, ks], qd[:, qs], kd[:, ks], window)
-                    kind = listed.get((i, j))
-                    if kind is None:
-                        assert not mask.any()
-                    elif kind == "full":
-                        assert mask.all()
-                    elif kind == "causal":
-                        assert torch.equal(mask, torch.ones_like(mask[0]).tril().expand_as(mask))
-                    else:
-                        assert mask.any()
+            full_mask = visibility_mask(qi, ki, qd, kd, window)
+            covered = torch.zeros(full_mask.shape, dtype=torch.long)
+            for block in plan.blocks:
+                rows, qs, ks = block.rows, block.q, block.k
+                mask = visibility_mask(qi[rows, qs], ki[rows, ks], qd[rows, qs], kd[rows, ks], window)
+                if block.kind == "full":
+                    assert mask.all()
+                elif block.kind == "causal":
+                    assert torch.equal(mask, torch.ones_like(mask[0]).tril().expand_as(mask))
+                else:
+                    assert block.kind == "masked" and mask.any()
+                covered[rows, qs, ks] += mask.long()
+            # The blocks cover every visible (query, key) exactly once and nothing else.
+            assert torch.equal(covered, full_mask.long())
+
+
+def _zigzag_plan(docs: torch.Tensor, sp: int, q_rank: int, k_rank: int):
+    from longtune.parallel.attention.common import plan_blocks
+
+    t = docs.shape[-1]
+    qi = local_token_index(t, sp, q_rank).expand(docs.shape[0], -1)
+    ki = local_token_index(t, sp, k_rank).expand(docs.shape[0], -1)
+    return plan_blocks(qi, ki, docs.gather(1, qi), docs.gather(1, ki), None, 2, 2)
+
+
+def test_packed_rows_of_long_documents_need_no_mask():
+    """A few long documents per piece: one kernel call per shared document, each full or causal, so no
+    [Tq, Tk] mask is built however long the pieces are."""
+    t, sp = 8192, 2
+    docs = torch.zeros(1, t, dtype=torch.long)
+    for cut in (700, 2900, 3000, 6100):
+        docs[:, cut:] += 1
+    kinds = [b.kind for q in range(sp) for k in range(sp) for b in _zigzag_plan(docs, sp, q, k).blocks]
+    assert kinds and set(kinds) <= {"full", "causal"}
+    # One causal call per (zigzag chunk, document in it): the diagonal of each document run.
+    chunks = docs.view(2 * sp, t // (2 * sp))
+    assert kinds.count("causal") == sum(len(torch.unique(c)) for c in chunks) == 8
+
+
+def test_many_tiny_documents_fall_back_to_one_mask_per_piece_pair():
+    t, sp = 2048, 2
+    docs = (torch.arange(t) // 7).unsqueeze(0)  # 293 documents of 7 tokens
+    plan = _zigzag_plan(docs, sp, 0, 0)
+    assert 1 <= len(plan.blocks) <= 4 and {b.kind for b in plan.blocks} == {"masked"}

@@ -251,17 +251,32 @@ def merge_partials(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -
 # computes about half of a full block.
 
 
+@dataclass(frozen=True)
+class Block:
+    """One fused-kernel call: batch rows, query rows and key rows (slices of the local block) and the mask
+    kind — 'full', 'causal' (square, top-left aligned) or 'masked' (needs its own [Tq, Tk] mask)."""
+
+    rows: slice
+    q: slice
+    k: slice
+    kind: str
+
+
 @dataclass
 class BlockPlan:
     """Pairs (query rows, key rows) to compute; None means all rows. An empty list means nothing is visible.
 
-    `piece_pairs` lists every visible (query piece, key piece) with its mask kind — 'full', 'causal' or
-    'masked' — for the fused kernels, which then need no [Tq, Tk] mask for the first two kinds."""
+    `blocks` lists the fused kernels' calls: every visible (query piece, key piece), and, where a piece pair
+    holds several documents, one call per document they share, so packed rows need no mask either."""
 
     pairs: list[tuple[Tensor | None, Tensor | None]]
-    piece_pairs: list[tuple[int, int, str]] = field(default_factory=list)
-    q_piece: int = 0  # rows per query piece
-    k_piece: int = 0
+    blocks: list[Block] = field(default_factory=list)
+
+
+# A piece pair holding several documents is split into one kernel call per shared document, unless that would
+# mean more than this many calls on a pair whose mask is small anyway (many tiny documents): then one masked call.
+MAX_DOCUMENT_CALLS = 32
+SMALL_MASK_ELEMENTS = 1 << 22
 
 
 def _piece_summaries(index: Tensor, doc: Tensor, pieces: int) -> list[tuple[int, int, bool, list[int] | None]]:
@@ -318,21 +333,28 @@ def plan_blocks(
     q_sum = _piece_summaries(q_index, q_doc, q_pieces)
     k_sum = _piece_summaries(k_index, k_doc, k_pieces)
     seen_rows: list[list[bool]] = []
-    piece_pairs: list[tuple[int, int, str]] = []
+    blocks: list[Block] = []
+    every_row = slice(None)
     for i in range(q_pieces):
         row = []
+        qsl = slice(i * qs_size, (i + 1) * qs_size)
         for j in range(k_pieces):
+            ksl = slice(j * ks_size, (j + 1) * ks_size)
             kind = _pair_kind(q_sum[i], k_sum[j], sliding_window)
-            if kind is None:
+            split = None
+            if kind is None and q_sum[i][2] and k_sum[j][2]:
+                split = _document_blocks(q_index, k_index, q_doc, k_doc, qsl, ksl, sliding_window)
+            if split is not None:
+                kind = "split" if split else "none"
+            elif kind is None:
                 # Only this piece pair's mask, and only when the summaries cannot decide.
-                mask = visibility_mask(q_index[:, i * qs_size : (i + 1) * qs_size],
-                                       k_index[:, j * ks_size : (j + 1) * ks_size],
-                                       q_doc[:, i * qs_size : (i + 1) * qs_size],
-                                       k_doc[:, j * ks_size : (j + 1) * ks_size], sliding_window)
+                mask = visibility_mask(q_index[:, qsl], k_index[:, ksl], q_doc[:, qsl], k_doc[:, ksl], sliding_window)
                 kind = "masked" if bool(mask.any()) else "none"
             row.append(kind != "none")
-            if kind != "none":
-                piece_pairs.append((i, j, kind))
+            if kind == "split":
+                blocks += split
+            elif kind != "none":
+                blocks.append(Block(every_row, qsl, ksl, kind))
         seen_rows.append(row)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i in range(q_pieces):
@@ -347,21 +369,59 @@ def plan_blocks(
         return torch.cat([torch.arange(p * size, (p + 1) * size, device=device) for p in pieces])
 
     return BlockPlan(
-        [(rows(qs, q_pieces, qs_size), rows(ks, k_pieces, ks_size)) for ks, qs in groups.items()],
-        piece_pairs, qs_size, ks_size,
+        [(rows(qs, q_pieces, qs_size), rows(ks, k_pieces, ks_size)) for ks, qs in groups.items()], blocks
     )
 
 
-def _piece_pair_blocks(plan: BlockPlan, q_index, k_index, q_doc, k_doc, sliding_window):
-    """(query slice, key slice, kind, mask or None) for each visible piece pair; masks only for 'masked'."""
-    qs, ks = plan.q_piece, plan.k_piece
-    for i, j, kind in plan.piece_pairs:
-        qsl, ksl = slice(i * qs, (i + 1) * qs), slice(j * ks, (j + 1) * ks)
+def _runs(doc: Tensor) -> list[tuple[int, int, int]]:
+    """(document, start, stop) of each run of equal document ids in a 1-D tensor."""
+    values, counts = torch.unique_consecutive(doc, return_counts=True)
+    stops = torch.cumsum(counts, 0).tolist()
+    starts = [0] + stops[:-1]
+    return list(zip(values.tolist(), starts, stops))
+
+
+def _document_blocks(q_index: Tensor, k_index: Tensor, q_doc: Tensor, k_doc: Tensor, qsl: slice, ksl: slice,
+                     window: int | None) -> list[Block] | None:
+    """A piece pair of contiguous ascending pieces (same token indices in every batch row) split into one block
+    per document the query and key pieces share, each classified like a piece pair; None when that is not
+    worth it or not possible (a document in several runs of one piece), so the caller builds one mask."""
+    batch = q_doc.shape[0]
+    same_docs = bool((q_doc[:, qsl] == q_doc[:1, qsl]).all()) and bool((k_doc[:, ksl] == k_doc[:1, ksl]).all())
+    row_sets = [slice(None)] if same_docs else [slice(b, b + 1) for b in range(batch)]
+    q_lo, k_lo = int(q_index[0, qsl.start]), int(k_index[0, ksl.start])
+    blocks: list[Block] = []
+    for rows in row_sets:
+        b = 0 if rows.start is None else rows.start
+        q_runs, k_runs = _runs(q_doc[b, qsl]), _runs(k_doc[b, ksl])
+        k_by_doc = {doc: (start, stop) for doc, start, stop in k_runs}
+        if len(k_by_doc) < len(k_runs) or len({d for d, _, _ in q_runs}) < len(q_runs):
+            return None
+        for doc, qa, qb in q_runs:
+            if doc not in k_by_doc:
+                continue
+            ka, kb = k_by_doc[doc]
+            summary_q = (q_lo + qa, q_lo + qb - 1, True, [doc])
+            summary_k = (k_lo + ka, k_lo + kb - 1, True, [doc])
+            kind = _pair_kind(summary_q, summary_k, window) or "masked"
+            if kind != "none":
+                blocks.append(Block(rows, slice(qsl.start + qa, qsl.start + qb), slice(ksl.start + ka, ksl.start + kb),
+                                    kind))
+    size = (qsl.stop - qsl.start) * (ksl.stop - ksl.start)
+    if len(blocks) > MAX_DOCUMENT_CALLS * len(row_sets) and size <= SMALL_MASK_ELEMENTS:
+        return None
+    return blocks
+
+
+def _plan_blocks_with_masks(plan: BlockPlan, q_index, k_index, q_doc, k_doc, sliding_window):
+    """(batch rows, query slice, key slice, kind, mask or None) for each fused call; masks only for 'masked'."""
+    for block in plan.blocks:
+        rows, qsl, ksl = block.rows, block.q, block.k
         mask = None
-        if kind == "masked":
-            mask = visibility_mask(q_index[:, qsl], k_index[:, ksl], q_doc[:, qsl], k_doc[:, ksl],
+        if block.kind == "masked":
+            mask = visibility_mask(q_index[rows, qsl], k_index[rows, ksl], q_doc[rows, qsl], k_doc[rows, ksl],
                                    sliding_window).unsqueeze(1)
-        yield qsl, ksl, kind, mask
+        yield rows, qsl, ksl, block.kind, mask
 
 
 def _fused_pairs_forward(q, k, v, q_index, k_index, q_doc, k_doc, scaling, sliding_window, plan):
@@ -370,22 +430,24 @@ def _fused_pairs_forward(q, k, v, q_index, k_index, q_doc, k_doc, scaling, slidi
     dtype = compute_dtype(q.dtype)
     out = q.new_zeros(b, h, tq, d, dtype=dtype)
     lse = q.new_full((b, h, tq), float("-inf"), dtype=dtype)
-    for qsl, ksl, kind, mask in _piece_pair_blocks(plan, q_index, k_index, q_doc, k_doc, sliding_window):
-        part_out, part_lse = fused_block_forward(q[:, :, qsl], k[:, :, ksl], v[:, :, ksl], mask, scaling, kind)
-        out[:, :, qsl], lse[:, :, qsl] = merge_partials(out[:, :, qsl], lse[:, :, qsl], part_out, part_lse)
+    for rows, qsl, ksl, kind, mask in _plan_blocks_with_masks(plan, q_index, k_index, q_doc, k_doc, sliding_window):
+        part_out, part_lse = fused_block_forward(q[rows, :, qsl], k[rows, :, ksl], v[rows, :, ksl], mask, scaling,
+                                                 kind)
+        out[rows, :, qsl], lse[rows, :, qsl] = merge_partials(out[rows, :, qsl], lse[rows, :, qsl], part_out,
+                                                              part_lse)
     return out, lse
 
 
 def _fused_pairs_backward(dout, q, k, v, out, lse, q_index, k_index, q_doc, k_doc, scaling, sliding_window,
                           plan, dq, dk, dv) -> None:
-    for qsl, ksl, kind, mask in _piece_pair_blocks(plan, q_index, k_index, q_doc, k_doc, sliding_window):
+    for rows, qsl, ksl, kind, mask in _plan_blocks_with_masks(plan, q_index, k_index, q_doc, k_doc, sliding_window):
         part_dq, part_dk, part_dv = fused_block_backward(
-            dout[:, :, qsl], q[:, :, qsl], k[:, :, ksl], v[:, :, ksl], out[:, :, qsl], lse[:, :, qsl], mask,
-            scaling, kind,
+            dout[rows, :, qsl], q[rows, :, qsl], k[rows, :, ksl], v[rows, :, ksl], out[rows, :, qsl],
+            lse[rows, :, qsl], mask, scaling, kind,
         )
-        dq[:, :, qsl] += part_dq
-        dk[:, :, ksl] += part_dk
-        dv[:, :, ksl] += part_dv
+        dq[rows, :, qsl] += part_dq
+        dk[rows, :, ksl] += part_dk
+        dv[rows, :, ksl] += part_dv
 
 
 def take_rows(x: Tensor, rows: Tensor | None, dim: int) -> Tensor:
