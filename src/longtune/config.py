@@ -69,7 +69,8 @@ class ModelConfig:
 class DataConfig:
     dataset: tuple[str, ...] = _key(
         (),
-        "Comma-separated datasets: names in `dataset_dir/dataset_info.json`, paths to .json/.jsonl files, "
+        "Comma-separated datasets: names in `dataset_dir/dataset_info.json`, paths to .json/.jsonl/.csv/.parquet "
+        "files, "
         "or `builtin:NAME` (sft_demo, sharegpt_demo, pt_demo, kv_retrieval). Required.",
     )
     eval_dataset: tuple[str, ...] = _key((), "Datasets for evaluation, same syntax as `dataset`.")
@@ -81,7 +82,9 @@ class DataConfig:
     train_on_prompt: bool = _key(False, "Also train on prompt (non-assistant) tokens.")
     max_samples: int | None = _key(None, "Use at most this many rows of each dataset.")
     val_size: float = _key(
-        0.0, "Hold out this fraction (< 1) or number (>= 1) of training examples for evaluation."
+        0.0,
+        "Hold out this fraction (< 1) or number (>= 1) of training examples for evaluation (with `streaming`: a "
+        "number, the first examples of the stream).",
     )
     packing: bool | None = _key(
         None,
@@ -100,6 +103,21 @@ class DataConfig:
         (), "Comma-separated sampling probabilities, one per dataset, for the interleave strategies."
     )
     skip_bad_rows: bool = _key(False, "Skip and count malformed rows instead of stopping at the first one.")
+    streaming: bool = _key(
+        False,
+        "Read, tokenize, mix, pack and shuffle the training data as a stream, a window at a time, for data larger "
+        "than memory (sft and pt). Needs `max_steps`; no cache; every rank reads the stream. See README, Streaming.",
+    )
+    buffer_size: int = _key(
+        16384,
+        "With `streaming`: examples (packed rows when packing) in the shuffle buffer; 1 keeps the stream's order. "
+        "Memory grows with buffer_size x example length.",
+    )
+    packing_buffer: int = _key(
+        4096,
+        "With `streaming` and packing: documents packed together best-fit-decreasing (a window); larger windows "
+        "pack tighter. Each document lands in exactly one row.",
+    )
     data_cache_dir: str | None = _key(
         None, "Where tokenized datasets are cached (default $LONGTUNE_CACHE or ~/.cache/longtune/data); keyed by data + tokenizer."
     )
@@ -145,8 +163,8 @@ class TrainConfig:
     )
     loss_chunk_size: int = _key(
         1024,
-        "Tokens per chunk of the LM head + loss; full-sequence logits are never materialised (one chunk's "
-        "backward holds ~3 fp32 copies of chunk x vocab).",
+        "Tokens per chunk of the LM head + loss; full-sequence logits are never materialised (sft/pt: one fp32 "
+        "chunk x vocab, gradients computed in the forward; dpo/kto/rm: ~3 copies in the chunk's backward).",
     )
     logging_steps: int = _key(10, "Write a metrics.jsonl row every N optimizer steps (and the first and last).")
     save_steps: int = _key(500, "Save a checkpoint every N optimizer steps (0: only at the end).")
@@ -435,6 +453,21 @@ def validate(cfg: Config, source: str) -> None:
         fail("dpo_label_smoothing", f"applies to pref_loss: sigmoid only, not {pref.pref_loss}")
     if pref.ref_model is not None and not Path(pref.ref_model).is_dir() and not pref.ref_model.startswith("builtin:"):
         fail("ref_model", f"'{pref.ref_model}' is not a local model directory")
+    if d.buffer_size < 1:
+        fail("buffer_size", f"must be >= 1 (1: no shuffling), got {d.buffer_size}")
+    if d.packing_buffer < 1:
+        fail("packing_buffer", f"must be >= 1, got {d.packing_buffer}")
+    if d.streaming:
+        if t.stage not in ("sft", "pt"):
+            fail("streaming", f"supports stage sft and pt, not {t.stage}; remove streaming or use an sft/pt stage")
+        if t.max_steps <= 0:
+            fail("max_steps", "must be > 0 with streaming: true (the stream's length is not known in advance)")
+        if 0 < d.val_size < 1:
+            fail("val_size", f"must be a whole number of examples with streaming: true (a fraction needs the "
+                             f"stream's length), got {d.val_size}")
+        if cfg.preference.precompute_ref_log_probs:
+            fail("precompute_ref_log_probs", "cannot be used with streaming: true (reference tables are indexed "
+                                             "by example over the whole dataset)")
     if d.packing and t.stage in ("dpo", "kto", "rm"):
         fail("packing", f"stage {t.stage} already packs each pair into one row; remove packing")
     if p.sequence_parallel_size < 1:

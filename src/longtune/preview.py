@@ -1,6 +1,7 @@
 """`longtune data CONFIG.yaml`: the training examples exactly as the trainer builds them, before any GPU time.
 
 Prints rendered samples with the trained tokens highlighted, then counts, length statistics and the packing result.
+With `streaming: true` it reads only the head of the stream (buffer_size examples) and says so.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 # down every other `longtune` command.
 if TYPE_CHECKING:
     from longtune.data import DataStats, Example
+    from longtune.data.packing import PackingStats
 
 GREEN, RESET = "\x1b[32m", "\x1b[0m"
 PLAIN_OPEN, PLAIN_CLOSE = "[[", "]]"
@@ -31,7 +33,8 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         description=(
             "Load the datasets of a config exactly as `longtune train` would (same template, cutoff, mixing, "
             "cache) and show N samples with trained tokens highlighted, then counts and length statistics. "
-            "The first argument may be a YAML file; the rest are key=value overrides. output_dir is not touched."
+            "The first argument may be a YAML file; the rest are key=value overrides. output_dir is not touched. "
+            "With streaming: true only the head of the stream (buffer_size examples) is read."
         ),
     )
     parser.add_argument("config_and_overrides", nargs="*", metavar="CONFIG.yaml | key=value")
@@ -62,11 +65,37 @@ def cmd_data(args: argparse.Namespace) -> int:
         items.append("skip_bad_rows=true")
     cfg = load_config(config_path, items)
     tokenizer = load_tokenizer(cfg.model)
-    examples, stats = load_split(cfg, tokenizer, "train")  # the stage's own shape (pairs for dpo/rm/kto)
     color = sys.stdout.isatty() and not args.no_color and "NO_COLOR" not in os.environ
+    if cfg.data.streaming:
+        print(preview_stream(cfg, tokenizer, num=args.num, color=color))
+        return 0
+    examples, stats = load_split(cfg, tokenizer, "train")  # the stage's own shape (pairs for dpo/rm/kto)
     print(format_samples(examples, tokenizer, num=args.num, color=color))
     print(format_statistics(examples, stats, packing_capacity=cfg.data.cutoff_len if cfg.packing else None))
     return 0
+
+
+def preview_stream(cfg, tokenizer, *, num: int, color: bool) -> str:
+    """Streaming: the first `num` examples of the stream (as the in-memory preview shows the first of the list),
+    and statistics over the first max(num, buffer_size) examples only (what the trainer holds before step 1),
+    packed in windows of packing_buffer as the trainer packs them. The rest of the data is not read."""
+    import itertools
+
+    from longtune.data import DataStats
+    from longtune.data.packing import PackingStats, pack_stream
+    from longtune.data.streaming import stream_from_config, whole_file_notices
+
+    stats = DataStats(0, 0, 0, 0, 0, 0)
+    read = list(itertools.islice(stream_from_config(cfg, tokenizer, stats), max(num, cfg.data.buffer_size)))
+    packing = None
+    if cfg.packing and read:
+        packing = PackingStats(0, 0, 0, cfg.data.cutoff_len)
+        for _ in pack_stream(read, cfg.data.cutoff_len, cfg.data.packing_buffer, packing):
+            pass
+    parts = [*whole_file_notices(cfg)]
+    parts.append(format_samples(read[:num], tokenizer, num=num, color=color, total=None))
+    parts.append(format_statistics(read, stats, packing_capacity=None, streamed=True, streamed_packing=packing))
+    return "\n".join(parts)
 
 
 def highlight_trained(example: Example, tokenizer, *, color: bool) -> str:
@@ -90,15 +119,19 @@ def highlight_trained(example: Example, tokenizer, *, color: bool) -> str:
     return "".join(out)
 
 
-def format_samples(examples: list[Example], tokenizer, *, num: int, color: bool) -> str:
+def format_samples(examples: list[Example], tokenizer, *, num: int, color: bool, total: int | None = -1) -> str:
+    """The first `num` examples, rendered; headers say "i/total" (total: len(examples) by default, None: unknown,
+    as under streaming)."""
     from longtune.data import IGNORE_INDEX
 
     shown = examples[:num]
+    of = len(examples) if total == -1 else total
     blocks = []
     for i, example in enumerate(shown, start=1):
         trained = sum(label != IGNORE_INDEX for label in example.labels)
         marker = "green" if color else f"{PLAIN_OPEN}...{PLAIN_CLOSE}"
-        header = f"=== sample {i}/{len(examples)}: {len(example.input_ids)} tokens, {trained} trained ({marker}) ==="
+        place = f"{i}/{of}" if of is not None else f"{i} of the stream"
+        header = f"=== sample {place}: {len(example.input_ids)} tokens, {trained} trained ({marker}) ==="
         blocks.append(f"{header}\n{highlight_trained(example, tokenizer, color=color)}")
     return "\n\n".join(blocks) + ("\n" if blocks else "")
 
@@ -125,12 +158,25 @@ def length_histogram(lengths: list[int], buckets: int = HISTOGRAM_BUCKETS) -> li
     return [(lo + b * width, min(hi, lo + (b + 1) * width - 1), int(c)) for b, c in enumerate(counts)]
 
 
-def format_statistics(examples: list[Example], stats: DataStats, *, packing_capacity: int | None) -> str:
+def format_statistics(
+    examples: list[Example],
+    stats: DataStats,
+    *,
+    packing_capacity: int | None,
+    streamed: bool = False,
+    streamed_packing: PackingStats | None = None,
+) -> str:
+    """Counts and length statistics of `examples`. `streamed`: they are the head of a stream (the header says
+    so; `streamed_packing` is how the trainer's packing windows filled over them)."""
     from longtune.data.packing import pack_examples
 
     pct = 100 * stats.trained_tokens / stats.tokens if stats.tokens else 0.0
+    header = "=== statistics ==="
+    if streamed:
+        header = (f"=== statistics over the head of the stream only (streaming): its first {len(examples)} examples; "
+                  f"row counts over the {stats.rows} rows read so far ===")
     lines = [
-        "=== statistics ===",
+        header,
         f"rows            {stats.rows}",
         f"examples        {len(examples)}",
         f"tokens          {stats.tokens}",
@@ -155,11 +201,18 @@ def format_statistics(examples: list[Example], stats: DataStats, *, packing_capa
         f"skipped         {stats.skipped}",
     ]
     lines += [f"  {message}" for message in stats.skipped_examples]
-    lines.append(f"cache           {'hit' if stats.cache_hit else 'miss (tokenized and saved)'}")
+    if streamed:
+        lines.append("cache           off (streaming)")
+    else:
+        lines.append(f"cache           {'hit' if stats.cache_hit else 'miss (tokenized and saved)'}")
+    packed = None
     if packing_capacity is not None and examples:
         _, packed = pack_examples(examples, packing_capacity)
+    packed = streamed_packing or packed
+    if packed is not None:
+        windows = " (in windows of packing_buffer)" if streamed_packing is not None else ""
         lines.append(
-            f"packing         {packed.documents} examples -> {packed.rows} rows of {packing_capacity} tokens, "
+            f"packing         {packed.documents} examples -> {packed.rows} rows of {packed.capacity} tokens{windows}, "
             f"efficiency {100 * packed.efficiency:.1f}%"
         )
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """The training loop, top to bottom: set up the run directory, data, model and optimizer; then for each optimizer
-step collate its micro-batches, divide every token loss by the number of loss tokens in the whole step, step,
-log, evaluate and checkpoint.
+step (its examples from memory or from the stream: steps.py) collate its micro-batches, divide every token loss by
+the number of loss tokens in the whole step, step, log, evaluate and checkpoint.
 
 Dividing by the step's global token count (not averaging per-micro-batch means) is what makes
 `batch 4 x GA 1 == batch 1 x GA 4` exact.
@@ -35,9 +35,9 @@ from longtune.checkpoint import (
     save_model_dir,
 )
 from longtune.config import Config, TrainConfig, save_config
-from longtune.data import examples_from_config
+from longtune.data import DataStats, examples_from_config
 from longtune.data.collate import IGNORE_INDEX, Batch, collate, loss_token_count
-from longtune.data.packing import pack_examples
+from longtune.data.packing import PackingStats, pack_examples
 from longtune.errors import ConfigError, DataError
 from longtune.models.loader import (
     DTYPES,
@@ -64,6 +64,7 @@ from longtune.reference import (
     save_table,
 )
 from longtune.stages import build_stage
+from longtune.steps import PlannedSteps, StreamedSteps, plan_steps
 
 RUN_ARTEFACTS = ("metrics.jsonl", "train_config.yaml", "loss.png", "final", "runs")
 
@@ -80,50 +81,6 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """Which examples each optimizer step uses: a seeded permutation per epoch, cut into steps of
-    batch * GA * dp examples (the last step of an epoch may be smaller). Data-parallel rank d takes the d-th
-    slice of batch * GA, cut into micro-batches of `batch`. Every rank can list the whole step, so the step's
-    global loss-token count needs no communication."""
-
-    num_examples: int
-    batch_size: int
-    grad_accum: int
-    dp: int
-    seed: int
-    total_steps: int
-
-    @property
-    def per_step(self) -> int:
-        return self.batch_size * self.grad_accum * self.dp
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return math.ceil(self.num_examples / self.per_step)
-
-    def epoch_of(self, step: int) -> float:
-        """Epochs completed after `step` optimizer steps."""
-        return step / self.steps_per_epoch
-
-    def step_examples(self, step: int) -> list[int]:
-        epoch, index = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(self.num_examples, generator=torch.Generator().manual_seed(self.seed + epoch))
-        return order[index * self.per_step : (index + 1) * self.per_step].tolist()
-
-    def micro_batches(self, step: int, dp_rank: int = 0) -> list[list[int]]:
-        per_rank = self.batch_size * self.grad_accum
-        mine = self.step_examples(step)[dp_rank * per_rank : (dp_rank + 1) * per_rank]
-        return [mine[i : i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
-
-
-def plan_steps(num_examples: int, t: TrainConfig, dp: int = 1) -> StepPlan:
-    args = (num_examples, t.per_device_train_batch_size, t.gradient_accumulation_steps, dp, t.seed)
-    per_epoch = StepPlan(*args, 0).steps_per_epoch
-    total = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * per_epoch)
-    return StepPlan(*args, max(total, 1))
 
 
 def check_output_dir(cfg: Config) -> Path | None:
@@ -197,6 +154,48 @@ def load_datasets(cfg: Config, tokenizer: Any, dims: ParallelDims, log: Callable
     if not train:
         raise DataError(f"dataset {','.join(d.dataset)}: no training examples left after preprocessing")
     return train, evals
+
+
+def load_streaming(
+    cfg: Config, tokenizer: Any, dims: ParallelDims, log: Callable[[str], None]
+) -> tuple[StreamedSteps, list, PackingStats | None]:
+    """Streaming: the steps read from the training stream, the eval examples in memory (eval_dataset, or the
+    first val_size examples of the stream), and the packing statistics so far (None without packing)."""
+    from longtune.data.streaming import held_out_examples, training_stream, whole_file_notices
+
+    d = cfg.data
+    for notice in whole_file_notices(cfg):
+        log(notice)
+    packing = PackingStats(0, 0, 0, d.cutoff_len)
+
+    def open_epoch(epoch: int):
+        stats = DataStats(0, 0, 0, 0, 0, 0)
+        yield from training_stream(cfg, tokenizer, epoch=epoch, stats=stats, packing_stats=packing)
+        log(f"data: pass {epoch + 1} over the stream read {stats.rows} rows -> {stats.kept} kept "
+            f"({stats.truncated} truncated, {stats.dropped} dropped, {stats.skipped} skipped), {stats.tokens} tokens")
+        for message in stats.skipped_examples:
+            log(f"  skipped: {message}")
+
+    t = cfg.train
+    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * dims.dp
+    steps = StreamedSteps(open_epoch, per_step, t.max_steps)
+    evals: list = []
+    if d.eval_dataset:
+        if not dims.is_main:  # the main rank tokenizes the eval set first and fills the cache
+            dims.barrier()
+        try:
+            evals = load_split(cfg, tokenizer, "eval")[0]
+        finally:
+            if dims.is_main:
+                dims.barrier()
+    else:
+        evals = held_out_examples(cfg, tokenizer)  # the first val_size examples of the stream, if any
+    log(
+        f"data: streaming {','.join(d.dataset)} ({d.mix_strategy}): shuffle buffer {d.buffer_size}"
+        f"{f', packing windows of {d.packing_buffer} documents' if cfg.packing else ''}; every rank reads and "
+        f"tokenizes the stream; {len(evals)} eval examples in memory"
+    )
+    return steps, evals, packing if cfg.packing else None
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -408,16 +407,21 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunRe
     set_seed(t.seed)
 
     tokenizer = load_tokenizer(cfg.model)
-    train_examples, eval_examples = load_datasets(cfg, tokenizer, dims, log)
-    if cfg.packing:
-        train_examples, stats = pack_examples(train_examples, cfg.data.cutoff_len)
-        log(f"packing: {stats.documents} examples -> {stats.rows} rows of {stats.capacity}, "
-            f"efficiency {stats.efficiency:.1%}")
-        if eval_examples:
-            eval_examples, _ = pack_examples(eval_examples, cfg.data.cutoff_len)
+    train_examples: list = []  # in memory only: streaming holds a window of them at a time
+    streamed_packing: PackingStats | None = None  # streaming with packing: what was packed so far
+    steps: PlannedSteps | StreamedSteps
+    if cfg.data.streaming:
+        steps, eval_examples, streamed_packing = load_streaming(cfg, tokenizer, dims, log)
+    else:
+        train_examples, eval_examples = load_datasets(cfg, tokenizer, dims, log)
+        if cfg.packing:
+            train_examples, stats = pack_examples(train_examples, cfg.data.cutoff_len)
+            log(f"packing: {stats.documents} examples -> {stats.rows} rows of {stats.capacity}, "
+                f"efficiency {stats.efficiency:.1%}")
+        steps = PlannedSteps(plan_steps(len(train_examples), t, dims.dp), train_examples)
+    if cfg.packing and eval_examples:
+        eval_examples, _ = pack_examples(eval_examples, cfg.data.cutoff_len)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    loss_tokens = [loss_token_count(e) for e in train_examples]
-    normalisers = [stage.normaliser(e) for e in train_examples]
 
     # bf16: frozen weights stay bf16; trainable weights are fp32 masters, compute runs in bf16 (FSDP's
     # MixedPrecisionPolicy, or autocast on one process), as LLaMA-Factory does outside pure_bf16.
@@ -456,15 +460,16 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunRe
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
 
-    plan = plan_steps(len(train_examples), t, dims.dp)
     optimizer = build_optimizer(root, t)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t, plan.total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t, steps.total_steps))
     start_step, tokens_seen = 0, 0
     if resume_ckpt is not None:
         load_model_weights(root, resume_ckpt)
         state = load_training_state(resume_ckpt, root, optimizer, scheduler)
         start_step, tokens_seen = state.global_step, state.tokens_seen
-        log(f"resumed from {resume_ckpt} at step {start_step}")
+        replay = " (replaying the stream up to it: those rows are read and tokenized again)"
+        log(f"resumed from {resume_ckpt} at step {start_step}{replay if cfg.data.streaming else ''}")
+        steps.skip(start_step)
     metrics = None
     if dims.is_main:
         save_config(cfg, out / "train_config.yaml")
@@ -473,9 +478,11 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunRe
             start_step if resume_ckpt is not None else None,
             out / "runs" if t.report_to == "tensorboard" else None,
         )
+    per_epoch = f"{steps.steps_per_epoch}/epoch" if steps.steps_per_epoch is not None else "epoch length unknown"
     log(
-        f"run: {out} | {len(train_examples)} train / {len(eval_examples)} eval rows | "
-        f"{plan.total_steps} steps ({plan.steps_per_epoch}/epoch) | trainable {trainable:,} of {total_params:,} "
+        f"run: {out} | {'streamed' if cfg.data.streaming else len(train_examples)} train / {len(eval_examples)} "
+        f"eval rows | "
+        f"{steps.total_steps} steps ({per_epoch}) | trainable {trainable:,} of {total_params:,} "
         f"params | {cfg.model.finetuning_type} | {dtype} on {device} x {dims.world_size}"
         f"{' | FSDP2' + (' + CPU offload' if sharding.offload else '') if sharding.enabled else ''}"
     )
@@ -483,26 +490,30 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunRe
     params = [p for p in root.parameters() if p.requires_grad]
     backward_scale = gradient_scale(sharding, dims)
     eval_every = t.eval_steps or t.logging_steps
-    progress = _progress_bar(plan.total_steps, start_step, disabled=t.disable_tqdm or not dims.is_main)
+    progress = _progress_bar(steps.total_steps, start_step, disabled=t.disable_tqdm or not dims.is_main)
+    bs, ga = t.per_device_train_batch_size, t.gradient_accumulation_steps
     step = start_step
     try:
-        for step in range(start_step + 1, plan.total_steps + 1):
+        for step in range(start_step + 1, steps.total_steps + 1):
             started = time.perf_counter()
-            everyone = plan.step_examples(step - 1)
+            data = steps.step(step - 1)
+            everyone = data.examples
             # The divisor of the step: all loss tokens (sft/pt) or pairs/examples (dpo/kto/rm) of all its
             # micro-batches on all ranks, known before the step.
-            step_norm = sum(normalisers[i] for i in everyone)
-            step_tokens = sum(loss_tokens[i] for i in everyone)
-            input_tokens = sum(len(train_examples[i].input_ids) for i in everyone)
+            step_norm = sum(stage.normaliser(e) for e in everyone)
+            step_tokens = sum(loss_token_count(e) for e in everyone)
+            input_tokens = sum(len(e.input_ids) for e in everyone)
             loss_local = torch.zeros((), dtype=torch.float64, device=device)
             metric_sums = torch.zeros(2 * len(stage.metric_names), dtype=torch.float64, device=device)
-            micro = plan.micro_batches(step - 1, dims.dp_rank)
-            rounds = max(len(plan.micro_batches(step - 1, r)) for r in range(dims.dp))
+            micro = data.micro_batches(bs, ga, dims.dp_rank)
+            rounds = data.rounds(bs, ga)
             for index in range(rounds):
                 if sharding.enabled:
                     root.set_requires_gradient_sync(index == rounds - 1)  # reduce-scatter once per step
-                ids = micro[index] if index < len(micro) else []
-                rows = [train_examples[i] for i in ids] or [blank_like(train_examples[everyone[0]])]
+                if index < len(micro):
+                    rows, ids = micro[index]
+                else:
+                    rows, ids = [blank_like(everyone[0])], ([] if data.ids is not None else None)
                 result = forward_loss(parts, rows, ids, cfg)
                 (result.loss_sum * (backward_scale / max(step_norm, 1))).backward()
                 loss_local += result.loss_sum.detach().to(torch.float64)
@@ -525,11 +536,13 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunRe
                 raise FloatingPointError(f"loss became {loss} at step {step}; lower learning_rate or check the data")
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{input_tokens / elapsed:.0f}")
-            if metrics is not None and (step == 1 or step % t.logging_steps == 0 or step == plan.total_steps):
+            if metrics is not None and (step == 1 or step % t.logging_steps == 0 or step == steps.total_steps):
+                packed_so_far = {} if streamed_packing is None else {
+                    "packing_efficiency": round(streamed_packing.efficiency, 4)}
                 metrics.write(
                     {
                         "step": step,
-                        "epoch": round(plan.epoch_of(step), 4),
+                        "epoch": round(data.epoch, 4),
                         "loss": loss,
                         "grad_norm": grad_norm,
                         "lr": lr,
@@ -537,17 +550,18 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunRe
                         "input_tokens": input_tokens,
                         "tokens_per_s": input_tokens / elapsed,
                         "peak_mem_gib": round(peak_memory_gib(device), 4),
+                        **packed_so_far,
                         **step_metrics,
                     }
                 )
-            if eval_examples and _eval_due(t, step, eval_every, plan):
+            if eval_examples and _eval_due(t, step, eval_every, steps.total_steps, data.ends_epoch):
                 result_eval = evaluate(parts, eval_examples, cfg, eval_reference)
                 if metrics is not None:
-                    metrics.write({"step": step, "epoch": round(plan.epoch_of(step), 4), **result_eval})
+                    metrics.write({"step": step, "epoch": round(data.epoch, 4), **result_eval})
                     progress.write(f"step {step}: eval_loss {result_eval['eval_loss']:.4f}")
-            if (t.save_steps and step % t.save_steps == 0) or step == plan.total_steps:
+            if (t.save_steps and step % t.save_steps == 0) or step == steps.total_steps:
                 save_checkpoint(
-                    out, step, plan.epoch_of(step), tokens_seen, root, tokenizer,
+                    out, step, data.epoch, tokens_seen, root, tokenizer,
                     None if t.save_only_model else optimizer, None if t.save_only_model else scheduler, dims,
                 )
                 if dims.is_main:
@@ -578,13 +592,13 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunRe
                      metrics=metrics.rows if metrics is not None else [])
 
 
-def _eval_due(t: TrainConfig, step: int, every: int, plan: StepPlan) -> bool:
+def _eval_due(t: TrainConfig, step: int, every: int, total_steps: int, ends_epoch: bool) -> bool:
     if t.eval_strategy == "no":
         return False
-    if step == plan.total_steps:
+    if step == total_steps:
         return True
     if t.eval_strategy == "epoch":
-        return step % plan.steps_per_epoch == 0
+        return ends_epoch
     return step % every == 0
 
 

@@ -87,15 +87,7 @@ def load_examples(
     The result is cached under `cache_dir` (default: see cache.default_cache_dir) keyed by every input that
     shapes it; a second identical call loads it without tokenizing unless `overwrite_cache`.
     """
-    if stage not in STAGES:
-        raise ConfigError(f"stage: load_examples handles {', '.join(STAGES)}, got '{stage}'")
-    if not isinstance(cutoff_len, int) or cutoff_len < 2:
-        raise ConfigError(f"cutoff_len: expected an integer >= 2, got {cutoff_len!r}")
-    if not getattr(tokenizer, "is_fast", False):
-        raise ConfigError("model_name_or_path: the tokenizer must be a fast (Rust) tokenizer to locate label spans")
-    names = [part.strip() for name in datasets for part in str(name).split(",") if part.strip()]
-    if not names:
-        raise ConfigError("dataset: no dataset given")
+    names = checked_dataset_names(datasets, tokenizer=tokenizer, stage=stage, cutoff_len=cutoff_len)
     check_mix_settings(mix_strategy, interleave_probs, len(names))  # before any tokenizing
 
     try:
@@ -201,6 +193,28 @@ def _dataset_fingerprint(name: str, dataset_dir: str) -> dict:
     }
 
 
+def checked_dataset_names(datasets: list[str], *, tokenizer, stage: str, cutoff_len: int) -> list[str]:
+    """The dataset names (comma-separated entries split), after the checks every sft/pt load needs."""
+    if stage not in STAGES:
+        raise ConfigError(f"stage: load_examples handles {', '.join(STAGES)}, got '{stage}'")
+    if not isinstance(cutoff_len, int) or cutoff_len < 2:
+        raise ConfigError(f"cutoff_len: expected an integer >= 2, got {cutoff_len!r}")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError("model_name_or_path: the tokenizer must be a fast (Rust) tokenizer to locate label spans")
+    names = [part.strip() for name in datasets for part in str(name).split(",") if part.strip()]
+    if not names:
+        raise ConfigError("dataset: no dataset given")
+    return names
+
+
+def count_skipped(stats: DataStats, error: DataError) -> None:
+    """Record a malformed row left out under skip_bad_rows."""
+    stats.rows += 1
+    stats.skipped += 1
+    if len(stats.skipped_examples) < MAX_SKIPPED_EXAMPLES:
+        stats.skipped_examples.append(str(error))
+
+
 def _encode_dataset(
     name: str,
     *,
@@ -216,40 +230,63 @@ def _encode_dataset(
 ) -> list[Example]:
     """The examples of one dataset, in row order; row counts go into `stats`.
 
-    Rows are rendered one by one (a bad row fails alone), then tokenized ENCODE_BATCH at a time.
+    Every row is parsed first (load_dataset), then rows are encoded ENCODE_BATCH at a time.
     """
-
-    def skip(error: DataError) -> None:
-        stats.rows += 1
-        stats.skipped += 1
-        if len(stats.skipped_examples) < MAX_SKIPPED_EXAMPLES:
-            stats.skipped_examples.append(str(error))
-
     rows = load_dataset(
-        name, dataset_dir=Path(dataset_dir), max_samples=max_samples, on_bad_row=skip if skip_bad_rows else None
+        name,
+        dataset_dir=Path(dataset_dir),
+        max_samples=max_samples,
+        on_bad_row=(lambda error: count_skipped(stats, error)) if skip_bad_rows else None,
     )
-    chat_template: str | None = None  # resolved on the first conversation: pt on plain text needs no template
     examples: list[Example] = []
     for first in range(0, len(rows), ENCODE_BATCH):
-        rendered: list[_RenderedRow] = []
-        for row in rows[first : first + ENCODE_BATCH]:
-            if isinstance(row.item, Conversation) and chat_template is None:
-                chat_template = resolve_chat_template(template, tokenizer)
-            try:
-                rendered.append(_render_row(row, tokenizer, chat_template, stage))
-            except DataError as error:
-                if not skip_bad_rows:
-                    raise
-                skip(error)
-        for item, (ids, offsets) in zip(rendered, _tokenize_rendered(rendered, tokenizer), strict=True):
-            new, truncated = _finish_row(item, ids, offsets, tokenizer, cutoff_len, train_on_prompt)
-            stats.rows += 1
-            stats.truncated += truncated
-            if not new:
-                stats.dropped += 1
-                continue
-            stats.kept += 1
-            examples.extend(new)
+        examples += encode_rows(
+            rows[first : first + ENCODE_BATCH],
+            tokenizer=tokenizer,
+            template=template,
+            stage=stage,
+            cutoff_len=cutoff_len,
+            train_on_prompt=train_on_prompt,
+            skip_bad_rows=skip_bad_rows,
+            stats=stats,
+        )
+    return examples
+
+
+def encode_rows(
+    rows: list[ParsedRow],
+    *,
+    tokenizer,
+    template: str,
+    stage: str,
+    cutoff_len: int,
+    train_on_prompt: bool,
+    skip_bad_rows: bool,
+    stats: DataStats,
+) -> list[Example]:
+    """The examples of parsed rows, in order: each row is rendered alone (a bad row fails alone, naming its file
+    and row), then all are tokenized in one call. Row counts go into `stats`; tokens are counted by the caller."""
+    chat_template: str | None = None  # resolved on the first conversation: pt on plain text needs no template
+    rendered: list[_RenderedRow] = []
+    for row in rows:
+        if isinstance(row.item, Conversation) and chat_template is None:
+            chat_template = resolve_chat_template(template, tokenizer)
+        try:
+            rendered.append(_render_row(row, tokenizer, chat_template, stage))
+        except DataError as error:
+            if not skip_bad_rows:
+                raise
+            count_skipped(stats, error)
+    examples: list[Example] = []
+    for item, (ids, offsets) in zip(rendered, _tokenize_rendered(rendered, tokenizer), strict=True):
+        new, truncated = _finish_row(item, ids, offsets, tokenizer, cutoff_len, train_on_prompt)
+        stats.rows += 1
+        stats.truncated += truncated
+        if not new:
+            stats.dropped += 1
+            continue
+        stats.kept += 1
+        examples.extend(new)
     return examples
 
 
@@ -315,4 +352,13 @@ def _finish_row(
     return [Example(ids, labels)], truncated
 
 
-__all__ = ["Example", "DataStats", "load_examples", "examples_from_config", "IGNORE_INDEX"]
+__all__ = [
+    "Example",
+    "DataStats",
+    "load_examples",
+    "examples_from_config",
+    "encode_rows",
+    "checked_dataset_names",
+    "count_skipped",
+    "IGNORE_INDEX",
+]

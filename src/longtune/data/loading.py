@@ -1,18 +1,30 @@
-"""Resolve dataset names (builtin:NAME, a .json/.jsonl path, or a dataset_info.json entry) and read their rows.
+"""Resolve dataset names (builtin:NAME, a data file path, or a dataset_info.json entry) and read their rows.
 
-Files are read with the stdlib json module so that every error can name the file and the line or row at fault.
+Rows come from .jsonl (line by line), .csv (row by row), .parquet (record batch by batch) or .json (a list, read
+whole) files, so every error can name the file and the line or row at fault. `load_dataset` returns a dataset's
+parsed rows as a list; `iter_dataset` yields the same rows one at a time (streaming: files are never read whole,
+except .json lists).
 """
 
 from __future__ import annotations
 
+import csv
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from longtune.data.conversation import Conversation, TextDocument
-from longtune.data.formats import KTOSample, PreferencePair, detect_format, detect_task, make_row_format, parse_row
+from longtune.data.formats import (
+    KTOSample,
+    PreferencePair,
+    RowFormat,
+    detect_format,
+    detect_task,
+    make_row_format,
+    parse_row,
+)
 from longtune.errors import ConfigError, DataError
 
 BUILTIN_PREFIX = "builtin:"
@@ -26,7 +38,9 @@ BUILTIN_DATASETS = {
     "kto_demo": "kto_demo.json",
 }
 DATASET_INFO = "dataset_info.json"
-_SUFFIXES = (".json", ".jsonl")
+_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+_SUFFIX_NAMES = "/".join(_SUFFIXES)
+PARQUET_BATCH_ROWS = 1024  # rows decoded per parquet record batch: the most a parquet reader holds at once
 _INFO_KEYS = {
     "file_name", "formatting", "columns", "tags", "num_samples", "ranking", "split", "load_from", "subset", "folder"
 }
@@ -55,7 +69,7 @@ class ParsedRow:
 
 
 def resolve_dataset(name: str, dataset_dir: str | Path) -> DatasetSpec:
-    """Find the files of `name`: `builtin:NAME`, a .json/.jsonl path (absolute or under dataset_dir), or an entry."""
+    """Find the files of `name`: `builtin:NAME`, a data file path (absolute or under dataset_dir), or an entry."""
     dataset_dir = Path(dataset_dir)
     if name.startswith(BUILTIN_PREFIX):
         key = name[len(BUILTIN_PREFIX) :]
@@ -78,7 +92,7 @@ def _resolve_registered(name: str, dataset_dir: Path) -> DatasetSpec:
     info_path = dataset_dir / DATASET_INFO
     if not info_path.is_file():
         raise ConfigError(
-            f"dataset: '{name}' is not builtin:NAME, not a .json/.jsonl file, and {info_path} does not exist; "
+            f"dataset: '{name}' is not builtin:NAME, not a {_SUFFIX_NAMES} file, and {info_path} does not exist; "
             f"builtin datasets: {', '.join(BUILTIN_PREFIX + k for k in BUILTIN_DATASETS)}"
         )
     info = _read_json(info_path)
@@ -108,7 +122,7 @@ def _resolve_registered(name: str, dataset_dir: Path) -> DatasetSpec:
     if path.is_dir():
         files = tuple(sorted(p for p in path.iterdir() if p.suffix.lower() in _SUFFIXES))
         if not files:
-            raise DataError(f"{where}: folder {path} holds no .json/.jsonl files")
+            raise DataError(f"{where}: folder {path} holds no {_SUFFIX_NAMES} files")
     elif path.is_file():
         files = (path,)
     else:
@@ -129,29 +143,70 @@ def _resolve_registered(name: str, dataset_dir: Path) -> DatasetSpec:
 
 
 def read_rows(path: Path, on_bad_row: Callable[[DataError], None] | None = None) -> list[Any]:
-    """Rows of a .json file (a list) or a .jsonl file (one object per non-blank line).
+    """All rows of one data file (see `iter_file_rows`)."""
+    return list(iter_file_rows(path, on_bad_row))
+
+
+def iter_file_rows(path: Path, on_bad_row: Callable[[DataError], None] | None = None) -> Iterator[Any]:
+    """Rows of a .jsonl (one object per non-blank line), .csv (header + rows, values as strings), .parquet or
+    .json (a list) file, in file order. Only a .json list is read whole: JSON has no row boundaries to stop at.
 
     A .jsonl line that is not valid JSON raises, or with `on_bad_row` is reported to it and left out.
     """
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    if path.suffix.lower() == ".jsonl":
-        rows = []
-        with path.open(encoding="utf-8") as f:
-            for line_number, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        error = DataError(f"{path} line {line_number}: invalid JSON ({e.msg})")
-                        if on_bad_row is None:
-                            raise error from None
-                        on_bad_row(error)
-        return rows
-    data = _read_json(path)
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of rows, got a {type(data).__name__}")
-    return data
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        yield from _jsonl_rows(path, on_bad_row)
+    elif suffix == ".csv":
+        yield from _csv_rows(path)
+    elif suffix == ".parquet":
+        yield from _parquet_rows(path)
+    else:
+        data = _read_json(path)
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of rows, got a {type(data).__name__}")
+        yield from data
+
+
+def _jsonl_rows(path: Path, on_bad_row: Callable[[DataError], None] | None) -> Iterator[Any]:
+    with path.open(encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                error = DataError(f"{path} line {line_number}: invalid JSON ({e.msg})")
+                if on_bad_row is None:
+                    raise error from None
+                on_bad_row(error)
+                continue
+            yield row
+
+
+def _csv_rows(path: Path) -> Iterator[Any]:
+    # Long-context rows outgrow the csv module's default field limit (128 KiB); the limit is process-wide.
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        try:
+            yield from reader
+        except csv.Error as e:
+            raise DataError(f"{path} line {reader.line_num}: invalid CSV ({e})") from None
+
+
+def _parquet_rows(path: Path) -> Iterator[Any]:
+    try:
+        import pyarrow
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            yield from batch.to_pylist()
+    except (OSError, pyarrow.ArrowException) as e:
+        raise DataError(f"{path}: not a readable parquet file ({e})") from None
 
 
 def _read_json(path: Path) -> Any:
@@ -177,45 +232,146 @@ def load_dataset(
     we stay deterministic and order-preserving). A malformed row raises its DataError, or with `on_bad_row` is
     reported to it and left out (the format is then told from the first row that shows one).
     """
+    spec = _checked_spec(name, dataset_dir, task)
+    located = list(_located_rows(spec.files, on_bad_row))
+    if not located:
+        raise _no_rows(spec)
+    if spec.num_samples is not None:
+        located = [located[i % len(located)] for i in range(spec.num_samples)]
+    if max_samples is not None:
+        located = located[:max_samples]
+    kind = spec.formatting or _detect_dataset_format(located, skipping=on_bad_row is not None)
+    fmt = _row_format(spec, located[0], kind, task)
+    return list(_parse_located(located, fmt, on_bad_row))
+
+
+def iter_dataset(
+    name: str,
+    *,
+    dataset_dir: str | Path,
+    max_samples: int | None = None,
+    on_bad_row: Callable[[DataError], None] | None = None,
+    task: str = "plain",
+) -> Iterator[ParsedRow]:
+    """The rows `load_dataset` returns, in the same order, read and parsed one at a time (streaming).
+
+    `num_samples` above the dataset's size reads its files again from the start. Differences that come from not
+    reading ahead: rows past the caps are never read (a bad line there goes unnoticed), and a malformed row is
+    reported when its turn comes rather than before any row is rendered. The name is resolved now; files are
+    opened on the first `next`.
+    """
+    spec = _checked_spec(name, dataset_dir, task)
+    caps = [n for n in (spec.num_samples, max_samples) if n is not None]
+    return _stream_parsed(spec, min(caps) if caps else None, on_bad_row, task)
+
+
+def _stream_parsed(
+    spec: DatasetSpec, limit: int | None, on_bad_row: Callable[[DataError], None] | None, task: str
+) -> Iterator[ParsedRow]:
+    located = _capped_rows(spec, limit, on_bad_row)
+    # The format is told by the first row, or when skipping by the first row that tells one: earlier rows wait.
+    pending: list[tuple[Path, int, Any]] = []
+    kind = spec.formatting
+    first_error: DataError | None = None
+    for item in located:
+        pending.append(item)
+        if kind is not None:
+            break
+        try:
+            kind = detect_format(item[2], source=str(item[0]))
+            break
+        except DataError as error:
+            if on_bad_row is None:
+                raise
+            first_error = first_error or error
+    if not pending:
+        raise _no_rows(spec)
+    if kind is None:
+        assert first_error is not None
+        raise first_error
+    fmt = _row_format(spec, pending[0], kind, task)
+    yield from _parse_located(pending, fmt, on_bad_row)
+    pending.clear()
+    yield from _parse_located(located, fmt, on_bad_row)
+
+
+def _capped_rows(
+    spec: DatasetSpec, limit: int | None, on_bad_row: Callable[[DataError], None] | None
+) -> Iterator[tuple[Path, int, Any]]:
+    """At most `limit` located rows; with num_samples the files are read again until it is reached."""
+    count = 0
+    report = on_bad_row
+    while True:
+        fresh = 0
+        rows = _located_rows(spec.files, report)
+        while limit is None or count < limit:  # never read a row past the cap
+            item = next(rows, None)
+            if item is None:
+                break
+            yield item
+            count += 1
+            fresh += 1
+        rows.close()
+        if spec.num_samples is None or fresh == 0 or (limit is not None and count >= limit):
+            return
+        # load_dataset reads each file once, so it reports a bad line once: so does a second pass
+        report = _ignore_bad_row
+
+
+def _ignore_bad_row(error: DataError) -> None:
+    pass
+
+
+def _checked_spec(name: str, dataset_dir: str | Path, task: str) -> DatasetSpec:
     spec = resolve_dataset(name, dataset_dir)
     if spec.ranking and task != "preference":
         raise DataError(
             f"{Path(dataset_dir) / DATASET_INFO} entry '{name}': ranking (preference) datasets need stage dpo or rm, "
             f"not {_TASK_STAGES[task]}"
         )
-    located: list[tuple[Path, int, Any]] = []
-    for path in spec.files:
-        located += [(path, i, row) for i, row in enumerate(read_rows(path, on_bad_row), start=1)]
-    if not located:
-        raise DataError(f"dataset '{name}': no rows in {', '.join(str(p) for p in spec.files)}")
-    if spec.num_samples is not None:
-        located = [located[i % len(located)] for i in range(spec.num_samples)]
-    if max_samples is not None:
-        located = located[:max_samples]
-    kind = spec.formatting or _detect_dataset_format(located, skipping=on_bad_row is not None)
+    return spec
+
+
+def _no_rows(spec: DatasetSpec) -> DataError:
+    return DataError(f"dataset '{spec.name}': no rows in {', '.join(str(p) for p in spec.files)}")
+
+
+def _located_rows(
+    files: tuple[Path, ...], on_bad_row: Callable[[DataError], None] | None
+) -> Iterator[tuple[Path, int, Any]]:
+    """(file, 1-based row number, raw row) over all files in order; jsonl rows are numbered among valid lines."""
+    for path in files:
+        for number, row in enumerate(iter_file_rows(path, on_bad_row), start=1):
+            yield path, number, row
+
+
+def _row_format(spec: DatasetSpec, first: tuple[Path, int, Any], kind: str, task: str) -> RowFormat:
+    """How to parse the dataset's rows; a plain-task dataset whose first row holds pair/KTO columns is refused."""
     if task == "plain":
         # Training sft on pairs or KTO samples would fail row by row, or worse train on undesirable replies.
-        found = detect_task(located[0][2], spec.columns)
+        found = detect_task(first[2], spec.columns)
         if found != "plain":
-            path, number, _ = located[0]
+            path, number, _ = first
             raise DataError(
                 f"{path} row {number}: the rows hold {found} data (their keys include the "
                 f"{'chosen/rejected' if found == 'preference' else 'kto_tag'} columns); use stage "
                 f"{_TASK_STAGES[found]}"
             )
-    fmt = make_row_format(kind, spec.columns, spec.tags, task=task, where=f"dataset '{name}'")
-    if on_bad_row is None:
-        return [
-            ParsedRow(str(path), number, parse_row(row, fmt, source=str(path), row_number=number))
-            for path, number, row in located
-        ]
-    parsed = []
+    return make_row_format(kind, spec.columns, spec.tags, task=task, where=f"dataset '{spec.name}'")
+
+
+def _parse_located(
+    located: Iterable[tuple[Path, int, Any]], fmt: RowFormat, on_bad_row: Callable[[DataError], None] | None
+) -> Iterator[ParsedRow]:
     for path, number, row in located:
         try:
-            parsed.append(ParsedRow(str(path), number, parse_row(row, fmt, source=str(path), row_number=number)))
+            item = parse_row(row, fmt, source=str(path), row_number=number)
         except DataError as error:
+            if on_bad_row is None:
+                raise
             on_bad_row(error)
-    return parsed
+            continue
+        yield ParsedRow(str(path), number, item)
 
 
 def _detect_dataset_format(located: list[tuple[Path, int, Any]], *, skipping: bool) -> str:

@@ -2,12 +2,14 @@
 
 The interleave strategies reproduce Hugging Face `datasets.interleave_datasets` with explicit probabilities
 (same numpy draws for the same seed): `interleave_under` = stopping_strategy "first_exhausted", `interleave_over`
-= "all_exhausted" (datasets that ran out start again from their first example).
+= "all_exhausted" (datasets that ran out start again from their first example). `mix_streams` gives the same
+order over iterators whose lengths are not known in advance (streaming).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import numpy as np
@@ -89,14 +91,78 @@ def mix_examples(
     if probs is None:
         return [example for examples in per_dataset for example in examples]
     oversample = strategy == "interleave_over"
+    _check_oversample(probs, oversample, names)
     for s, examples in enumerate(per_dataset):
-        name = names[s] if names is not None else f"#{s + 1}"
         if probs[s] > 0 and not examples:
-            raise DataError(f"dataset '{name}': no examples to interleave (every row was dropped or skipped)")
-        if probs[s] == 0 and oversample:
-            raise ConfigError(
-                f"interleave_probs: dataset '{name}' has probability 0, so interleave_over can never use it up; "
-                f"give it a probability > 0 or remove it"
-            )
+            raise _nothing_to_interleave(s, names)
     order = interleave_order([len(e) for e in per_dataset], probs, seed=seed, oversample=oversample)
     return [per_dataset[s][i] for s, i in order]
+
+
+def mix_streams(
+    sources: Sequence[Callable[[], Iterator[T]]],
+    *,
+    strategy: str,
+    interleave_probs: Sequence[float] = (),
+    seed: int = 42,
+    names: Sequence[str] | None = None,
+) -> Iterator[T]:
+    """`mix_examples` over streams: `sources[s]()` opens dataset s from its start (called again whenever
+    interleave_over wraps around it). Same order as mix_examples over the lists the sources yield.
+
+    Interleaving takes the draws of `interleave_order` one at a time and reads every source one item ahead, so
+    the draw that takes a source's last item is known as such without knowing the source's length.
+    """
+    probs = check_mix_settings(strategy, interleave_probs, len(sources))
+    if probs is None:
+        return itertools.chain.from_iterable(open_source() for open_source in sources)
+    oversample = strategy == "interleave_over"
+    _check_oversample(probs, oversample, names)
+    return _interleave_streams(sources, probs, seed, oversample, names)
+
+
+def _interleave_streams(
+    sources: Sequence[Callable[[], Iterator[T]]],
+    probs: np.ndarray,
+    seed: int,
+    oversample: bool,
+    names: Sequence[str] | None,
+) -> Iterator[T]:
+    n = len(sources)
+    end = object()
+    streams: list[Iterator[T] | None] = [None] * n
+    heads: list = [end] * n  # each open source's next item
+    waiting = {s for s in range(n) if probs[s] > 0}  # drawable sources not yet used up
+    rng = np.random.default_rng(seed)
+    while True:
+        for s in rng.choice(n, size=_DRAW_BLOCK, p=probs).tolist():
+            stream = streams[s]
+            if stream is None:
+                stream = streams[s] = iter(sources[s]())
+                heads[s] = next(stream, end)
+                if heads[s] is end:
+                    raise _nothing_to_interleave(s, names)
+            item, heads[s] = heads[s], next(stream, end)
+            yield item
+            if heads[s] is end:  # this draw used source s up: it starts again on its next draw
+                streams[s] = None
+                waiting.discard(s)
+                if not oversample or not waiting:
+                    return
+
+
+def _check_oversample(probs: np.ndarray, oversample: bool, names: Sequence[str] | None) -> None:
+    never_drawn = np.flatnonzero(probs == 0)
+    if oversample and len(never_drawn):
+        raise ConfigError(
+            f"interleave_probs: dataset '{_name(int(never_drawn[0]), names)}' has probability 0, so interleave_over "
+            f"can never use it up; give it a probability > 0 or remove it"
+        )
+
+
+def _nothing_to_interleave(s: int, names: Sequence[str] | None) -> DataError:
+    return DataError(f"dataset '{_name(s, names)}': no examples to interleave (every row was dropped or skipped)")
+
+
+def _name(s: int, names: Sequence[str] | None) -> str:
+    return names[s] if names is not None else f"#{s + 1}"

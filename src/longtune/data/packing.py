@@ -2,11 +2,14 @@
 
 A packed row remembers its document lengths; collate turns them into per-document position ids and document ids,
 and shifts labels within each document, so that no token attends to, or predicts, another document.
+`pack_stream` packs a stream window by window (streaming), with the same packer.
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 
@@ -65,3 +68,18 @@ def pack_examples(examples: list, capacity: int) -> tuple[list[PackedExample], P
             labels.extend(examples[i].labels)
         rows.append(PackedExample(ids, labels, [lengths[i] for i in b]))
     return rows, PackingStats(documents=len(examples), rows=len(rows), tokens=sum(lengths), capacity=capacity)
+
+
+def pack_stream(examples: Iterable, capacity: int, window: int, stats: PackingStats) -> Iterator[PackedExample]:
+    """`pack_examples` over consecutive windows of `window` documents: at most one window is held at a time, and
+    every document lands in exactly one row. `stats` accumulates over the windows packed so far."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    stream = iter(examples)
+    while chunk := list(itertools.islice(stream, window)):
+        rows, packed = pack_examples(chunk, capacity)
+        del chunk
+        stats.documents += packed.documents
+        stats.rows += packed.rows
+        stats.tokens += packed.tokens
+        yield from rows

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from longtune.data import ENCODE_BATCH, MAX_SKIPPED_EXAMPLES, DataStats, Example
+from longtune.data import ENCODE_BATCH, DataStats, Example, count_skipped
 from longtune.data.cache import (
     cache_file,
     file_fingerprint,
@@ -244,10 +244,7 @@ def _encode_dataset(
     """
 
     def skip(error: DataError) -> None:
-        stats.rows += 1
-        stats.skipped += 1
-        if len(stats.skipped_examples) < MAX_SKIPPED_EXAMPLES:
-            stats.skipped_examples.append(str(error))
+        count_skipped(stats, error)
 
     rows = load_dataset(
         name,
