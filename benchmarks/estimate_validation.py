@@ -34,8 +34,7 @@ def main() -> int:
             print(f"| {model} | {stage} | {length} | {chunk} | {row['status']} | | | |")
             continue
         shape = ModelShape.from_hf_config(qwen2_config(model, length))
-        est = estimate_memory(shape, TrainSetup(tokens=length, loss_chunk_size=chunk, sp_attention=stage == "dpo",
-                                                   fused_loss=stage == "sft"))
+        est = estimate_memory(shape, TrainSetup(tokens=length, loss_chunk_size=chunk, sp_attention=stage == "dpo"))
         measured, predicted = row["peak_tensor_mib"], est.total / 2**20
         error = (predicted - measured) / measured
         worst = max(worst, abs(error))

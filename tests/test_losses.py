@@ -144,3 +144,35 @@ def test_schedules_match_transformers(kind):
         assert math.isclose(ours(s), ref.get_last_lr()[0], rel_tol=1e-12, abs_tol=1e-15), (kind, s)
         opt.step()
         ref.step()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk", [1, 6, 1000])
+def test_sequence_logps_match_full_log_softmax(chunk, bias):
+    """Per-sequence log-prob sums (dpo/kto/rm) and their gradients, fused and checkpointed, against full
+    float64 log-softmax, with a non-uniform upstream gradient per sequence."""
+    from longtune.losses.causal_lm import chunked_sequence_logps
+
+    hidden, _, labels = _case(seed=11, T=23)
+    g = torch.Generator().manual_seed(2)
+    head = torch.nn.Linear(16, 50, bias=bias, dtype=torch.float64)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(50, 16, dtype=torch.float64, generator=g))
+        if bias:
+            head.bias.copy_(torch.randn(50, dtype=torch.float64, generator=g))
+    seq_ids = torch.randint(0, 3, labels.shape, generator=g)
+    weights = torch.tensor([0.7, -1.3, 2.1], dtype=torch.float64)
+    params = [hidden, *head.parameters()]
+    logp = torch.log_softmax(head(hidden), -1)
+    keep = labels != IGNORE_INDEX
+    token = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
+    want_sums = torch.zeros(3, dtype=torch.float64).index_add(0, seq_ids.reshape(-1), token.reshape(-1))
+    want_counts = torch.zeros(3, dtype=torch.float64).index_add(0, seq_ids[keep], torch.ones(int(keep.sum()),
+                                                                                             dtype=torch.float64))
+    want_grads = _grads((want_sums * weights).sum(), *params)
+    for fused in (True, False):
+        sums, counts = chunked_sequence_logps(hidden, labels, seq_ids, 3, head, chunk, fused=fused)
+        torch.testing.assert_close(sums, want_sums, rtol=1e-12, atol=1e-12)
+        assert torch.equal(counts, want_counts)
+        for got, want in zip(_grads((sums * weights).sum(), *params), want_grads, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

@@ -163,8 +163,8 @@ class TrainConfig:
     )
     loss_chunk_size: int = _key(
         1024,
-        "Tokens per chunk of the LM head + loss; full-sequence logits are never materialised (sft/pt: one fp32 "
-        "chunk x vocab, gradients computed in the forward; dpo/kto/rm: ~3 copies in the chunk's backward).",
+        "Tokens per chunk of the LM head + loss; full-sequence logits are never materialised (one fp32 chunk x "
+        "vocab at a time, turned into its own gradient in place).",
     )
     logging_steps: int = _key(10, "Write a metrics.jsonl row every N optimizer steps (and the first and last).")
     save_steps: int = _key(500, "Save a checkpoint every N optimizer steps (0: only at the end).")

@@ -83,7 +83,7 @@ class TrainSetup:
     offload_activations: bool = False  # checkpointed layer inputs live in host memory
     tiled_mlp_tokens: int | None = None  # the MLP runs over tiles of this many tokens
     loss_chunk_size: int = 4096
-    fused_loss: bool = True  # sft/pt: gradients of the head computed in the loss forward (see losses.causal_lm)
+    fused_loss: bool = True  # a plain linear head: one fp32 logits chunk (see losses.causal_lm); False: checkpointed
     math_attention: bool = False  # attention_kernel: math materialises score blocks
     sp_attention: bool = False  # the SP / document-aware attention (ring buffers, fp32 accumulators)
 
@@ -120,8 +120,8 @@ LAYER_INTERMEDIATE_WIDTHS = 6
 # Outside the layers, alive until the loss backward is done: the final norm's input, normalised input and output,
 # and the loss-token copy the chunked head reads from.
 OUTSIDE_HIDDEN_WIDTHS = 4
-# One loss chunk of the checkpointed head (dpo/kto/rm) in its backward: the recomputed logits' log-softmax, the
-# gradient from the NLL, and the gradient of the logits (3 x chunk x vocab), in fp32 whatever the compute dtype.
+# One loss chunk of the checkpointed head (a head that is not a plain nn.Linear) in its backward: the recomputed
+# logits' log-softmax, the gradient from the NLL, and the gradient of the logits (3 x chunk x vocab), in fp32.
 LOGITS_COPIES = 3
 
 
@@ -142,18 +142,20 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
       layer_recompute   one layer's working set during its recompute + backward:
                    T * (8 H + 2 KV + 6 I) * b (see LAYER_*_WIDTHS); with tiled_mlp_tokens = t the 6 I term is
                    min(t, T) * 6 I * b plus one T * H * b copy of the tile inputs
-      logits_chunk checkpointed head (dpo/kto/rm): C * V * 4 bytes * 3 (log-softmax, NLL grad, logits grad, fp32);
-                   fused head (sft/pt): C * V * 4 (logits, turned into their gradient in place) + C * V * b
-                   in bf16 (the matmul's output, then the gradient's bf16 copy), plus the head-gradient buffer
-                   V * H * 4 (full size, even under FSDP, when the head is trained) and the hidden-state
-                   gradient of the loss tokens T * H * hb
-      attention_workspace  fused kernels: the log-sum-exp (heads x T x 4); SP/document attention adds K/V
-                   send/receive buffers (4 T KV b) and fp32 dq/dkv accumulators (T (H + 2 KV) 4); the math kernel
-                   adds heads x T x T x 4 x 3 (scores, probabilities, their gradient)
+      logits_chunk plain linear head (every stage): C * V * 4 (logits, turned into their gradient in place;
+                   sft/pt in the loss forward, dpo/kto/rm in its backward) + C * V * b in bf16 (the matmul's
+                   output, then the gradient's bf16 copy), plus the head-gradient buffer V * H * 4 (full size,
+                   even under FSDP, when the head is trained) and the hidden-state gradient of the loss tokens
+                   T * H * hb; checkpointed head: C * V * 4 bytes * 3 (log-softmax, NLL grad, logits grad)
+      attention_workspace  fused kernels: the log-sum-exp (heads x T x 4); SP/document attention adds fp32
+                   dq/dkv accumulators (T (H + 2 KV) 4) and, for sp > 1, K/V send/receive buffers (4 T KV b);
+                   the math kernel adds heads x T x T x 4 x 3 (scores, probabilities, their gradient). It is
+                   alive in the attention backward, after the MLP's 6 I intermediates are freed, so a layer
+                   moment counts only what exceeds them
       optimizer_step_temp  foreach AdamW's sqrt(v) temporary: P_t * 4 / S
     The peak is the largest of four moments (what is alive when):
       loss             params + optimizer + all activations + head grads + logits_chunk (the loss backward of
-                       the checkpointed head, or the forward of the fused one)
+                       the dpo/kto/rm head, the forward of the sft/pt head)
       last_layer       params + optimizer + layer checkpoints + head grads + layer_recompute + attention_workspace
       first_layer      params + optimizer + one checkpoint + all grads + layer_recompute + attention_workspace
       optimizer_step   params + optimizer + grads + optimizer_step_temp
@@ -181,9 +183,11 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
     hb = 4 if low_precision and not setup.fsdp else b
     layer_recompute = T * (LAYER_HIDDEN_WIDTHS * H + LAYER_KV_WIDTHS * KV) * b
     if setup.tiled_mlp_tokens:  # the tile inputs (one copy of the MLP input) + one tile's intermediates
-        layer_recompute += T * H * b + min(setup.tiled_mlp_tokens, T) * LAYER_INTERMEDIATE_WIDTHS * I * b
+        mlp_part = min(setup.tiled_mlp_tokens, T) * LAYER_INTERMEDIATE_WIDTHS * I * b
+        layer_recompute += T * H * b + mlp_part
     else:
-        layer_recompute += T * LAYER_INTERMEDIATE_WIDTHS * I * b
+        mlp_part = T * LAYER_INTERMEDIATE_WIDTHS * I * b
+        layer_recompute += mlp_part
     checkpoint_per_layer = T * H * hb if setup.gradient_checkpointing else layer_recompute
     # Offloaded checkpoints: on the GPU only the layer being recomputed and the one being fetched.
     on_gpu_layers = min(L, 2) if setup.offload_activations else L
@@ -201,10 +205,13 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
         loss_grads = head_grads
     attention = shape.num_heads * T * 4
     if setup.sp_attention or setup.sp > 1:
-        attention += 4 * T * KV * b + T * (H + 2 * KV) * 4
+        attention += T * (H + 2 * KV) * 4 + (4 * T * KV * b if setup.sp > 1 else 0)
     if setup.math_attention:
         attention += 3 * shape.num_heads * setup.local_tokens**2 * setup.batch_size * 4
     step_temp = Pt * 4 // shard
+    # The attention backward runs after the MLP's, whose intermediates are freed by then: only the part of the
+    # attention workspace beyond them raises the layer's peak.
+    attention_extra = max(0, attention - mlp_part)
 
     components = {
         "params": params,
@@ -221,9 +228,9 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
     candidates = {
         "loss": {**zero, **static, "grads": loss_grads, "activations": activations, "logits_chunk": logits_chunk},
         "last_layer": {**zero, **static, "grads": head_grads, "activations": on_gpu_layers * checkpoint_per_layer + rope,
-                       "layer_recompute": layer_recompute, "attention_workspace": attention},
+                       "layer_recompute": layer_recompute, "attention_workspace": attention_extra},
         "first_layer": {**zero, **static, "grads": grads, "activations": checkpoint_per_layer + rope,
-                        "layer_recompute": layer_recompute, "attention_workspace": attention},
+                        "layer_recompute": layer_recompute, "attention_workspace": attention_extra},
         "optimizer_step": {**zero, **static, "grads": grads, "optimizer_step_temp": step_temp},
     }
     moments = {name: sum(parts.values()) for name, parts in candidates.items()}
@@ -265,7 +272,6 @@ def setup_from_config(cfg, shape: ModelShape, gpus: int, tokens: int | None = No
         offload_activations=t.offload_activations,
         tiled_mlp_tokens=t.tiled_mlp_tokens,
         loss_chunk_size=t.loss_chunk_size,
-        fused_loss=t.stage in ("sft", "pt"),
         math_attention=p.attention_kernel == "math",
         sp_attention=cfg.packing or pairs,
     )

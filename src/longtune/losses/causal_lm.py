@@ -9,6 +9,10 @@ Two implementations of the same sum:
   no recompute. Valid because the loss sum is a scalar, so its gradient is fixed up to that one factor.
 - checkpointed (any other head, e.g. a LoRA-wrapped one): the chunk's head + cross-entropy run under activation
   checkpointing and are recomputed in backward (four head matmuls per chunk).
+
+Per-sequence log-probs (dpo/kto/rm) cannot take their gradient early (it depends on the preference loss), so a
+plain linear head keeps each row's log-sum-exp and recomputes the chunk's logits once in backward, building their
+gradient in place (four head matmuls, one fp32 chunk buffer instead of three).
 """
 
 from __future__ import annotations
@@ -133,6 +137,69 @@ def chunked_lm_loss(
     return total, count
 
 
+class _LinearTokenLogProbs(torch.autograd.Function):
+    """log softmax(hidden @ weight.T + bias)[target] per row, chunk by chunk. Forward keeps only the per-row
+    log-sum-exp; backward recomputes each chunk's logits once and turns them into their gradient in place, so a
+    chunk costs one fp32 chunk x vocab buffer (not the three of a checkpointed cross-entropy's backward)."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_size: int):
+        dtype = _compute_dtype(hidden)
+        acc = torch.promote_types(dtype, torch.float32)
+        logps = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+        lse_all = torch.empty_like(logps)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            b = bias.to(dtype) if bias is not None else None
+            for start in range(0, hidden.shape[0], chunk_size):
+                stop = min(start + chunk_size, hidden.shape[0])
+                logits = F.linear(hidden[start:stop].to(dtype), w, b).to(acc)
+                lse = torch.logsumexp(logits, dim=-1)
+                y = targets[start:stop]
+                logps[start:stop] = logits.gather(1, y.unsqueeze(1)).squeeze(1) - lse
+                lse_all[start:stop] = lse
+                del logits
+        ctx.save_for_backward(hidden, weight, bias, targets, lse_all)
+        ctx.chunk_size, ctx.dtype = chunk_size, dtype
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps: Tensor):
+        hidden, weight, bias, targets, lse_all = ctx.saved_tensors
+        dtype, chunk_size = ctx.dtype, ctx.chunk_size
+        acc = lse_all.dtype
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_b = bias is not None and ctx.needs_input_grad[2]
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if want_b else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            b = bias.to(dtype) if bias is not None else None
+            for start in range(0, hidden.shape[0], chunk_size):
+                stop = min(start + chunk_size, hidden.shape[0])
+                h = hidden[start:stop].to(dtype)
+                y = targets[start:stop]
+                g = grad_logps[start:stop].to(acc).unsqueeze(1)
+                # d logp[y] / d logits = onehot(y) - softmax, times the incoming gradient, built in place.
+                grad_logits = F.linear(h, w, b).to(acc).sub_(lse_all[start:stop].unsqueeze(1)).exp_().mul_(-g)
+                grad_logits.scatter_add_(1, y.unsqueeze(1), g)
+                gl = grad_logits.to(dtype)
+                if grad_h is not None:
+                    grad_h[start:stop] = (gl @ w).to(hidden.dtype)
+                if grad_w is not None:
+                    if acc == dtype:
+                        grad_w.addmm_(gl.t(), h)
+                    else:
+                        grad_w += (gl.t() @ h).to(acc)
+                if grad_b is not None:
+                    grad_b += grad_logits.sum(0)
+                del grad_logits, gl
+        out_w = grad_w.to(weight.dtype) if grad_w is not None else None
+        out_b = grad_b.to(bias.dtype) if grad_b is not None else None
+        return grad_h, out_w, out_b, None, None
+
+
 def _chunk_token_logps(hidden: Tensor, targets: Tensor, head: nn.Module) -> Tensor:
     logits = head(hidden)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -140,13 +207,16 @@ def _chunk_token_logps(hidden: Tensor, targets: Tensor, head: nn.Module) -> Tens
 
 
 def chunked_sequence_logps(
-    hidden: Tensor, labels: Tensor, sequence_ids: Tensor, num_sequences: int, head: nn.Module, chunk_size: int
+    hidden: Tensor, labels: Tensor, sequence_ids: Tensor, num_sequences: int, head: nn.Module, chunk_size: int,
+    fused: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Per-sequence sums of target log-probs over *this rank's* tokens, and their token counts.
 
     hidden [B, T, H]; labels [B, T] shifted; sequence_ids [B, T] (which sequence each position belongs to).
     Returns (sums [num_sequences] differentiable, counts [num_sequences]); under SP both are partial and are
-    summed over the SP group by the caller. The head runs chunk by chunk under checkpointing, as for SFT.
+    summed over the SP group by the caller. A plain linear head runs chunk by chunk through
+    `_LinearTokenLogProbs` (log-sum-exp kept, logits recomputed once in backward); any other head, or
+    `fused=False`, runs each chunk under checkpointing.
     """
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1)
@@ -160,15 +230,19 @@ def chunked_sequence_logps(
     sel_hidden = flat_hidden.index_select(0, keep)
     sel_labels = flat_labels.index_select(0, keep)
     sel_ids = flat_ids.index_select(0, keep)
-    parts = []
-    for start in range(0, sel_hidden.shape[0], chunk_size):
-        h = sel_hidden[start : start + chunk_size]
-        y = sel_labels[start : start + chunk_size]
-        if torch.is_grad_enabled():
-            parts.append(checkpoint(_chunk_token_logps, h, y, head, use_reentrant=False))
-        else:
-            parts.append(_chunk_token_logps(h, y, head))
-    token_logps = torch.cat(parts).to(dtype)
+    if fused and fused_head_supported(head):
+        token_logps = _LinearTokenLogProbs.apply(sel_hidden, head.weight, head.bias, sel_labels, chunk_size)
+    else:
+        parts = []
+        for start in range(0, sel_hidden.shape[0], chunk_size):
+            h = sel_hidden[start : start + chunk_size]
+            y = sel_labels[start : start + chunk_size]
+            if torch.is_grad_enabled():
+                parts.append(checkpoint(_chunk_token_logps, h, y, head, use_reentrant=False))
+            else:
+                parts.append(_chunk_token_logps(h, y, head))
+        token_logps = torch.cat(parts)
+    token_logps = token_logps.to(dtype)
     sums = sums.index_add(0, sel_ids, token_logps)
     counts = counts.index_add(0, sel_ids, torch.ones_like(token_logps, dtype=dtype))
     return sums, counts
