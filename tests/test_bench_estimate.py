@@ -42,8 +42,10 @@ def test_bench_tiny_writes_rows_with_fields(tmp_path, capsys):
     for row in report["rows"]:
         assert row["status"] == "ok", row
         for key in ("model", "stage", "impl", "peak_mem_mib", "peak_mem_kind", "tokens_per_s", "step_times_s",
-                    "flops_per_step", "mfu"):
+                    "flops_per_step", "mfu", "host_peak_rss_mib"):
             assert key in row
+        # The process's peak RSS holds at least the growth measured over the steps.
+        assert row["host_peak_rss_mib"] >= row["peak_mem_mib"] > 0
         assert row["tokens_per_s"] > 0 and len(row["step_times_s"]) == 2
     assert "| tiny | sft | ours | 256 | ok |" in capsys.readouterr().out
 

@@ -278,6 +278,8 @@ def run_case(case: BenchCase) -> dict[str, Any]:
         "peak_mem_mib": round(peak / 2**20, 1),
         "peak_mem_kind": kind,
         "peak_tensor_mib": round(tracker.peak / 2**20, 1) if tracker is not None else None,
+        # The process's peak resident host memory (model build included): on GPU, what the host must have.
+        "host_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "tokens_per_s": round(tokens_per_s, 2),
         "step_times_s": [round(t, 3) for t in times],
         "losses": losses,
@@ -395,12 +397,12 @@ def _fmt(value, spec: str, empty: str = "-") -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| model | stage | impl | length | status | peak MiB | tokens/s | MFU |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| model | stage | impl | length | status | peak MiB | host RSS MiB | tokens/s | MFU |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['stage']} | {r['impl']} | {r['length']} | {r['status']} | "
-                     f"{_fmt(r.get('peak_mem_mib'), '.0f')} | {_fmt(r.get('tokens_per_s'), '.1f')} | "
-                     f"{_fmt(r.get('mfu'), '.1%')} |")
+                     f"{_fmt(r.get('peak_mem_mib'), '.0f')} | {_fmt(r.get('host_peak_rss_mib'), '.0f')} | "
+                     f"{_fmt(r.get('tokens_per_s'), '.1f')} | {_fmt(r.get('mfu'), '.1%')} |")
     return "\n".join(lines)
 
 
