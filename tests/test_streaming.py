@@ -434,7 +434,6 @@ REQUIRED = ["model_name_or_path=builtin:tiny", "dataset=builtin:sft_demo", "outp
     [
         ([], r"key 'max_steps' must be > 0 with streaming: true"),
         (["max_steps=5", "val_size=0.1"], r"key 'val_size' must be a whole number of examples with streaming"),
-        (["max_steps=5", "stage=dpo"], r"key 'streaming' supports stage sft and pt, not dpo"),
         (["max_steps=5", "precompute_ref_log_probs=true"], r"key 'precompute_ref_log_probs' cannot be used with "
                                                            r"streaming"),
         (["max_steps=5", "buffer_size=0"], r"key 'buffer_size' must be >= 1"),

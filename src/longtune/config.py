@@ -106,7 +106,8 @@ class DataConfig:
     streaming: bool = _key(
         False,
         "Read, tokenize, mix, pack and shuffle the training data as a stream, a window at a time, for data larger "
-        "than memory (sft and pt). Needs `max_steps`; no cache; every rank reads the stream. See README, Streaming.",
+        "than memory (sft, pt, dpo, rm, kto). Needs `max_steps`; no cache; every rank reads the stream. See README, "
+        "Streaming.",
     )
     buffer_size: int = _key(
         16384,
@@ -458,8 +459,6 @@ def validate(cfg: Config, source: str) -> None:
     if d.packing_buffer < 1:
         fail("packing_buffer", f"must be >= 1, got {d.packing_buffer}")
     if d.streaming:
-        if t.stage not in ("sft", "pt"):
-            fail("streaming", f"supports stage sft and pt, not {t.stage}; remove streaming or use an sft/pt stage")
         if t.max_steps <= 0:
             fail("max_steps", "must be > 0 with streaming: true (the stream's length is not known in advance)")
         if 0 < d.val_size < 1:

@@ -6,6 +6,8 @@ assistant span, end-of-turn markers included, is trained; the prompt never is. L
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -109,9 +111,20 @@ def truncate_documents(
     return out, True
 
 
-def _load(
-    cfg: Config, tokenizer, split: str, task: Literal["preference", "kto"]
-) -> tuple[list, DataStats]:
+@dataclass(frozen=True)
+class PreferenceInputs:
+    """What a preference/KTO load reads, once its settings are checked: shared by the in-memory and streamed paths."""
+
+    task: Literal["preference", "kto"]
+    names: list[str]  # dataset names, comma-separated entries split
+    mix_strategy: str  # the train split's mix_strategy; concat for eval
+    interleave_probs: tuple[float, ...]
+    chat_template: str
+
+
+def preference_inputs(cfg: Config, tokenizer, split: str, task: Literal["preference", "kto"]) -> PreferenceInputs:
+    """The datasets of `split` for `task` (pairs: dpo/rm, kto), after the checks every load needs (stage, cutoff,
+    fast tokenizer, mix settings, chat template), before any row is read."""
     stages = PAIR_STAGES if task == "preference" else KTO_STAGES
     if cfg.train.stage not in stages:
         raise ConfigError(f"stage: {task} data is for stage {' or '.join(stages)}, got '{cfg.train.stage}'")
@@ -129,9 +142,18 @@ def _load(
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError("model_name_or_path: the tokenizer must be a fast (Rust) tokenizer to locate label spans")
     mix_strategy = d.mix_strategy if mixed else "concat"
-    interleave_probs = d.interleave_probs if mixed else ()
+    interleave_probs = tuple(d.interleave_probs) if mixed else ()
     check_mix_settings(mix_strategy, interleave_probs, len(names))  # before any tokenizing
-    chat_template = resolve_chat_template(d.template, tokenizer)
+    return PreferenceInputs(task, names, mix_strategy, interleave_probs, resolve_chat_template(d.template, tokenizer))
+
+
+def _load(
+    cfg: Config, tokenizer, split: str, task: Literal["preference", "kto"]
+) -> tuple[list, DataStats]:
+    inputs = preference_inputs(cfg, tokenizer, split, task)
+    d = cfg.data
+    names, mix_strategy, interleave_probs = inputs.names, inputs.mix_strategy, inputs.interleave_probs
+    chat_template = inputs.chat_template
 
     key = fingerprint(
         {
@@ -240,69 +262,104 @@ def _encode_dataset(
 ) -> list:
     """The examples of one dataset, in row order; row counts go into `stats`.
 
-    Rows are rendered one by one (a bad row fails alone), then tokenized ENCODE_BATCH rows at a time.
+    Every row is parsed first (load_dataset), then rows are encoded ENCODE_BATCH at a time.
     """
-
-    def skip(error: DataError) -> None:
-        count_skipped(stats, error)
-
     rows = load_dataset(
         name,
         dataset_dir=Path(dataset_dir),
         max_samples=max_samples,
-        on_bad_row=skip if skip_bad_rows else None,
+        on_bad_row=(lambda error: count_skipped(stats, error)) if skip_bad_rows else None,
         task=task,
     )
+    replied = rows_with_replies(rows)
     examples: list = []
-    for first in range(0, len(rows), ENCODE_BATCH):
-        rendered: list[tuple[ParsedRow, list[tuple[str, tuple[int, int]]]]] = []
-        for i in range(first, min(first + ENCODE_BATCH, len(rows))):
-            row = rows[i]
-            where = f"{row.source} row {row.row_number}"
-            try:
-                replies = [_render_reply(row.item.prompt, reply, tokenizer, chat_template, where)
-                           for reply in _replies(rows, i)]
-            except DataError as error:
-                if not skip_bad_rows:
-                    raise
-                skip(error)
-                continue
-            rendered.append((row, replies))
-        texts = [text for _, replies in rendered for text, _ in replies]
-        encoded = iter(tokenize_batch(tokenizer, texts, add_special_tokens=False, with_offsets=True))
-        for row, replies in rendered:
-            documents = []
-            for _, span in replies:
-                ids, offsets = next(encoded)
-                assert offsets is not None
-                documents.append(conversation_labels(ids, offsets, [span], train_on_prompt=False))
-            kept, truncated = truncate_documents(documents, cutoff_len)
-            stats.rows += 1
-            stats.truncated += truncated
-            # position 0 of a document is never a target after the shift: a reply must train a later token
-            if any(all(label == IGNORE_INDEX for label in labels[1:]) for _, labels in kept):
-                stats.dropped += 1
-                continue
-            stats.kept += 1
-            (a, a_labels), (b, b_labels) = kept
-            lengths = [len(a), len(b)]
-            if task == "kto":
-                assert isinstance(row.item, KTOSample)
-                examples.append(KTOExample(a + b, a_labels + b_labels, lengths, row.item.desirable))
-            else:
-                examples.append(PairExample(a + b, a_labels + b_labels, lengths))
+    while batch := list(itertools.islice(replied, ENCODE_BATCH)):
+        examples += encode_preference_rows(
+            batch,
+            task=task,
+            tokenizer=tokenizer,
+            chat_template=chat_template,
+            cutoff_len=cutoff_len,
+            skip_bad_rows=skip_bad_rows,
+            stats=stats,
+        )
     return examples
 
 
-def _replies(rows: list[ParsedRow], i: int) -> tuple[str, str]:
-    """The two replies to the prompt of rows[i]: chosen and rejected, or its completion and the next row's."""
-    item = rows[i].item
-    if isinstance(item, PreferencePair):
-        return item.chosen, item.rejected
-    assert isinstance(item, KTOSample)
-    following = rows[(i + 1) % len(rows)].item
-    assert isinstance(following, KTOSample)
-    return item.completion, following.completion
+def rows_with_replies(rows: Iterable[ParsedRow]) -> Iterator[tuple[ParsedRow, tuple[str, str]]]:
+    """Each parsed row with the two replies to its prompt: chosen and rejected, or (KTO) its completion and the
+    next row's, the last row taking the first row's (wrapping around).
+
+    Works on a stream: KTO rows are read one ahead and only the first row's completion is remembered, so the
+    last row comes out once the rows have run out.
+    """
+    first_completion: str | None = None
+    previous: ParsedRow | None = None
+    for row in rows:
+        item = row.item
+        if isinstance(item, PreferencePair):
+            yield row, (item.chosen, item.rejected)
+            continue
+        assert isinstance(item, KTOSample)
+        if previous is None:
+            first_completion = item.completion
+        else:
+            yield previous, (previous.item.completion, item.completion)
+        previous = row
+    if previous is not None:
+        assert first_completion is not None
+        yield previous, (previous.item.completion, first_completion)
+
+
+def encode_preference_rows(
+    rows: list[tuple[ParsedRow, tuple[str, str]]],
+    *,
+    task: str,
+    tokenizer,
+    chat_template: str,
+    cutoff_len: int,
+    skip_bad_rows: bool,
+    stats: DataStats,
+) -> list:
+    """The PairExamples (task "preference") or KTOExamples ("kto") of rows with their replies, in order: each row
+    is rendered alone (a bad row fails alone, naming its file and row, or is skipped and counted), then all are
+    tokenized in one call. Row counts go into `stats`; tokens are counted by the caller."""
+    rendered: list[tuple[ParsedRow, list[tuple[str, tuple[int, int]]]]] = []
+    for row, replies in rows:
+        where = f"{row.source} row {row.row_number}"
+        try:
+            rendered.append(
+                (row, [_render_reply(row.item.prompt, reply, tokenizer, chat_template, where) for reply in replies])
+            )
+        except DataError as error:
+            if not skip_bad_rows:
+                raise
+            count_skipped(stats, error)
+    texts = [text for _, documents in rendered for text, _ in documents]
+    encoded = iter(tokenize_batch(tokenizer, texts, add_special_tokens=False, with_offsets=True))
+    examples: list = []
+    for row, documents in rendered:
+        labelled = []
+        for _, span in documents:
+            ids, offsets = next(encoded)
+            assert offsets is not None
+            labelled.append(conversation_labels(ids, offsets, [span], train_on_prompt=False))
+        kept, truncated = truncate_documents(labelled, cutoff_len)
+        stats.rows += 1
+        stats.truncated += truncated
+        # position 0 of a document is never a target after the shift: a reply must train a later token
+        if any(all(label == IGNORE_INDEX for label in labels[1:]) for _, labels in kept):
+            stats.dropped += 1
+            continue
+        stats.kept += 1
+        (a, a_labels), (b, b_labels) = kept
+        lengths = [len(a), len(b)]
+        if task == "kto":
+            assert isinstance(row.item, KTOSample)
+            examples.append(KTOExample(a + b, a_labels + b_labels, lengths, row.item.desirable))
+        else:
+            examples.append(PairExample(a + b, a_labels + b_labels, lengths))
+    return examples
 
 
 def _render_reply(
@@ -320,6 +377,10 @@ __all__ = [
     "load_pair_examples",
     "load_kto_examples",
     "truncate_documents",
+    "PreferenceInputs",
+    "preference_inputs",
+    "rows_with_replies",
+    "encode_preference_rows",
     "PAIR_STAGES",
     "KTO_STAGES",
 ]

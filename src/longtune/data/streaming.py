@@ -1,5 +1,5 @@
-"""Training examples as a stream, for data larger than memory (`streaming: true`, sft and pt): rows are read,
-tokenized, mixed, packed and shuffled a window at a time, with the readers and per-row encoding of `load_examples`.
+"""Training examples as a stream, for data larger than memory (`streaming: true`): rows are read, tokenized, mixed,
+packed (sft, pt) and shuffled a window at a time, with the readers and per-row encoding of the in-memory loaders.
 
 Nothing is cached: every pass (epoch, resume replay, every rank) reads and tokenizes the files again.
 """
@@ -24,7 +24,17 @@ from longtune.data import (
 )
 from longtune.data.loading import iter_dataset, resolve_dataset
 from longtune.data.mixing import mix_streams
-from longtune.data.packing import PackedExample, PackingStats, pack_stream
+from longtune.data.packing import PackingStats, pack_stream
+from longtune.data.preference import (
+    KTO_STAGES,
+    PAIR_STAGES,
+    KTOExample,
+    PairExample,
+    PreferenceInputs,
+    encode_preference_rows,
+    preference_inputs,
+    rows_with_replies,
+)
 
 if TYPE_CHECKING:
     from longtune.config import Config
@@ -77,8 +87,11 @@ def stream_examples(
     return _count_tokens(mixed, stats)
 
 
-def stream_from_config(cfg: Config, tokenizer, stats: DataStats | None = None) -> Iterator[Example]:
-    """`stream_examples` with every data key of `cfg`: one pass over the training datasets, mixed, in order."""
+def stream_from_config(cfg: Config, tokenizer, stats: DataStats | None = None) -> Iterator:
+    """One pass over the training datasets of `cfg`, mixed, in order, in the shape its stage trains on:
+    `stream_examples` (sft, pt) or `stream_preference_examples` (dpo, rm, kto)."""
+    if cfg.train.stage in PAIR_STAGES + KTO_STAGES:
+        return stream_preference_examples(cfg, tokenizer, stats)
     d = cfg.data
     return stream_examples(
         list(d.dataset),
@@ -97,12 +110,33 @@ def stream_from_config(cfg: Config, tokenizer, stats: DataStats | None = None) -
     )
 
 
+def stream_preference_examples(
+    cfg: Config, tokenizer, stats: DataStats | None = None
+) -> Iterator[PairExample | KTOExample]:
+    """One pass over the training datasets of a dpo/rm (PairExamples) or kto (KTOExamples) config: the examples
+    `load_pair_examples` / `load_kto_examples` return, in the same order, read ENCODE_BATCH rows at a time.
+
+    KTO KL documents pair within each dataset before mixing, as in memory: row i takes row i + 1's completion and
+    a dataset's last row its first row's, so that last example comes out only when the dataset's pass ends.
+    """
+    inputs = preference_inputs(cfg, tokenizer, "train", "preference" if cfg.train.stage in PAIR_STAGES else "kto")
+    d = cfg.data
+    for name in inputs.names:
+        resolve_dataset(name, Path(d.dataset_dir))  # an unknown dataset fails here, not steps later
+    stats = stats if stats is not None else DataStats(0, 0, 0, 0, 0, 0)
+    sources = [functools.partial(_preference_dataset_examples, name, cfg, inputs, tokenizer, stats)
+               for name in inputs.names]
+    mixed = mix_streams(sources, strategy=inputs.mix_strategy, interleave_probs=inputs.interleave_probs,
+                        seed=cfg.train.seed, names=inputs.names)
+    return _count_tokens(mixed, stats)
+
+
 def arrange_epoch(
-    examples: Iterable[Example], cfg: Config, *, epoch: int, packing_stats: PackingStats
-) -> Iterator[Example | PackedExample]:
+    examples: Iterable, cfg: Config, *, epoch: int, packing_stats: PackingStats
+) -> Iterator:
     """One epoch of training examples from one pass of the stream: past the first `held_out_count` (held out for
-    evaluation), packed in windows of `packing_buffer` documents when packing, then shuffled by a buffer of
-    `buffer_size` seeded with seed + epoch. Packing first, then shuffling rows, is the in-memory order too."""
+    evaluation), packed in windows of `packing_buffer` documents when packing (sft, pt), then shuffled by a buffer
+    of `buffer_size` seeded with seed + epoch. Packing first, then shuffling rows, is the in-memory order too."""
     d = cfg.data
     stream: Iterator = itertools.islice(examples, held_out_count(cfg), None)
     if cfg.packing:
@@ -112,8 +146,9 @@ def arrange_epoch(
 
 def training_stream(
     cfg: Config, tokenizer, *, epoch: int, stats: DataStats, packing_stats: PackingStats
-) -> Iterator[Example | PackedExample]:
-    """Epoch `epoch` of the training examples, in the order the trainer consumes them."""
+) -> Iterator:
+    """Epoch `epoch` of the training examples (Example or PackedExample; PairExample or KTOExample for dpo/rm/kto),
+    in the order the trainer consumes them."""
     return arrange_epoch(stream_from_config(cfg, tokenizer, stats), cfg, epoch=epoch, packing_stats=packing_stats)
 
 
@@ -123,7 +158,7 @@ def held_out_count(cfg: Config) -> int:
     return 0 if cfg.data.eval_dataset else int(cfg.data.val_size)
 
 
-def held_out_examples(cfg: Config, tokenizer) -> list[Example]:
+def held_out_examples(cfg: Config, tokenizer) -> list:
     """The first `held_out_count` examples of the stream (the eval set under streaming, held in memory)."""
     return list(itertools.islice(stream_from_config(cfg, tokenizer), held_out_count(cfg)))
 
@@ -201,7 +236,36 @@ def _dataset_examples(
             yield examples.pop()
 
 
-def _count_tokens(examples: Iterator[Example], stats: DataStats) -> Iterator[Example]:
+def _preference_dataset_examples(
+    name: str, cfg: Config, inputs: PreferenceInputs, tokenizer, stats: DataStats
+) -> Iterator[PairExample | KTOExample]:
+    """The pair or KTO examples of one dataset, in row order, encoded ENCODE_BATCH rows at a time."""
+    d = cfg.data
+    rows = iter_dataset(
+        name,
+        dataset_dir=Path(d.dataset_dir),
+        max_samples=d.max_samples,
+        on_bad_row=(lambda error: count_skipped(stats, error)) if d.skip_bad_rows else None,
+        task=inputs.task,
+    )
+    replied = rows_with_replies(rows)
+    while batch := list(itertools.islice(replied, ENCODE_BATCH)):
+        examples = encode_preference_rows(
+            batch,
+            task=inputs.task,
+            tokenizer=tokenizer,
+            chat_template=inputs.chat_template,
+            cutoff_len=d.cutoff_len,
+            skip_bad_rows=d.skip_bad_rows,
+            stats=stats,
+        )
+        del batch
+        examples.reverse()
+        while examples:
+            yield examples.pop()
+
+
+def _count_tokens(examples: Iterator[T], stats: DataStats) -> Iterator[T]:
     for example in examples:
         stats.tokens += len(example.input_ids)
         stats.trained_tokens += sum(label != IGNORE_INDEX for label in example.labels)
@@ -211,6 +275,7 @@ def _count_tokens(examples: Iterator[Example], stats: DataStats) -> Iterator[Exa
 __all__ = [
     "stream_examples",
     "stream_from_config",
+    "stream_preference_examples",
     "arrange_epoch",
     "training_stream",
     "held_out_count",
