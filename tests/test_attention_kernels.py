@@ -192,3 +192,23 @@ def test_many_tiny_documents_fall_back_to_one_mask_per_piece_pair():
     docs = (torch.arange(t) // 7).unsqueeze(0)  # 293 documents of 7 tokens
     plan = _zigzag_plan(docs, sp, 0, 0)
     assert 1 <= len(plan.blocks) <= 4 and {b.kind for b in plan.blocks} == {"masked"}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kind", ["full", "causal", "masked"])
+def test_cuda_kernel_calls_check_on_meta_tensors(dtype, kind):
+    """Without a GPU: meta tensors take the CUDA branch (flash for bf16 full/causal, memory-efficient otherwise),
+    so each aten call's schema is checked and our handling of its outputs (lse padding, GQA head reduction,
+    dtypes) is checked for shapes."""
+    b, hq, hkv, tq, d = 2, 4, 2, 100, 64
+    tk = tq if kind == "causal" else 150
+    q = torch.empty(b, hq, tq, d, dtype=dtype, device="meta")
+    k = torch.empty(b, hkv, tk, d, dtype=dtype, device="meta")
+    v = torch.empty(b, hkv, tk, d, dtype=dtype, device="meta")
+    mask = torch.empty(b, 1, tq, tk, dtype=torch.bool, device="meta") if kind == "masked" else None
+    out, lse = fused_block_forward(q, k, v, mask, 0.125, kind)
+    assert out.shape == (b, hq, tq, d) and lse.shape == (b, hq, tq)
+    assert out.dtype == lse.dtype == torch.float32
+    dq, dk, dv = fused_block_backward(torch.empty_like(q), q, k, v, out, lse, mask, 0.125, kind)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    assert dq.dtype == dk.dtype == dv.dtype == torch.float32

@@ -81,12 +81,24 @@ def _reduce_heads(x: Tensor, num_kv_heads: int) -> Tensor:
     return x if h == num_kv_heads else x.view(b, num_kv_heads, h // num_kv_heads, t, d).sum(2)
 
 
+def _gpu_path(q: Tensor) -> bool:
+    """CUDA tensors take the CUDA kernels. So do meta tensors: they run the same aten calls through their meta
+    implementations, which lets the tests check the CUDA calls' schemas and shapes on a machine without a GPU."""
+    return q.is_cuda or q.is_meta
+
+
 def _kind_and_keys(mask: Tensor | None, kind: str | None, q: Tensor) -> tuple[str, Tensor]:
-    """The mask kind (classified from the mask when not given) and which query rows see any key [B, 1, Tq]."""
+    """The mask kind (classified from the mask when not given; an all-visible mask is 'full') and which query
+    rows see any key [B, 1, Tq]."""
     if kind in ("full", "causal"):
         return kind, torch.ones(q.shape[0], 1, q.shape[2], dtype=torch.bool, device=q.device)
     assert mask is not None, "a 'masked' block needs its mask"
-    return (_mask_kind(mask) if kind is None else kind), mask.any(-1)
+    if mask.is_meta:  # no values to classify by
+        return kind or "masked", mask.any(-1)
+    kind = _mask_kind(mask) if kind is None else kind
+    if kind == "masked" and bool(mask.all()):
+        kind = "full"
+    return kind, mask.any(-1)
 
 
 def fused_block_forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float,
@@ -99,14 +111,12 @@ def fused_block_forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, sc
     k, v = (x.to(q.dtype).contiguous() for x in _expand_heads(k, v, q.shape[1]))
     q = q.contiguous()
     kind, has_key = _kind_and_keys(mask, kind, q)
-    if kind == "masked" and mask is not None and bool(mask.all()):
-        kind = "full"
     tq = q.shape[2]
-    if q.is_cuda and kind in ("full", "causal") and q.dtype in (torch.float16, torch.bfloat16):
+    if _gpu_path(q) and kind in ("full", "causal") and q.dtype in (torch.float16, torch.bfloat16):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
             q, k, v, 0.0, kind == "causal", False, scale=scaling
         )[:2]
-    elif q.is_cuda:
+    elif _gpu_path(q):
         bias = None if kind in ("full", "causal") else _bias(mask, q.dtype, align=16).expand(-1, q.shape[1], -1, -1)
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
             q, k, v, bias, True, 0.0, kind == "causal", scale=scaling
@@ -134,14 +144,12 @@ def fused_block_backward(
     k, v = (x.to(q.dtype).contiguous() for x in _expand_heads(k, v, q.shape[1]))
     q = q.contiguous()
     kind, has_key = _kind_and_keys(mask, kind, q)
-    if kind == "masked" and mask is not None and bool(mask.all()):
-        kind = "full"
     # Queries that see no key of this block were opened fully in the bias (see _bias); give them lse +inf so
     # their probabilities are exp(-inf) = 0 and they add no gradient (likewise queries that see nothing at all).
     lse_in = lse.to(torch.promote_types(q.dtype, torch.float32)).masked_fill(~has_key | torch.isinf(lse), float("inf"))
     dout_c = dout.to(q.dtype).contiguous()
     out_c = out.to(q.dtype).contiguous()
-    if q.is_cuda and kind in ("full", "causal") and q.dtype in (torch.float16, torch.bfloat16):
+    if _gpu_path(q) and kind in ("full", "causal") and q.dtype in (torch.float16, torch.bfloat16):
         tq, tk = q.shape[2], k.shape[2]
         cum = torch.empty(0, dtype=torch.int32, device=q.device)
         zero = torch.zeros((), dtype=torch.int64, device=q.device)
@@ -149,7 +157,7 @@ def fused_block_backward(
             dout_c, q, k, v, out_c, lse_in.contiguous(), cum, cum, tq, tk, 0.0, kind == "causal", zero, zero,
             scale=scaling,
         )
-    elif q.is_cuda:
+    elif _gpu_path(q):
         bias = None if kind in ("full", "causal") else _bias(mask, q.dtype, align=16).expand(-1, q.shape[1], -1, -1)
         tq = q.shape[2]
         padded = -(-tq // 32) * 32
