@@ -314,7 +314,7 @@ def test_stream_holds_at_most_a_buffer_and_a_batch(tok, tmp_path, monkeypatch):
     monkeypatch.setattr(loading_mod, "ParsedRow", CountedRow)
     monkeypatch.setattr(data_mod, "Example", CountedExample)
     batch = 32
-    monkeypatch.setattr(streaming_mod, "ENCODE_BATCH", batch)
+    monkeypatch.setattr(data_mod, "ENCODE_BATCH", batch)  # read by encode_in_batches
     name = str(write(tmp_path / "big.jsonl", alpaca_rows(3000, seed=1)))
     cfg = config(tmp_path, name, buffer_size=50, cutoff_len=64)
     seen = 0

@@ -5,9 +5,12 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from longtune.data.cache import (
     cache_file,
@@ -96,7 +99,7 @@ def load_examples(
         resolved_template = None
     key = fingerprint(
         {
-            "datasets": [_dataset_fingerprint(name, dataset_dir) for name in names],
+            "datasets": [dataset_fingerprint(name, dataset_dir) for name in names],
             "template": [template, resolved_template],
             "tokenizer": tokenizer_fingerprint(tokenizer),
             "stage": stage,
@@ -180,7 +183,7 @@ def _from_cache(path: Path) -> tuple[list[Example], DataStats] | None:
         return [Example(ids, labels) for ids, labels in pairs], stats
 
 
-def _dataset_fingerprint(name: str, dataset_dir: str) -> dict:
+def dataset_fingerprint(name: str, dataset_dir: str) -> dict:
     """What identifies a dataset's rows: its files (by content or stat) and how its entry says to read them."""
     spec = resolve_dataset(name, Path(dataset_dir))
     return {
@@ -190,6 +193,7 @@ def _dataset_fingerprint(name: str, dataset_dir: str) -> dict:
         "columns": dict(spec.columns),
         "tags": dict(spec.tags),
         "num_samples": spec.num_samples,
+        "ranking": spec.ranking,
     }
 
 
@@ -238,19 +242,27 @@ def _encode_dataset(
         max_samples=max_samples,
         on_bad_row=(lambda error: count_skipped(stats, error)) if skip_bad_rows else None,
     )
-    examples: list[Example] = []
-    for first in range(0, len(rows), ENCODE_BATCH):
-        examples += encode_rows(
-            rows[first : first + ENCODE_BATCH],
-            tokenizer=tokenizer,
-            template=template,
-            stage=stage,
-            cutoff_len=cutoff_len,
-            train_on_prompt=train_on_prompt,
-            skip_bad_rows=skip_bad_rows,
-            stats=stats,
-        )
-    return examples
+    encode = functools.partial(encode_rows, tokenizer=tokenizer, template=template, stage=stage,
+                               cutoff_len=cutoff_len, train_on_prompt=train_on_prompt, skip_bad_rows=skip_bad_rows,
+                               stats=stats)
+    return list(encode_in_batches(rows, encode))
+
+
+Row = TypeVar("Row")
+Encoded = TypeVar("Encoded")
+
+
+def encode_in_batches(rows: Iterable[Row], encode: Callable[[list[Row]], list[Encoded]]) -> Iterator[Encoded]:
+    """`encode` over ENCODE_BATCH rows at a time (one fast-tokenizer call each), the results in row order. Works on
+    a list or a stream: a batch's rows are let go before its results are handed on, and each result is popped
+    from the batch's list, so nothing is held past the consumer's use of it."""
+    source = iter(rows)
+    while batch := list(itertools.islice(source, ENCODE_BATCH)):
+        encoded = encode(batch)
+        del batch
+        encoded.reverse()
+        while encoded:
+            yield encoded.pop()
 
 
 def encode_rows(
@@ -358,6 +370,8 @@ __all__ = [
     "load_examples",
     "examples_from_config",
     "encode_rows",
+    "encode_in_batches",
+    "dataset_fingerprint",
     "checked_dataset_names",
     "count_skipped",
     "IGNORE_INDEX",

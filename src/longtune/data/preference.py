@@ -6,16 +6,15 @@ assistant span, end-of-turn markers included, is trained; the prompt never is. L
 
 from __future__ import annotations
 
-import itertools
+import functools
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from longtune.data import ENCODE_BATCH, DataStats, Example, count_skipped
+from longtune.data import DataStats, Example, count_skipped, dataset_fingerprint, encode_in_batches
 from longtune.data.cache import (
     cache_file,
-    file_fingerprint,
     fingerprint,
     gc_paused,
     load_cached,
@@ -32,7 +31,7 @@ from longtune.data.encode import (
     truncate_conversation,
 )
 from longtune.data.formats import KTOSample, PreferencePair
-from longtune.data.loading import ParsedRow, load_dataset, resolve_dataset
+from longtune.data.loading import ParsedRow, load_dataset
 from longtune.data.mixing import check_mix_settings, mix_examples
 from longtune.data.templates import resolve_chat_template
 from longtune.errors import ConfigError, DataError
@@ -158,7 +157,7 @@ def _load(
     key = fingerprint(
         {
             "task": task,  # no key of load_examples: never the same file as an sft/pt cache
-            "datasets": [_dataset_fingerprint(name, d.dataset_dir) for name in names],
+            "datasets": [dataset_fingerprint(name, d.dataset_dir) for name in names],
             "template": [d.template, chat_template],
             "tokenizer": tokenizer_fingerprint(tokenizer),
             "cutoff_len": d.cutoff_len,
@@ -234,20 +233,6 @@ def _from_cache(path: Path, task: str) -> tuple[list, DataStats] | None:
     return examples, stats
 
 
-def _dataset_fingerprint(name: str, dataset_dir: str) -> dict:
-    """What identifies a dataset's rows: its files (by content or stat) and how its entry says to read them."""
-    spec = resolve_dataset(name, Path(dataset_dir))
-    return {
-        "name": name,
-        "files": [file_fingerprint(f) for f in spec.files],
-        "formatting": spec.formatting,
-        "columns": dict(spec.columns),
-        "tags": dict(spec.tags),
-        "num_samples": spec.num_samples,
-        "ranking": spec.ranking,
-    }
-
-
 def _encode_dataset(
     name: str,
     *,
@@ -271,19 +256,9 @@ def _encode_dataset(
         on_bad_row=(lambda error: count_skipped(stats, error)) if skip_bad_rows else None,
         task=task,
     )
-    replied = rows_with_replies(rows)
-    examples: list = []
-    while batch := list(itertools.islice(replied, ENCODE_BATCH)):
-        examples += encode_preference_rows(
-            batch,
-            task=task,
-            tokenizer=tokenizer,
-            chat_template=chat_template,
-            cutoff_len=cutoff_len,
-            skip_bad_rows=skip_bad_rows,
-            stats=stats,
-        )
-    return examples
+    encode = functools.partial(encode_preference_rows, task=task, tokenizer=tokenizer, chat_template=chat_template,
+                               cutoff_len=cutoff_len, skip_bad_rows=skip_bad_rows, stats=stats)
+    return list(encode_in_batches(rows_with_replies(rows), encode))
 
 
 def rows_with_replies(rows: Iterable[ParsedRow]) -> Iterator[tuple[ParsedRow, tuple[str, str]]]:

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from longtune.data import (
-    ENCODE_BATCH,
     IGNORE_INDEX,
     DataStats,
     Example,
     checked_dataset_names,
     count_skipped,
+    encode_in_batches,
     encode_rows,
 )
 from longtune.data.loading import iter_dataset, resolve_dataset
@@ -219,21 +219,10 @@ def _dataset_examples(
         max_samples=max_samples,
         on_bad_row=(lambda error: count_skipped(stats, error)) if skip_bad_rows else None,
     )
-    while batch := list(itertools.islice(rows, ENCODE_BATCH)):
-        examples = encode_rows(
-            batch,
-            tokenizer=tokenizer,
-            template=template,
-            stage=stage,
-            cutoff_len=cutoff_len,
-            train_on_prompt=train_on_prompt,
-            skip_bad_rows=skip_bad_rows,
-            stats=stats,
-        )
-        del batch  # the parsed rows of a batch are done with before its examples are handed on
-        examples.reverse()
-        while examples:  # pop, so the batch's list never holds an example the consumer has let go
-            yield examples.pop()
+    encode = functools.partial(encode_rows, tokenizer=tokenizer, template=template, stage=stage,
+                               cutoff_len=cutoff_len, train_on_prompt=train_on_prompt, skip_bad_rows=skip_bad_rows,
+                               stats=stats)
+    yield from encode_in_batches(rows, encode)
 
 
 def _preference_dataset_examples(
@@ -248,21 +237,10 @@ def _preference_dataset_examples(
         on_bad_row=(lambda error: count_skipped(stats, error)) if d.skip_bad_rows else None,
         task=inputs.task,
     )
-    replied = rows_with_replies(rows)
-    while batch := list(itertools.islice(replied, ENCODE_BATCH)):
-        examples = encode_preference_rows(
-            batch,
-            task=inputs.task,
-            tokenizer=tokenizer,
-            chat_template=inputs.chat_template,
-            cutoff_len=d.cutoff_len,
-            skip_bad_rows=d.skip_bad_rows,
-            stats=stats,
-        )
-        del batch
-        examples.reverse()
-        while examples:
-            yield examples.pop()
+    encode = functools.partial(encode_preference_rows, task=inputs.task, tokenizer=tokenizer,
+                               chat_template=inputs.chat_template, cutoff_len=d.cutoff_len,
+                               skip_bad_rows=d.skip_bad_rows, stats=stats)
+    yield from encode_in_batches(rows_with_replies(rows), encode)
 
 
 def _count_tokens(examples: Iterator[T], stats: DataStats) -> Iterator[T]:
