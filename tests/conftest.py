@@ -93,3 +93,15 @@ def saved_models(tmp_path_factory) -> dict[str, Path]:
         tok.save_pretrained(path)
         out[name] = path
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.cuda` tests run only where torch sees a GPU; elsewhere they are reported as skipped."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (make gpu-check)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
