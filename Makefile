@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel on this kind of machine; on a GPU box use e.g. `make setup TORCH_SPEC=torch` for a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-slow docs clean
+.PHONY: setup demo test test-slow docs clean gpu-check gpu-check-cpu
 
 setup: $(VENV)/.installed
 
@@ -30,3 +30,11 @@ docs: setup
 
 clean:
 	rm -rf $(VENV) runs
+
+# The CUDA paths on a GPU machine (1-8 GPUs, under 9 minutes): `make setup TORCH_SPEC=torch && make gpu-check`.
+gpu-check: setup
+	$(PY) scripts/gpu_check.py
+
+# Its CPU-runnable parts (gloo, tiny sizes); tests/test_gpu_check.py runs the quick form of this in CI.
+gpu-check-cpu: setup
+	$(PY) scripts/gpu_check.py --cpu
