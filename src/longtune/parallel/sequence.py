@@ -65,13 +65,16 @@ def resolve_sp_mode(cfg: ParallelConfig, heads: int, kv_heads: int, sp: int) -> 
         if u == 1:
             return "zigzag_ring", 1
         return "hybrid", u
-    # explicit hybrid
-    if u in (1, sp):
+    # Explicit hybrid: a true hybrid whenever the query heads allow one. Prefer a degree that also divides the
+    # K/V heads (no replication); otherwise Ulysses replicates K/V heads (MQA, few KV heads), as `ulysses` does.
+    degrees = [d for d in range(sp - 1, 1, -1) if sp % d == 0 and heads % d == 0]
+    if not degrees:
         raise ConfigError(
-            f"key 'sequence_parallel_mode': hybrid needs a Ulysses degree strictly between 1 and sp={sp}; "
-            f"gcd(num_key_value_heads={kv_heads}, sp)={u} (use auto, ulysses or zigzag_ring)"
+            f"key 'sequence_parallel_mode': hybrid needs a Ulysses degree strictly between 1 and sp={sp} that "
+            f"divides num_attention_heads={heads}; there is none (use auto, ulysses or zigzag_ring)"
         )
-    return "hybrid", u
+    without_replication = [d for d in degrees if kv_heads % d == 0]
+    return "hybrid", (without_replication or degrees)[0]
 
 
 class SequenceParallel:
