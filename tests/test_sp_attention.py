@@ -292,3 +292,19 @@ def test_registered_attention_runs_inside_a_hf_model():
     second = model(input_ids=ids[:, 6:]).logits
     assert (packed[:, :6] - first).abs().max() <= TOLERANCE
     assert (packed[:, 6:] - second).abs().max() <= TOLERANCE
+
+
+def test_autocast_mixed_projection_dtypes_reach_attention_as_one_dtype():
+    """Under autocast RoPE leaves q/k in fp32 and v in bf16: attention runs (and answers) in the autocast dtype,
+    as SDPA does, and the gradients come back in each input's own dtype."""
+    q, k, v, index, docs = _random_block_inputs(6)
+    ctx = SPContext(mode="zigzag_ring", group=None, sp_size=1, sp_rank=0, seq_index=index, doc_ids=docs)
+    leaves = [q.float().requires_grad_(), k.float().requires_grad_(), v.to(torch.bfloat16).requires_grad_()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = sp_attention_forward(None, *leaves, None, scaling=0.3, sp_context=ctx)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16
+    assert [x.grad.dtype for x in leaves] == [torch.float32, torch.float32, torch.bfloat16]
+    rounded = [x.detach().to(torch.bfloat16).double() for x in leaves]
+    want = reference_attention(*rounded, index, docs, 0.3, None).transpose(1, 2)
+    assert (out.double() - want).abs().max() < 1e-2

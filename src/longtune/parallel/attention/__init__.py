@@ -7,6 +7,7 @@ transformers hands that keyword to every attention layer.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from longtune.parallel.attention.common import (
@@ -70,6 +71,21 @@ def sp_attention(
     return hybrid_attention(q, k, v, index, docs, ctx.ulysses_group, ctx.ring_group, scaling, sliding_window)
 
 
+def to_compute_dtype(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v in one dtype: the autocast dtype when autocast is on (what SDPA does under autocast), else their
+    common promoted dtype.
+
+    Under autocast RoPE's fp32 cos/sin make q and k fp32 while v stays bf16; left alone, kernel selection by
+    q.dtype would take the fp32 kernels and the ring would carry K/V stacked in fp32 (twice the traffic).
+    """
+    device_type = q.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
 def sp_attention_forward(
     module: nn.Module | None,
     query: Tensor,
@@ -91,6 +107,7 @@ def sp_attention_forward(
     """
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    query, key, value = to_compute_dtype(query, key, value)
     out = sp_attention(query, key, value, sp_context, scaling, sliding_window)
     return out.transpose(1, 2).contiguous(), None
 
