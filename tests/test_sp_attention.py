@@ -89,6 +89,7 @@ def _max_diffs(mode, sp, sp_rank, group, ulysses_group, ring_group, name, seed) 
         ulysses_group=ulysses_group, ring_group=ring_group,
         ulysses_size=dist.get_world_size(ulysses_group) if ulysses_group is not None else 1,
         ring_size=dist.get_world_size(ring_group) if ring_group is not None else 1,
+        row_doc_ids=padded_docs, windows=(window,),
     )
     local = [x[:, :, index].clone().requires_grad_() for x in (q, k, v)]
     scaling = HEAD_DIM**-0.5
@@ -135,7 +136,8 @@ def _sp_worker(rank: int, world: int) -> dict:
                 results[f"{mode}-sp{sp}-u{u}-{name}-dp{dp_rank}"] = diffs
     # Ulysses cannot split 2 heads over 4 ranks: every rank must refuse before any communication.
     ctx = SPContext(mode="ulysses", group=groups[4], sp_size=4, sp_rank=rank,
-                    seq_index=torch.arange(4).expand(1, -1), doc_ids=torch.zeros(1, 4, dtype=torch.long))
+                    seq_index=torch.arange(4).expand(1, -1), doc_ids=torch.zeros(1, 4, dtype=torch.long),
+                    row_doc_ids=torch.zeros(1, 16, dtype=torch.long))
     x = torch.zeros(1, 2, 4, HEAD_DIM, dtype=torch.float64)
     try:
         sp_attention_forward(None, x, x, x, None, sp_context=ctx)

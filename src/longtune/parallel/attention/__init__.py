@@ -12,13 +12,14 @@ from torch import Tensor, nn
 
 from longtune.parallel.attention.common import (
     SP_MODES,
+    AttentionPlans,
+    LocalBlockAttention,
     SPContext,
     attention_block,
     attention_block_backward,
     check_ulysses_heads,
     choose_ulysses_size,
     hybrid_group_ranks,
-    local_attention,
     make_hybrid_groups,
     merge_partials,
     reference_attention,
@@ -32,6 +33,7 @@ ATTENTION_NAME = "longtune_sp"
 
 __all__ = [
     "ATTENTION_NAME",
+    "AttentionPlans",
     "SP_MODES",
     "SPContext",
     "attention_block",
@@ -53,22 +55,23 @@ def sp_attention(
 ) -> Tensor:
     """Causal (document- and window-masked) attention of this rank's tokens; [B, Hq, T_local, D] in and out."""
     ctx = sp_context
-    index = ctx.seq_index.to(q.device)
-    docs = ctx.doc_ids.to(q.device)
-    if index.shape != (q.shape[0], q.shape[2]) or docs.shape != index.shape:
+    expected = (q.shape[0], q.shape[2])
+    if tuple(ctx.seq_index.shape) != expected or tuple(ctx.doc_ids.shape) != expected:
         raise ValueError(
-            f"sp_context.seq_index {tuple(index.shape)} / doc_ids {tuple(docs.shape)} do not match the local "
-            f"tokens [B, T_local] = {(q.shape[0], q.shape[2])}"
+            f"sp_context.seq_index {tuple(ctx.seq_index.shape)} / doc_ids {tuple(ctx.doc_ids.shape)} do not match "
+            f"the local tokens [B, T_local] = {expected}"
         )
+    # Planned when the batch was prepared: reading the plan costs no device -> host synchronisation.
+    steps = ctx.plans.steps(sliding_window)
     if ctx.sp_size == 1:
-        return local_attention(q, k, v, index, docs, scaling, sliding_window, pieces=2)
+        return LocalBlockAttention.apply(q, k, v, steps[0], scaling, sliding_window)
     if ctx.mode == "zigzag_ring":
-        return ring_attention(q, k, v, index, docs, ctx.group, scaling, sliding_window)
+        return ring_attention(q, k, v, steps, ctx.group, scaling, sliding_window)
     if ctx.mode == "ulysses":
-        return ulysses_attention(q, k, v, index, docs, ctx.group, scaling, sliding_window)
+        return ulysses_attention(q, k, v, steps[0], ctx.group, scaling, sliding_window)
     if ctx.mode == "llama3":
-        return llama3_attention(q, k, v, index, docs, ctx.group, scaling, sliding_window)
-    return hybrid_attention(q, k, v, index, docs, ctx.ulysses_group, ctx.ring_group, scaling, sliding_window)
+        return llama3_attention(q, k, v, steps[0], ctx.group, scaling, sliding_window)
+    return hybrid_attention(q, k, v, steps, ctx.ulysses_group, ctx.ring_group, scaling, sliding_window)
 
 
 def to_compute_dtype(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:

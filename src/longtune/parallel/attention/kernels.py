@@ -88,16 +88,13 @@ def _gpu_path(q: Tensor) -> bool:
 
 
 def _kind_and_keys(mask: Tensor | None, kind: str | None, q: Tensor) -> tuple[str, Tensor]:
-    """The mask kind (classified from the mask when not given; an all-visible mask is 'full') and which query
-    rows see any key [B, 1, Tq]."""
+    """The mask kind and which query rows see any key [B, 1, Tq]. A given kind is trusted (the planner's, exact
+    and free); only without one is the mask classified, which reads it on the host."""
     if kind in ("full", "causal"):
         return kind, torch.ones(q.shape[0], 1, q.shape[2], dtype=torch.bool, device=q.device)
     assert mask is not None, "a 'masked' block needs its mask"
-    if mask.is_meta:  # no values to classify by
-        return kind or "masked", mask.any(-1)
-    kind = _mask_kind(mask) if kind is None else kind
-    if kind == "masked" and bool(mask.all()):
-        kind = "full"
+    if kind is None:
+        kind = "masked" if mask.is_meta else _mask_kind(mask)  # meta: no values to classify by
     return kind, mask.any(-1)
 
 
