@@ -295,3 +295,62 @@ def test_cuda_fused_block_matches_float64(head_dim, dtype, kind):
         seed, offset = flash_rng_state(q.device)
         assert (seed.dtype, seed.shape, offset.dtype, offset.shape) == (forward[6].dtype, forward[6].shape,
                                                                         forward[7].dtype, forward[7].shape)
+
+
+def _mask_elements(plan) -> list[int]:
+    return [(b.q.stop - b.q.start) * (b.k.stop - b.k.start) for b in plan.blocks if b.kind == "masked"]
+
+
+@pytest.mark.parametrize("sp", [1, 2, 4])
+def test_sliding_window_plan_builds_no_row_sized_mask(sp):
+    """A long document under a sliding window: blocks outside the window are skipped, blocks inside it need no
+    mask, and only tiles on the window's edge get one, each at most tile x tile (tile = the window here), in
+    all O(T * window) elements instead of O(T^2)."""
+    from longtune.parallel.attention.common import MIN_WINDOW_TILE, plan_blocks
+
+    t, window = 8192, 300
+    assert window >= MIN_WINDOW_TILE
+    docs = torch.zeros(1, t, dtype=torch.long)
+    docs[:, 5000:] = 1
+    index = [local_token_index(t, sp, r).unsqueeze(0) for r in range(sp)]
+    total = 0
+    for q_rank in range(sp):
+        for k_rank in range(sp):
+            qi, ki = index[q_rank], index[k_rank]
+            plan = plan_blocks(qi, ki, docs.gather(1, qi), docs.gather(1, ki), window, 2, 2)
+            sizes = _mask_elements(plan)
+            assert all(size <= window * window for size in sizes), max(sizes)
+            total += sum(sizes)
+            assert {b.kind for b in plan.blocks} <= {"full", "causal", "masked"}
+    assert 0 < total <= 2 * t * window
+
+
+@pytest.mark.parametrize("sp,window", [(1, 150), (2, 130), (3, 200)])
+def test_windowed_tiles_cover_the_mask_exactly(sp, window):
+    """Tiled sliding-window plans (documents long enough to be tiled) cover every visible pair exactly once."""
+    from longtune.parallel.attention.common import plan_blocks
+
+    t = 2 * sp * 160
+    docs = torch.zeros(2, t, dtype=torch.long)
+    docs[0, 411:] = 1
+    docs[1, t - 13:] = -1
+    for q_rank in range(sp):
+        for k_rank in range(sp):
+            qi = local_token_index(t, sp, q_rank).expand(2, -1)
+            ki = local_token_index(t, sp, k_rank).expand(2, -1)
+            qd, kd = docs.gather(1, qi), docs.gather(1, ki)
+            plan = plan_blocks(qi, ki, qd, kd, window, 2, 2)
+            full_mask = visibility_mask(qi, ki, qd, kd, window)
+            covered = torch.zeros(full_mask.shape, dtype=torch.long)
+            for block in plan.blocks:
+                rows, qs, ks = block.rows, block.q, block.k
+                mask = visibility_mask(qi[rows, qs], ki[rows, ks], qd[rows, qs], kd[rows, ks], window)
+                if block.kind == "full":
+                    assert mask.all()
+                elif block.kind == "causal":
+                    assert torch.equal(mask, torch.ones_like(mask[0]).tril().expand_as(mask))
+                else:
+                    assert mask.any()
+                covered[rows, qs, ks] += mask.long()
+            assert torch.equal(covered, full_mask.long())
+            assert all(size <= max(window, 128) ** 2 for size in _mask_elements(plan))
