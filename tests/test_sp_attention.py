@@ -141,6 +141,7 @@ def _sp_worker(rank: int, world: int) -> dict:
         errors = _bf16_errors(mode, rank, groups[4])
         if errors is not None:
             results[f"bf16-{mode}"] = errors
+    results["sliding_window_model"] = _sliding_window_diffs(rank)
     # Ulysses cannot split 2 heads over 4 ranks: every rank must refuse before any communication.
     ctx = SPContext(mode="ulysses", group=groups[4], sp_size=4, sp_rank=rank,
                     seq_index=torch.arange(4).expand(1, -1), doc_ids=torch.zeros(1, 4, dtype=torch.long),
@@ -401,3 +402,81 @@ def test_attention_reads_only_its_plan_no_device_values(dtype):
                 grads = [torch.zeros(x.shape, dtype=wide, device=meta) for x in (q, k, k)]
                 blockwise_backward(torch.empty_like(q), q, k, k, out, lse, step, dim**-0.5, window, *grads)
         assert plans.builds == len(windows), mode
+
+
+SLIDING_WINDOW, SLIDING_LENGTH = 130, 600
+SLIDING_SETUPS = [("zigzag_ring", 1, 1), ("zigzag_ring", 2, 1), ("zigzag_ring", 4, 1), ("ulysses", 4, 4),
+                  ("llama3", 4, 1), ("hybrid", 4, 2)]
+
+
+def _sliding_window_model():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    # Layer 0 full attention, layer 1 a sliding window (max_window_layers=1), as Qwen2 lays them out.
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         use_sliding_window=True, sliding_window=SLIDING_WINDOW, max_window_layers=1,
+                         initializer_range=0.2)
+    return Qwen2ForCausalLM(config).double()
+
+
+def _sliding_window_diffs(rank: int) -> dict:
+    """Every rank: HF's own sdpa attention with its window on the whole rows (sp=1), then our SP attention for
+    each setup; returns max abs diffs of the logits and of the parameter gradients (summed over the SP group)."""
+    from longtune.parallel.sequence import attention_windows
+
+    model = _sliding_window_model()
+    assert model.config.layer_types == ["full_attention", "sliding_attention"]
+    windows = attention_windows(model.config)
+    assert windows == (None, SLIDING_WINDOW)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (2, SLIDING_LENGTH), generator=gen)
+    positions = torch.arange(SLIDING_LENGTH).expand(2, -1)
+    docs = torch.zeros(2, SLIDING_LENGTH, dtype=torch.long)
+    weights = torch.randn(2, SLIDING_LENGTH, 64, generator=gen, dtype=torch.float64)
+    model.set_attn_implementation("sdpa")
+    ref_logits = model(input_ids=ids).logits
+    (ref_logits * weights).sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    register_sp_attention()
+    model.set_attn_implementation(ATTENTION_NAME)
+    groups = {4: dist.new_group([0, 1, 2, 3])}
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    groups[2] = pairs[rank // 2]
+    ulysses_group, ring_group = make_hybrid_groups([0, 1, 2, 3], 2)
+    results = {}
+    for mode, sp, u in SLIDING_SETUPS:
+        sp_rank = rank % sp
+        shard = shard_for_sequence_parallel(ids, ids, positions, docs, sp, sp_rank, pad_token_id=0)
+        padded_docs = pad_row_tensors(ids, ids, positions, docs, sp, pad_token_id=0)[3]
+        hybrid = mode == "hybrid"
+        ctx = SPContext(mode=mode, group=groups.get(sp), sp_size=sp, sp_rank=sp_rank, seq_index=shard.seq_index,
+                        doc_ids=shard.doc_ids, ulysses_group=ulysses_group if hybrid else None, ulysses_size=u,
+                        ring_group=ring_group if hybrid else None, ring_size=sp // u, row_doc_ids=padded_docs,
+                        windows=windows)
+        model.zero_grad()
+        logits = model(input_ids=shard.input_ids, position_ids=shard.position_ids, sp_context=ctx).logits
+        real = shard.doc_ids >= 0
+        local_weights = torch.zeros_like(logits)
+        local_weights[real] = weights[:, :, :].reshape(-1, 64)[
+            (torch.arange(2).unsqueeze(1) * SLIDING_LENGTH + shard.seq_index)[real]]
+        (logits * local_weights).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        if sp > 1:
+            for g in grads.values():
+                dist.all_reduce(g, group=groups[sp])
+        logit_diff = (logits[real] - ref_logits.detach().reshape(-1, 64)[
+            (torch.arange(2).unsqueeze(1) * SLIDING_LENGTH + shard.seq_index)[real]]).abs().max().item()
+        grad_diff = max(float((grads[n] - ref_grads[n]).abs().max() / ref_grads[n].abs().max()) for n in grads)
+        results[f"{mode}-sp{sp}"] = {"logits": logit_diff, "grads": grad_diff}
+    return results
+
+
+@pytest.mark.parametrize("mode,sp,ulysses_size", SLIDING_SETUPS, ids=[f"{m}-sp{s}" for m, s, _ in SLIDING_SETUPS])
+def test_sliding_window_model_matches_hf(sp_results, mode, sp, ulysses_size):
+    """A Qwen2 model with a sliding-window layer: SP attention (windowed tiles, no row-sized mask) gives HF's
+    logits on every rank's tokens and HF's parameter gradients, float64."""
+    for rank_results in sp_results["sliding_window_model"]:
+        diffs = rank_results[f"{mode}-sp{sp}"]
+        assert diffs["logits"] <= TOLERANCE and diffs["grads"] <= TOLERANCE, diffs
