@@ -480,3 +480,15 @@ def test_sliding_window_model_matches_hf(sp_results, mode, sp, ulysses_size):
     for rank_results in sp_results["sliding_window_model"]:
         diffs = rank_results[f"{mode}-sp{sp}"]
         assert diffs["logits"] <= TOLERANCE and diffs["grads"] <= TOLERANCE, diffs
+
+
+def test_context_copies_keep_their_plans():
+    """FSDP's forward-input casting rebuilds dataclass arguments with dataclasses.replace: the copy must keep the
+    batch's plans rather than plan again in every wrapped module."""
+    import dataclasses
+
+    _, _, _, index, docs = _random_block_inputs(7)
+    ctx = SPContext(mode="zigzag_ring", group=None, sp_size=1, sp_rank=0, seq_index=index, doc_ids=docs,
+                    windows=(None, 3))
+    copy = dataclasses.replace(ctx, seq_index=index.clone())
+    assert copy.plans is ctx.plans and ctx.plans.builds == 2

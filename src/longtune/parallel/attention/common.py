@@ -46,7 +46,10 @@ class SPContext:
     ring_size: int = 1
     row_doc_ids: Tensor | None = None
     windows: tuple[int | None, ...] = (None,)
-    plans: AttentionPlans = field(init=False, repr=False)
+    # Made by __post_init__ unless given. It is a field that can be given so that copies made with
+    # dataclasses.replace (FSDP's forward-input casting rebuilds dataclass arguments that way) keep the plans
+    # instead of planning again for every wrapped module.
+    plans: AttentionPlans | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in SP_MODES:
@@ -61,6 +64,8 @@ class SPContext:
                 )
             if self.ulysses_group is None or self.ring_group is None:
                 raise ValueError("hybrid SP needs ulysses_group and ring_group (see make_hybrid_groups)")
+        if self.plans is not None:
+            return
         if self.row_doc_ids is None:
             if self.sp_size > 1:
                 raise ValueError(f"sp_size={self.sp_size} needs row_doc_ids (the padded row's document ids)")
