@@ -270,9 +270,9 @@ def merge_partials(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -
 
 
 # Blockwise evaluation. A local block is made of equal pieces (a rank's two zigzag chunks, or 2*u chunks after a
-# Ulysses gather); query pieces that see the same set of key pieces are computed together and fully masked
-# (piece, piece) pairs are skipped. This is what makes the zigzag layout balanced: on each ring step a rank
-# computes about half of a full block.
+# Ulysses gather); every visible (query piece, key piece) is one or more kernel calls and fully masked pairs are
+# skipped. This is what makes the zigzag layout balanced: on each ring step a rank computes about half of a full
+# block.
 #
 # Planning reads token indices and document ids as plain Python numbers, so it runs on host tensors, once per
 # batch (AttentionPlans, built with the SPContext in SequenceParallel.prepare); the attention layers only read
@@ -292,19 +292,12 @@ class Block:
 
 @dataclass
 class BlockPlan:
-    """Pairs (query rows, key rows) to compute; None means all rows. An empty list means nothing is visible.
+    """The kernel calls of one (query block, key block): every visible (query piece, key piece), and, where a
+    piece pair holds several documents, one call per document they share, so packed rows need no mask either.
+    Under a sliding window, a document's blocks are cut into tiles: tiles outside the window are skipped, tiles
+    inside it need no mask and only tiles on the window's edge get a (tile-sized) mask. Empty: nothing visible."""
 
-    `blocks` lists the fused kernels' calls: every visible (query piece, key piece), and, where a piece pair
-    holds several documents, one call per document they share, so packed rows need no mask either. Under a
-    sliding window, a document's blocks are cut into tiles: tiles outside the window are skipped, tiles inside
-    it need no mask and only tiles on the window's edge get a (tile-sized) mask."""
-
-    pairs: list[tuple[Tensor | None, Tensor | None]]
     blocks: list[Block] = field(default_factory=list)
-
-    def to(self, device: torch.device) -> BlockPlan:
-        pairs = [tuple(None if rows is None else rows.to(device) for rows in pair) for pair in self.pairs]
-        return BlockPlan(pairs, self.blocks)
 
 
 # A piece pair holding several documents is split into one kernel call per shared document, unless that would
@@ -377,11 +370,9 @@ def plan_blocks(
     qs_size, ks_size = tq // q_pieces, tk // k_pieces
     q_sum = _piece_summaries(q_index, q_doc, q_pieces)
     k_sum = _piece_summaries(k_index, k_doc, k_pieces)
-    seen_rows: list[list[bool]] = []
     blocks: list[Block] = []
     every_row = slice(None)
     for i in range(q_pieces):
-        row = []
         qsl = slice(i * qs_size, (i + 1) * qs_size)
         for j in range(k_pieces):
             ksl = slice(j * ks_size, (j + 1) * ks_size)
@@ -390,31 +381,15 @@ def plan_blocks(
             if kind is None and q_sum[i][2] and k_sum[j][2]:
                 split = _document_blocks(q_index, k_index, q_doc, k_doc, qsl, ksl, sliding_window)
             if split is not None:
-                kind = "split" if split else "none"
-            elif kind is None:
+                blocks += split
+                continue
+            if kind is None:
                 # Only this piece pair's mask, and only when the summaries cannot decide.
                 mask = visibility_mask(q_index[:, qsl], k_index[:, ksl], q_doc[:, qsl], k_doc[:, ksl], sliding_window)
                 kind = "masked" if bool(mask.any()) else "none"
-            row.append(kind != "none")
-            if kind == "split":
-                blocks += split
-            elif kind != "none":
+            if kind != "none":
                 blocks.append(Block(every_row, qsl, ksl, kind))
-        seen_rows.append(row)
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i in range(q_pieces):
-        keys = tuple(j for j in range(k_pieces) if seen_rows[i][j])
-        if keys:
-            groups.setdefault(keys, []).append(i)
-
-    def rows(pieces: list[int] | tuple[int, ...], count: int, size: int) -> Tensor | None:
-        if len(pieces) == count:
-            return None
-        return torch.cat([torch.arange(p * size, (p + 1) * size) for p in pieces])
-
-    return BlockPlan(
-        [(rows(qs, q_pieces, qs_size), rows(ks, k_pieces, ks_size)) for ks, qs in groups.items()], blocks
-    )
+    return BlockPlan(blocks)
 
 
 def _runs(doc: Tensor) -> list[tuple[int, int, int]]:
@@ -536,7 +511,7 @@ class AttentionPlans:
         (q_index, q_doc), (k_index, k_doc) = self._tokens(q_ranks), self._tokens(k_ranks)
         plan = plan_blocks(q_index, k_index, q_doc, k_doc, window, 2 * len(q_ranks), 2 * len(k_ranks))
         (qi, qd), (ki, kd) = self._on_device(q_ranks), self._on_device(k_ranks)
-        return StepPlan(qi, ki, qd, kd, plan.to(self.device))
+        return StepPlan(qi, ki, qd, kd, plan)
 
     def steps(self, window: int | None) -> list[StepPlan]:
         if window in self._plans:
@@ -562,72 +537,28 @@ class AttentionPlans:
         return steps
 
 
-def _plan_blocks_with_masks(step: StepPlan, sliding_window: int | None):
-    """(batch rows, query slice, key slice, kind, mask or None) for each fused call; masks only for 'masked'."""
-    for block in step.plan.blocks:
-        rows, qsl, ksl = block.rows, block.q, block.k
-        mask = None
-        if block.kind == "masked":
-            mask = visibility_mask(step.q_index[rows, qsl], step.k_index[rows, ksl], step.q_doc[rows, qsl],
-                                   step.k_doc[rows, ksl], sliding_window).unsqueeze(1)
-        yield rows, qsl, ksl, block.kind, mask
-
-
-def _fused_pairs_forward(q, k, v, step: StepPlan, scaling, sliding_window):
-    """Fused kernels per planned block, merged by lse per query row (slices are views, no copies)."""
-    b, h, tq, d = q.shape
-    dtype = compute_dtype(q.dtype)
-    out = q.new_zeros(b, h, tq, d, dtype=dtype)
-    lse = q.new_full((b, h, tq), float("-inf"), dtype=dtype)
-    for rows, qsl, ksl, kind, mask in _plan_blocks_with_masks(step, sliding_window):
-        part_out, part_lse = fused_block_forward(q[rows, :, qsl], k[rows, :, ksl], v[rows, :, ksl], mask, scaling,
-                                                 kind)
-        out[rows, :, qsl], lse[rows, :, qsl] = merge_partials(out[rows, :, qsl], lse[rows, :, qsl], part_out,
-                                                              part_lse)
-    return out, lse
-
-
-def _fused_pairs_backward(dout, q, k, v, out, lse, step: StepPlan, scaling, sliding_window, dq, dk, dv) -> None:
-    for rows, qsl, ksl, kind, mask in _plan_blocks_with_masks(step, sliding_window):
-        part_dq, part_dk, part_dv = fused_block_backward(
-            dout[rows, :, qsl], q[rows, :, qsl], k[rows, :, ksl], v[rows, :, ksl], out[rows, :, qsl],
-            lse[rows, :, qsl], mask, scaling, kind,
-        )
-        dq[rows, :, qsl] += part_dq
-        dk[rows, :, ksl] += part_dk
-        dv[rows, :, ksl] += part_dv
-
-
-def take_rows(x: Tensor, rows: Tensor | None, dim: int) -> Tensor:
-    return x if rows is None else x.index_select(dim, rows)
-
-
 def blockwise_forward(
     q: Tensor, k: Tensor, v: Tensor, step: StepPlan, scaling: float, sliding_window: int | None
 ) -> tuple[Tensor, Tensor]:
-    """Output and lse of q on (k, v) following `step`'s plan; rows the plan skips get 0 and -inf."""
-    if fused_enabled(q):
-        return _fused_pairs_forward(q, k, v, step, scaling, sliding_window)
+    """Output and lse of q on (k, v) following `step`'s plan, merged by lse per query row; rows the plan skips get
+    0 and -inf. Each block goes through the fused kernel where the device and dtype allow, else the reference
+    kernel, which builds the block's own mask (block-sized: a document run or a window tile, never the row)."""
     b, h, tq, d = q.shape
     dtype = compute_dtype(q.dtype)
-    pairs = step.plan.pairs
-    qi, ki, qd, kd = step.q_index, step.k_index, step.q_doc, step.k_doc
-    if len(pairs) == 1 and pairs[0] == (None, None):
-        return block_forward(q, k, v, qi, ki, qd, kd, scaling, sliding_window)
     out = q.new_zeros(b, h, tq, d, dtype=dtype)
     lse = q.new_full((b, h, tq), float("-inf"), dtype=dtype)
-    for q_rows, k_rows in pairs:
-        part_out, part_lse = block_forward(
-            take_rows(q, q_rows, 2), take_rows(k, k_rows, 2), take_rows(v, k_rows, 2),
-            take_rows(qi, q_rows, 1), take_rows(ki, k_rows, 1),
-            take_rows(qd, q_rows, 1), take_rows(kd, k_rows, 1), scaling, sliding_window,
-        )
-        if q_rows is None:
-            out, lse = part_out, part_lse
+    fused = fused_enabled(q)
+    for block in step.plan.blocks:
+        rows, qsl, ksl = block.rows, block.q, block.k
+        qb, kb, vb = q[rows, :, qsl], k[rows, :, ksl], v[rows, :, ksl]
+        qi, ki, qd, kd = step.q_index[rows, qsl], step.k_index[rows, ksl], step.q_doc[rows, qsl], step.k_doc[rows, ksl]
+        if fused:
+            mask = visibility_mask(qi, ki, qd, kd, sliding_window).unsqueeze(1) if block.kind == "masked" else None
+            part_out, part_lse = fused_block_forward(qb, kb, vb, mask, scaling, block.kind)
         else:
-            # Query pieces of different pairs are disjoint: placing is enough, no merge needed.
-            out.index_copy_(2, q_rows, part_out)
-            lse.index_copy_(2, q_rows, part_lse)
+            part_out, part_lse = attention_block(qb, kb, vb, qi, ki, qd, kd, scaling, sliding_window)
+        out[rows, :, qsl], lse[rows, :, qsl] = merge_partials(out[rows, :, qsl], lse[rows, :, qsl], part_out,
+                                                              part_lse)
     return out, lse
 
 
@@ -635,28 +566,22 @@ def blockwise_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, step: StepPlan,
     scaling: float, sliding_window: int | None, dq: Tensor, dk: Tensor, dv: Tensor,
 ) -> None:
-    """Add this block's gradients into dq, dk, dv (compute dtype, same shapes as q, k, v)."""
-    if fused_enabled(q):
-        _fused_pairs_backward(dout, q, k, v, out, lse, step, scaling, sliding_window, dq, dk, dv)
-        return
-    qi, ki, qd, kd = step.q_index, step.k_index, step.q_doc, step.k_doc
-    for q_rows, k_rows in step.plan.pairs:
-        part_dq, part_dk, part_dv = block_backward(
-            take_rows(dout, q_rows, 2), take_rows(q, q_rows, 2), take_rows(k, k_rows, 2), take_rows(v, k_rows, 2),
-            take_rows(out, q_rows, 2), take_rows(lse, q_rows, 2),
-            take_rows(qi, q_rows, 1), take_rows(ki, k_rows, 1),
-            take_rows(qd, q_rows, 1), take_rows(kd, k_rows, 1), scaling, sliding_window,
-        )
-        if q_rows is None:
-            dq += part_dq
+    """Add the gradients of `step`'s blocks into dq, dk, dv (compute dtype, same shapes as q, k, v), each block
+    recomputed against the final out/lse of its queries."""
+    fused = fused_enabled(q)
+    for block in step.plan.blocks:
+        rows, qsl, ksl = block.rows, block.q, block.k
+        args = (dout[rows, :, qsl], q[rows, :, qsl], k[rows, :, ksl], v[rows, :, ksl], out[rows, :, qsl],
+                lse[rows, :, qsl])
+        qi, ki, qd, kd = step.q_index[rows, qsl], step.k_index[rows, ksl], step.q_doc[rows, qsl], step.k_doc[rows, ksl]
+        if fused:
+            mask = visibility_mask(qi, ki, qd, kd, sliding_window).unsqueeze(1) if block.kind == "masked" else None
+            part_dq, part_dk, part_dv = fused_block_backward(*args, mask, scaling, block.kind)
         else:
-            dq.index_add_(2, q_rows, part_dq)
-        if k_rows is None:
-            dk += part_dk
-            dv += part_dv
-        else:
-            dk.index_add_(2, k_rows, part_dk)
-            dv.index_add_(2, k_rows, part_dv)
+            part_dq, part_dk, part_dv = attention_block_backward(*args, qi, ki, qd, kd, scaling, sliding_window)
+        dq[rows, :, qsl] += part_dq
+        dk[rows, :, ksl] += part_dk
+        dv[rows, :, ksl] += part_dv
 
 
 class LocalBlockAttention(torch.autograd.Function):

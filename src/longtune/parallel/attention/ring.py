@@ -52,7 +52,7 @@ class ZigzagRingAttention(torch.autograd.Function):
         lse = q.new_full((b, h, t), float("-inf"), dtype=dtype)
         for step in range(size):
             exchange = _RingPass([kv], group) if step + 1 < size else None
-            if steps[step].plan.pairs:
+            if steps[step].plan.blocks:
                 part_out, part_lse = blockwise_forward(q, kv[0], kv[1], steps[step], scaling, sliding_window)
                 out, lse = merge_partials(out, lse, part_out, part_lse)
             if exchange is not None:
@@ -75,7 +75,7 @@ class ZigzagRingAttention(torch.autograd.Function):
         dkv = torch.zeros_like(kv, dtype=dtype)
         for step in range(size):
             exchange = _RingPass([kv], group) if step + 1 < size else None
-            if steps[step].plan.pairs:
+            if steps[step].plan.blocks:
                 blockwise_backward(dout, q, kv[0], kv[1], out, lse, steps[step], ctx.scaling, ctx.sliding_window,
                                    dq, dkv[0], dkv[1])
             if exchange is not None:
