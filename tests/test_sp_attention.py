@@ -523,3 +523,18 @@ def test_math_kernel_follows_the_same_blocks(window):
     assert (out - want).abs().max() <= TOLERANCE
     for a, b in zip(mine, ref):
         assert (a.grad - b.grad).abs().max() <= TOLERANCE
+
+
+def test_attention_windows_from_model_configs():
+    """The windows each batch is planned for, read from the configs as the HF attention layers read them."""
+    from transformers import MistralConfig, Qwen2Config
+
+    from longtune.parallel.sequence import attention_windows
+
+    assert attention_windows(Qwen2Config(num_hidden_layers=2)) == (None,)
+    assert attention_windows(Qwen2Config(num_hidden_layers=2, use_sliding_window=True, sliding_window=64,
+                                         max_window_layers=0)) == (64,)
+    assert attention_windows(Qwen2Config(num_hidden_layers=2, use_sliding_window=True, sliding_window=64,
+                                         max_window_layers=1)) == (None, 64)
+    assert attention_windows(MistralConfig(num_hidden_layers=2, sliding_window=32)) == (32,)
+    assert attention_windows(MistralConfig(num_hidden_layers=2, sliding_window=None)) == (None,)
