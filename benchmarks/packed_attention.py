@@ -14,7 +14,8 @@ import time
 import torch
 
 from longtune.bench import LiveTensorBytes
-from longtune.parallel.attention.common import local_attention, visibility_mask
+from longtune.parallel.attention import SPContext, sp_attention
+from longtune.parallel.attention.common import visibility_mask
 from longtune.parallel.attention.kernels import fused_block_backward, fused_block_forward
 
 
@@ -67,7 +68,9 @@ def main() -> None:
     k = torch.randn(1, args.kv_heads, t, args.head_dim, generator=g)
     v = torch.randn(1, args.kv_heads, t, args.head_dim, generator=g)
     scaling = args.head_dim**-0.5
-    ours = measure(lambda q, k, v: local_attention(q, k, v, index, docs, scaling, None), q, k, v)
+    # The batch is planned when its context is made (as in SequenceParallel.prepare), outside the timing.
+    context = SPContext(mode="zigzag_ring", group=None, sp_size=1, sp_rank=0, seq_index=index, doc_ids=docs)
+    ours = measure(lambda q, k, v: sp_attention(q, k, v, context, scaling, None), q, k, v)
     base = measure(lambda q, k, v: masked_once(q, k, v, index, docs, scaling), q, k, v)
     assert torch.allclose(ours[2], base[2], atol=1e-5) and torch.allclose(ours[3], base[3], atol=1e-5)
     print(f"T={t}, {args.docs} documents, {args.heads}/{args.kv_heads} heads x {args.head_dim}, fp32, CPU")

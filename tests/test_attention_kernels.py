@@ -212,3 +212,145 @@ def test_cuda_kernel_calls_check_on_meta_tensors(dtype, kind):
     dq, dk, dv = fused_block_backward(torch.empty_like(q), q, k, v, out, lse, mask, 0.125, kind)
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
     assert dq.dtype == dk.dtype == dv.dtype == torch.float32
+
+
+def test_flash_backward_call_is_dense_with_the_forwards_rng_layout():
+    """The flash backward gets undefined cum_seq_q/k (a defined tensor, even empty, selects the varlen kernel:
+    "batch size must be positive" on every bf16 SP run), the block lengths, and an rng pair laid out like the
+    one the flash forward returns; the call passes the meta kernel's schema and shape checks."""
+    from longtune.parallel.attention.kernels import flash_backward_args
+
+    b, h, tq, tk, d = 2, 4, 48, 80, 64
+    q = torch.empty(b, h, tq, d, dtype=torch.bfloat16, device="meta")
+    k = torch.empty(b, h, tk, d, dtype=torch.bfloat16, device="meta")
+    forward = torch.ops.aten._scaled_dot_product_flash_attention(q, k, k, 0.0, False, False, scale=0.125)
+    out, lse, rng_state, unused = forward[0], forward[1], forward[6], forward[7]
+    args, kwargs = flash_backward_args(torch.empty_like(q), q, k, k, out, lse, False, 0.125)
+    cum_q, cum_k, max_q, max_k, seed, offset = args[6], args[7], args[8], args[9], args[12], args[13]
+    assert cum_q is None and cum_k is None and (max_q, max_k) == (tq, tk)
+    assert (seed.dtype, seed.shape, offset.dtype, offset.shape) == (rng_state.dtype, rng_state.shape,
+                                                                    unused.dtype, unused.shape)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(*args, **kwargs)
+    assert dq.shape == q.shape and dk.shape == dv.shape == k.shape
+
+
+@pytest.mark.parametrize("head_dim,flash", [(64, True), (256, True), (36, False), (320, False)])
+def test_flash_head_dim_guard_on_meta(head_dim, flash):
+    """Flash takes head dims that are multiples of 8 up to 256; others take the memory-efficient kernel with a
+    zero-padded head dim, and the results come back on the real head dim."""
+    from longtune.parallel.attention.kernels import uses_flash
+
+    b, hq, hkv, t = 1, 4, 2, 40
+    q = torch.empty(b, hq, t, head_dim, dtype=torch.bfloat16, device="meta")
+    kv = torch.empty(b, hkv, t, head_dim, dtype=torch.bfloat16, device="meta")
+    assert uses_flash(q, "causal") is flash and not uses_flash(q.float(), "causal")
+    out, lse = fused_block_forward(q, kv, kv, None, 0.1, "causal")
+    dq, dk, dv = fused_block_backward(torch.empty_like(q), q, kv, kv, out, lse, None, 0.1, "causal")
+    assert out.shape == dq.shape == q.shape and dk.shape == dv.shape == kv.shape
+
+
+def _float64_block_reference(q, k, v, dout, mask, scaling):
+    """Autograd float64 attention of one block (the block's own softmax) on the low-precision inputs' values."""
+    leaves = [x.detach().double().cpu().requires_grad_(True) for x in (q, k, v)]
+    rep = q.shape[1] // k.shape[1]
+    scores = leaves[0] @ leaves[1].repeat_interleave(rep, 1).transpose(-1, -2) * scaling
+    scores = scores.masked_fill(~mask.cpu(), float("-inf"))
+    out = torch.softmax(scores, -1) @ leaves[2].repeat_interleave(rep, 1)
+    out.backward(dout.double().cpu())
+    return out.detach(), [x.grad for x in leaves]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("head_dim", [64, 128, 256, 36])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kind", ["full", "causal", "masked"])
+def test_cuda_fused_block_matches_float64(head_dim, dtype, kind):
+    """Flash / memory-efficient forward + backward of one GQA block against float64 on the same inputs."""
+    from longtune.parallel.attention.kernels import flash_rng_state, uses_flash
+
+    b, hq, hkv, tq = 2, 8, 2, 192
+    tk = tq if kind == "causal" else 256
+    g = torch.Generator().manual_seed(head_dim)
+    q, dout = (torch.randn(b, hq, tq, head_dim, generator=g).to("cuda", dtype) for _ in range(2))
+    k, v = (torch.randn(b, hkv, tk, head_dim, generator=g).to("cuda", dtype) for _ in range(2))
+    if kind == "full":
+        mask = torch.ones(b, 1, tq, tk, dtype=torch.bool, device="cuda")
+    elif kind == "causal":
+        mask = torch.ones(tq, tk, dtype=torch.bool, device="cuda").tril().expand(b, 1, tq, tk)
+    else:
+        docs_q = (torch.arange(tq, device="cuda") // 50).expand(b, -1)
+        docs_k = (torch.arange(tk, device="cuda") // 70).expand(b, -1)
+        mask = (docs_q.unsqueeze(-1) == docs_k.unsqueeze(-2)).unsqueeze(1)
+    scaling = head_dim**-0.5
+    out, lse = fused_block_forward(q, k, v, mask if kind == "masked" else None, scaling, kind)
+    grads = fused_block_backward(dout, q, k, v, out, lse, mask if kind == "masked" else None, scaling, kind)
+    want_out, want_grads = _float64_block_reference(q, k, v, dout, mask, scaling)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    for name, got, want in [("out", out, want_out), *zip(("dq", "dk", "dv"), grads, want_grads)]:
+        err = float((got.double().cpu() - want).norm() / want.norm())
+        assert err <= tol, (name, err)
+    if uses_flash(q, kind):
+        forward = torch.ops.aten._scaled_dot_product_flash_attention(q, k.repeat_interleave(4, 1),
+                                                                     v.repeat_interleave(4, 1), 0.0, False, False)
+        seed, offset = flash_rng_state(q.device)
+        assert (seed.dtype, seed.shape, offset.dtype, offset.shape) == (forward[6].dtype, forward[6].shape,
+                                                                        forward[7].dtype, forward[7].shape)
+
+
+def _mask_elements(plan) -> list[int]:
+    return [(b.q.stop - b.q.start) * (b.k.stop - b.k.start) for b in plan.blocks if b.kind == "masked"]
+
+
+@pytest.mark.parametrize("sp", [1, 2, 4])
+def test_sliding_window_plan_builds_no_row_sized_mask(sp):
+    """A long document under a sliding window: blocks outside the window are skipped, blocks inside it need no
+    mask, and only tiles on the window's edge get one, each at most tile x tile (tile = the window here), in
+    all O(T * window) elements instead of O(T^2)."""
+    from longtune.parallel.attention.common import MIN_WINDOW_TILE, plan_blocks
+
+    t, window = 8192, 300
+    assert window >= MIN_WINDOW_TILE
+    docs = torch.zeros(1, t, dtype=torch.long)
+    docs[:, 5000:] = 1
+    index = [local_token_index(t, sp, r).unsqueeze(0) for r in range(sp)]
+    total = 0
+    for q_rank in range(sp):
+        for k_rank in range(sp):
+            qi, ki = index[q_rank], index[k_rank]
+            plan = plan_blocks(qi, ki, docs.gather(1, qi), docs.gather(1, ki), window, 2, 2)
+            sizes = _mask_elements(plan)
+            assert all(size <= window * window for size in sizes), max(sizes)
+            total += sum(sizes)
+            assert {b.kind for b in plan.blocks} <= {"full", "causal", "masked"}
+    assert 0 < total <= 2 * t * window
+
+
+@pytest.mark.parametrize("sp,window", [(1, 150), (2, 130), (3, 200)])
+def test_windowed_tiles_cover_the_mask_exactly(sp, window):
+    """Tiled sliding-window plans (documents long enough to be tiled) cover every visible pair exactly once."""
+    from longtune.parallel.attention.common import plan_blocks
+
+    t = 2 * sp * 160
+    docs = torch.zeros(2, t, dtype=torch.long)
+    docs[0, 411:] = 1
+    docs[1, t - 13:] = -1
+    for q_rank in range(sp):
+        for k_rank in range(sp):
+            qi = local_token_index(t, sp, q_rank).expand(2, -1)
+            ki = local_token_index(t, sp, k_rank).expand(2, -1)
+            qd, kd = docs.gather(1, qi), docs.gather(1, ki)
+            plan = plan_blocks(qi, ki, qd, kd, window, 2, 2)
+            full_mask = visibility_mask(qi, ki, qd, kd, window)
+            covered = torch.zeros(full_mask.shape, dtype=torch.long)
+            for block in plan.blocks:
+                rows, qs, ks = block.rows, block.q, block.k
+                mask = visibility_mask(qi[rows, qs], ki[rows, ks], qd[rows, qs], kd[rows, ks], window)
+                if block.kind == "full":
+                    assert mask.all()
+                elif block.kind == "causal":
+                    assert torch.equal(mask, torch.ones_like(mask[0]).tril().expand_as(mask))
+                else:
+                    assert mask.any()
+                covered[rows, qs, ks] += mask.long()
+            assert torch.equal(covered, full_mask.long())
+            assert all(size <= max(window, 128) ** 2 for size in _mask_elements(plan))

@@ -90,8 +90,9 @@ def test_impossible_sp_degree_fails_before_loading(alpaca_file, tmp_path, capsys
     "mode,heads,kv,sp,pattern",
     [
         ("ulysses", 4, 2, 3, r"ulysses needs num_attention_heads \(4\) divisible by sequence_parallel_size \(3\)"),
-        ("hybrid", 4, 1, 4, r"hybrid needs a Ulysses degree strictly between 1 and sp=4"),
-        ("hybrid", 8, 4, 4, r"hybrid needs a Ulysses degree strictly between 1 and sp=4"),
+        ("hybrid", 4, 2, 2, r"hybrid needs a Ulysses degree strictly between 1 and sp=2"),
+        ("hybrid", 3, 1, 4, r"hybrid needs a Ulysses degree strictly between 1 and sp=4 that divides "
+                            r"num_attention_heads=3"),
     ],
 )
 def test_impossible_sp_modes_are_refused(mode, heads, kv, sp, pattern):
@@ -101,6 +102,40 @@ def test_impossible_sp_modes_are_refused(mode, heads, kv, sp, pattern):
 
     with pytest.raises(ConfigError, match=pattern):
         resolve_sp_mode(ParallelConfig(sequence_parallel_mode=mode), heads, kv, sp)
+
+
+@pytest.mark.parametrize("heads,kv,sp,want", [(4, 1, 4, ("hybrid", 2)), (8, 4, 4, ("hybrid", 2)),
+                                              (12, 1, 12, ("hybrid", 6)), (12, 4, 12, ("hybrid", 4))])
+def test_explicit_hybrid_degree(heads, kv, sp, want):
+    """Explicit hybrid picks the Ulysses degree from the query heads (K/V replicated when kv_heads is smaller),
+    preferring a degree that divides the K/V heads."""
+    from longtune.config import ParallelConfig
+    from longtune.parallel.sequence import resolve_sp_mode
+
+    assert resolve_sp_mode(ParallelConfig(sequence_parallel_mode="hybrid"), heads, kv, sp) == want
+
+
+def test_hybrid_on_mqa_model_matches_single_process(tmp_path):
+    """kv_heads=1 (MQA) under hybrid sp=4 (Ulysses 2 x ring 2, K/V replicated): same losses and parameters."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from longtune.models.builtin import load_builtin_tokenizer
+
+    tok = load_builtin_tokenizer()
+    torch.manual_seed(5)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=1, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    path = tmp_path / "mqa"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    common = dict(stage="pt", dataset="builtin:pt_demo", max_samples=16, cutoff_len=64, model_name_or_path=str(path),
+                  per_device_train_batch_size=2)
+    launch(1, base_overrides(Path("unused"), tmp_path / "ref", **common))
+    launch(4, base_overrides(Path("unused"), tmp_path / "hybrid", sequence_parallel_size=4,
+                             sequence_parallel_mode="hybrid", **common))
+    _assert_same(_result(tmp_path / "ref"), _result(tmp_path / "hybrid"), "hybrid_mqa")
 
 
 @pytest.mark.parametrize("heads,kv,sp,want", [(4, 2, 2, ("ulysses", 2)), (4, 2, 4, ("hybrid", 2)),

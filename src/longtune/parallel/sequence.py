@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from longtune.config import ParallelConfig
 from longtune.data.collate import Batch
 from longtune.errors import ConfigError
-from longtune.parallel.layout import shard_for_sequence_parallel, shard_tensor
+from longtune.parallel.layout import pad_row_tensors, shard_for_sequence_parallel, shard_tensor
 from longtune.parallel.mesh import ParallelDims
 
 
@@ -42,6 +42,21 @@ def attention_heads(model_config) -> tuple[int, int]:
     return heads, kv
 
 
+def attention_windows(model_config) -> tuple[int | None, ...]:
+    """The sliding windows the model's attention layers pass to the attention (None: a full-attention layer), so
+    that each batch is planned for them up front. Qwen2 sets `sliding_window` to None unless
+    `use_sliding_window`; Mistral has `sliding_window` (None or an int); `layer_types` says which layers use it."""
+    window = getattr(model_config, "sliding_window", None)
+    if not window:
+        return (None,)
+    layer_types = list(getattr(model_config, "layer_types", None) or [])
+    if not layer_types or all(kind == "sliding_attention" for kind in layer_types):
+        return (int(window),)
+    if "sliding_attention" not in layer_types:
+        return (None,)
+    return (None, int(window))
+
+
 def resolve_sp_mode(cfg: ParallelConfig, heads: int, kv_heads: int, sp: int) -> tuple[str, int]:
     """(mode, ulysses_size). `auto`: Ulysses over gcd(kv_heads, sp) ranks, ring over the rest."""
     mode = cfg.sequence_parallel_mode
@@ -65,13 +80,16 @@ def resolve_sp_mode(cfg: ParallelConfig, heads: int, kv_heads: int, sp: int) -> 
         if u == 1:
             return "zigzag_ring", 1
         return "hybrid", u
-    # explicit hybrid
-    if u in (1, sp):
+    # Explicit hybrid: a true hybrid whenever the query heads allow one. Prefer a degree that also divides the
+    # K/V heads (no replication); otherwise Ulysses replicates K/V heads (MQA, few KV heads), as `ulysses` does.
+    degrees = [d for d in range(sp - 1, 1, -1) if sp % d == 0 and heads % d == 0]
+    if not degrees:
         raise ConfigError(
-            f"key 'sequence_parallel_mode': hybrid needs a Ulysses degree strictly between 1 and sp={sp}; "
-            f"gcd(num_key_value_heads={kv_heads}, sp)={u} (use auto, ulysses or zigzag_ring)"
+            f"key 'sequence_parallel_mode': hybrid needs a Ulysses degree strictly between 1 and sp={sp} that "
+            f"divides num_attention_heads={heads}; there is none (use auto, ulysses or zigzag_ring)"
         )
-    return "hybrid", u
+    without_replication = [d for d in degrees if kv_heads % d == 0]
+    return "hybrid", (without_replication or degrees)[0]
 
 
 class SequenceParallel:
@@ -82,6 +100,7 @@ class SequenceParallel:
         heads, kv = attention_heads(model_config)
         self.mode, self.ulysses_size = resolve_sp_mode(cfg, heads, kv, dims.sp)
         self.active = dims.sp > 1 or packed
+        self.windows = attention_windows(model_config)
         self.kernel = cfg.attention_kernel
         self.ulysses_group = None
         self.ring_group = None
@@ -156,6 +175,8 @@ class SequenceParallel:
         shard = shard_for_sequence_parallel(
             batch.input_ids, batch.labels, batch.position_ids, batch.doc_ids, dims.sp, dims.sp_rank, pad_token_id
         )
+        padded_docs = pad_row_tensors(batch.input_ids, batch.labels, batch.position_ids, batch.doc_ids, dims.sp,
+                                      pad_token_id)[3]
         ctx = SPContext(
             mode=self.mode,
             group=dims.sp_group,
@@ -167,6 +188,8 @@ class SequenceParallel:
             ulysses_size=self.ulysses_size,
             ring_group=self.ring_group,
             ring_size=dims.sp // self.ulysses_size,
+            row_doc_ids=padded_docs.cpu(),
+            windows=self.windows,
         )
         cut = lambda x, pad: shard_tensor(x, dims.sp, dims.sp_rank, pad).to(device)  # noqa: E731
         return ModelInputs(

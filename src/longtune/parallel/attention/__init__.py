@@ -7,17 +7,19 @@ transformers hands that keyword to every attention layer.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from longtune.parallel.attention.common import (
     SP_MODES,
+    AttentionPlans,
+    LocalBlockAttention,
     SPContext,
     attention_block,
     attention_block_backward,
     check_ulysses_heads,
     choose_ulysses_size,
     hybrid_group_ranks,
-    local_attention,
     make_hybrid_groups,
     merge_partials,
     reference_attention,
@@ -31,6 +33,7 @@ ATTENTION_NAME = "longtune_sp"
 
 __all__ = [
     "ATTENTION_NAME",
+    "AttentionPlans",
     "SP_MODES",
     "SPContext",
     "attention_block",
@@ -52,22 +55,38 @@ def sp_attention(
 ) -> Tensor:
     """Causal (document- and window-masked) attention of this rank's tokens; [B, Hq, T_local, D] in and out."""
     ctx = sp_context
-    index = ctx.seq_index.to(q.device)
-    docs = ctx.doc_ids.to(q.device)
-    if index.shape != (q.shape[0], q.shape[2]) or docs.shape != index.shape:
+    expected = (q.shape[0], q.shape[2])
+    if tuple(ctx.seq_index.shape) != expected or tuple(ctx.doc_ids.shape) != expected:
         raise ValueError(
-            f"sp_context.seq_index {tuple(index.shape)} / doc_ids {tuple(docs.shape)} do not match the local "
-            f"tokens [B, T_local] = {(q.shape[0], q.shape[2])}"
+            f"sp_context.seq_index {tuple(ctx.seq_index.shape)} / doc_ids {tuple(ctx.doc_ids.shape)} do not match "
+            f"the local tokens [B, T_local] = {expected}"
         )
+    # Planned when the batch was prepared: reading the plan costs no device -> host synchronisation.
+    steps = ctx.plans.steps(sliding_window)
     if ctx.sp_size == 1:
-        return local_attention(q, k, v, index, docs, scaling, sliding_window, pieces=2)
+        return LocalBlockAttention.apply(q, k, v, steps[0], scaling, sliding_window)
     if ctx.mode == "zigzag_ring":
-        return ring_attention(q, k, v, index, docs, ctx.group, scaling, sliding_window)
+        return ring_attention(q, k, v, steps, ctx.group, scaling, sliding_window)
     if ctx.mode == "ulysses":
-        return ulysses_attention(q, k, v, index, docs, ctx.group, scaling, sliding_window)
+        return ulysses_attention(q, k, v, steps[0], ctx.group, scaling, sliding_window)
     if ctx.mode == "llama3":
-        return llama3_attention(q, k, v, index, docs, ctx.group, scaling, sliding_window)
-    return hybrid_attention(q, k, v, index, docs, ctx.ulysses_group, ctx.ring_group, scaling, sliding_window)
+        return llama3_attention(q, k, v, steps[0], ctx.group, scaling, sliding_window)
+    return hybrid_attention(q, k, v, steps, ctx.ulysses_group, ctx.ring_group, scaling, sliding_window)
+
+
+def to_compute_dtype(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v in one dtype: the autocast dtype when autocast is on (what SDPA does under autocast), else their
+    common promoted dtype.
+
+    Under autocast RoPE's fp32 cos/sin make q and k fp32 while v stays bf16; left alone, kernel selection by
+    q.dtype would take the fp32 kernels and the ring would carry K/V stacked in fp32 (twice the traffic).
+    """
+    device_type = q.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
 def sp_attention_forward(
@@ -91,6 +110,7 @@ def sp_attention_forward(
     """
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    query, key, value = to_compute_dtype(query, key, value)
     out = sp_attention(query, key, value, sp_context, scaling, sliding_window)
     return out.transpose(1, 2).contiguous(), None
 

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from longtune.parallel.attention.kernels import fused_block_backward, fused_block_forward, fused_enabled
+from longtune.parallel.layout import local_token_index
 
 SP_MODES = ("zigzag_ring", "ulysses", "llama3", "hybrid")
 
@@ -27,6 +28,10 @@ class SPContext:
     (from `layout.shard_for_sequence_parallel`). `group` is None when sp_size == 1. The hybrid mode also needs
     `ulysses_group` (ulysses_size consecutive SP ranks) and `ring_group` (one rank of each Ulysses group), both
     from `make_hybrid_groups`.
+
+    `row_doc_ids` is the whole padded row's document ids [B, T] on the host (needed when sp_size > 1; with
+    sp_size == 1 the local tokens are the row). From it the context plans, once, the attention blocks of every
+    layer (`plans`, see AttentionPlans) for each of `windows` (the model's sliding windows; None = no window).
     """
 
     mode: str
@@ -39,6 +44,12 @@ class SPContext:
     ulysses_size: int = 1
     ring_group: dist.ProcessGroup | None = None
     ring_size: int = 1
+    row_doc_ids: Tensor | None = None
+    windows: tuple[int | None, ...] = (None,)
+    # Made by __post_init__ unless given. It is a field that can be given so that copies made with
+    # dataclasses.replace (FSDP's forward-input casting rebuilds dataclass arguments that way) keep the plans
+    # instead of planning again for every wrapped module.
+    plans: AttentionPlans | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in SP_MODES:
@@ -53,6 +64,19 @@ class SPContext:
                 )
             if self.ulysses_group is None or self.ring_group is None:
                 raise ValueError("hybrid SP needs ulysses_group and ring_group (see make_hybrid_groups)")
+        if self.plans is not None:
+            return
+        if self.row_doc_ids is None:
+            if self.sp_size > 1:
+                raise ValueError(f"sp_size={self.sp_size} needs row_doc_ids (the padded row's document ids)")
+            rank_index, rank_docs = [self.seq_index], [self.doc_ids]
+        else:
+            padded = self.row_doc_ids.shape[-1]
+            rank_index = [local_token_index(padded, self.sp_size, r).expand(self.row_doc_ids.shape[0], -1)
+                          for r in range(self.sp_size)]
+            rank_docs = [self.row_doc_ids.cpu().gather(1, index) for index in rank_index]
+        self.plans = AttentionPlans(self.mode, self.sp_rank, self.ulysses_size, rank_index, rank_docs,
+                                    self.seq_index.device, self.windows)
 
 
 def hybrid_group_ranks(sp_ranks: list[int], ulysses_size: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -246,9 +270,13 @@ def merge_partials(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -
 
 
 # Blockwise evaluation. A local block is made of equal pieces (a rank's two zigzag chunks, or 2*u chunks after a
-# Ulysses gather); query pieces that see the same set of key pieces are computed together and fully masked
-# (piece, piece) pairs are skipped. This is what makes the zigzag layout balanced: on each ring step a rank
-# computes about half of a full block.
+# Ulysses gather); every visible (query piece, key piece) is one or more kernel calls and fully masked pairs are
+# skipped. This is what makes the zigzag layout balanced: on each ring step a rank computes about half of a full
+# block.
+#
+# Planning reads token indices and document ids as plain Python numbers, so it runs on host tensors, once per
+# batch (AttentionPlans, built with the SPContext in SequenceParallel.prepare); the attention layers only read
+# the plans and never synchronise the device with the host.
 
 
 @dataclass(frozen=True)
@@ -264,12 +292,11 @@ class Block:
 
 @dataclass
 class BlockPlan:
-    """Pairs (query rows, key rows) to compute; None means all rows. An empty list means nothing is visible.
+    """The kernel calls of one (query block, key block): every visible (query piece, key piece), and, where a
+    piece pair holds several documents, one call per document they share, so packed rows need no mask either.
+    Under a sliding window, a document's blocks are cut into tiles: tiles outside the window are skipped, tiles
+    inside it need no mask and only tiles on the window's edge get a (tile-sized) mask. Empty: nothing visible."""
 
-    `blocks` lists the fused kernels' calls: every visible (query piece, key piece), and, where a piece pair
-    holds several documents, one call per document they share, so packed rows need no mask either."""
-
-    pairs: list[tuple[Tensor | None, Tensor | None]]
     blocks: list[Block] = field(default_factory=list)
 
 
@@ -277,6 +304,9 @@ class BlockPlan:
 # mean more than this many calls on a pair whose mask is small anyway (many tiny documents): then one masked call.
 MAX_DOCUMENT_CALLS = 32
 SMALL_MASK_ELEMENTS = 1 << 22
+# Sliding-window tiles are `window` tokens long (then the diagonal tile is causal and one edge tile per query
+# tile needs a mask), but never shorter than this, so that small windows do not mean thousands of tiny calls.
+MIN_WINDOW_TILE = 128
 
 
 def _piece_summaries(index: Tensor, doc: Tensor, pieces: int) -> list[tuple[int, int, bool, list[int] | None]]:
@@ -308,7 +338,10 @@ def _pair_kind(q: tuple, k: tuple, window: int | None) -> str | None:
         return "none"
     if k_lo > q_hi or (window is not None and q_lo - k_hi >= window):
         return "none"
-    if not all(same) or window is not None:
+    if not all(same):
+        return None
+    # Inside the window when even the farthest (query, key) pair is: q_hi - k_lo < window.
+    if window is not None and q_hi - k_lo >= window:
         return None
     if k_hi <= q_lo:
         return "full"
@@ -326,17 +359,20 @@ def plan_blocks(
     q_pieces: int,
     k_pieces: int,
 ) -> BlockPlan:
+    """The blocks of q on k. Reads the (host) index and document tensors as Python numbers; see BlockPlan.
+
+    Invariant (tests/test_attention_kernels.py): the blocks cover every visible (query, key) exactly once, a
+    'full' block is all visible, a 'causal' block is exactly its lower triangle; no mask of a whole row is built.
+    """
     tq, tk = q_index.shape[-1], k_index.shape[-1]
     if tq % q_pieces or tk % k_pieces:
         q_pieces, k_pieces = 1, 1
     qs_size, ks_size = tq // q_pieces, tk // k_pieces
     q_sum = _piece_summaries(q_index, q_doc, q_pieces)
     k_sum = _piece_summaries(k_index, k_doc, k_pieces)
-    seen_rows: list[list[bool]] = []
     blocks: list[Block] = []
     every_row = slice(None)
     for i in range(q_pieces):
-        row = []
         qsl = slice(i * qs_size, (i + 1) * qs_size)
         for j in range(k_pieces):
             ksl = slice(j * ks_size, (j + 1) * ks_size)
@@ -345,32 +381,15 @@ def plan_blocks(
             if kind is None and q_sum[i][2] and k_sum[j][2]:
                 split = _document_blocks(q_index, k_index, q_doc, k_doc, qsl, ksl, sliding_window)
             if split is not None:
-                kind = "split" if split else "none"
-            elif kind is None:
+                blocks += split
+                continue
+            if kind is None:
                 # Only this piece pair's mask, and only when the summaries cannot decide.
                 mask = visibility_mask(q_index[:, qsl], k_index[:, ksl], q_doc[:, qsl], k_doc[:, ksl], sliding_window)
                 kind = "masked" if bool(mask.any()) else "none"
-            row.append(kind != "none")
-            if kind == "split":
-                blocks += split
-            elif kind != "none":
+            if kind != "none":
                 blocks.append(Block(every_row, qsl, ksl, kind))
-        seen_rows.append(row)
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i in range(q_pieces):
-        keys = tuple(j for j in range(k_pieces) if seen_rows[i][j])
-        if keys:
-            groups.setdefault(keys, []).append(i)
-    device = q_index.device
-
-    def rows(pieces: list[int] | tuple[int, ...], count: int, size: int) -> Tensor | None:
-        if len(pieces) == count:
-            return None
-        return torch.cat([torch.arange(p * size, (p + 1) * size, device=device) for p in pieces])
-
-    return BlockPlan(
-        [(rows(qs, q_pieces, qs_size), rows(ks, k_pieces, ks_size)) for ks, qs in groups.items()], blocks
-    )
+    return BlockPlan(blocks)
 
 
 def _runs(doc: Tensor) -> list[tuple[int, int, int]]:
@@ -390,7 +409,7 @@ def _document_blocks(q_index: Tensor, k_index: Tensor, q_doc: Tensor, k_doc: Ten
     same_docs = bool((q_doc[:, qsl] == q_doc[:1, qsl]).all()) and bool((k_doc[:, ksl] == k_doc[:1, ksl]).all())
     row_sets = [slice(None)] if same_docs else [slice(b, b + 1) for b in range(batch)]
     q_lo, k_lo = int(q_index[0, qsl.start]), int(k_index[0, ksl.start])
-    blocks: list[Block] = []
+    pending: list[tuple[slice, int, int, int, int, int, str]] = []
     for rows in row_sets:
         b = 0 if rows.start is None else rows.start
         q_runs, k_runs = _runs(q_doc[b, qsl]), _runs(k_doc[b, ksl])
@@ -405,150 +424,189 @@ def _document_blocks(q_index: Tensor, k_index: Tensor, q_doc: Tensor, k_doc: Ten
             summary_k = (k_lo + ka, k_lo + kb - 1, True, [doc])
             kind = _pair_kind(summary_q, summary_k, window) or "masked"
             if kind != "none":
-                blocks.append(Block(rows, slice(qsl.start + qa, qsl.start + qb), slice(ksl.start + ka, ksl.start + kb),
-                                    kind))
+                pending.append((rows, doc, qsl.start + qa, qsl.start + qb, ksl.start + ka, ksl.start + kb, kind))
     size = (qsl.stop - qsl.start) * (ksl.stop - ksl.start)
-    if len(blocks) > MAX_DOCUMENT_CALLS * len(row_sets) and size <= SMALL_MASK_ELEMENTS:
+    if len(pending) > MAX_DOCUMENT_CALLS * len(row_sets) and size <= SMALL_MASK_ELEMENTS:
         return None
+    blocks: list[Block] = []
+    for rows, doc, qa, qb, ka, kb, kind in pending:
+        if kind == "masked" and window is not None:
+            # One document, contiguous on both sides: the global index of local row i is known arithmetically.
+            blocks += _window_tiles(rows, doc, qa, qb, q_lo - qsl.start, ka, kb, k_lo - ksl.start, window)
+        else:
+            blocks.append(Block(rows, slice(qa, qb), slice(ka, kb), kind))
     return blocks
 
 
-def _plan_blocks_with_masks(plan: BlockPlan, q_index, k_index, q_doc, k_doc, sliding_window):
-    """(batch rows, query slice, key slice, kind, mask or None) for each fused call; masks only for 'masked'."""
-    for block in plan.blocks:
-        rows, qsl, ksl = block.rows, block.q, block.k
-        mask = None
-        if block.kind == "masked":
-            mask = visibility_mask(q_index[rows, qsl], k_index[rows, ksl], q_doc[rows, qsl], k_doc[rows, ksl],
-                                   sliding_window).unsqueeze(1)
-        yield rows, qsl, ksl, block.kind, mask
+def _window_tiles(rows: slice, doc: int, qa: int, qb: int, q_shift: int, ka: int, kb: int, k_shift: int,
+                  window: int) -> list[Block]:
+    """Tiles of one single-document block under a sliding window. Local query rows [qa, qb) have global indices
+    row + q_shift, keys likewise; tiles follow one global grid so that diagonal tiles are square ('causal')."""
+    tile = max(window, MIN_WINDOW_TILE)
+    blocks = []
+    g_q0, g_q1 = qa + q_shift, qb + q_shift  # global [start, stop)
+    g_k0, g_k1 = ka + k_shift, kb + k_shift
+    for q_start in range(g_q0 - g_q0 % tile, g_q1, tile):
+        tq0, tq1 = max(q_start, g_q0), min(q_start + tile, g_q1)
+        # Keys any of these queries may see: [tq0 - window + 1, tq1 - 1].
+        first_key = max(g_k0, tq0 - window + 1)
+        last_key = min(g_k1 - 1, tq1 - 1)
+        if first_key > last_key:
+            continue
+        for k_start in range(first_key - first_key % tile, last_key + 1, tile):
+            tk0, tk1 = max(k_start, first_key, g_k0), min(k_start + tile, last_key + 1)
+            kind = _pair_kind((tq0, tq1 - 1, True, [doc]), (tk0, tk1 - 1, True, [doc]), window) or "masked"
+            if kind != "none":
+                blocks.append(Block(rows, slice(tq0 - q_shift, tq1 - q_shift), slice(tk0 - k_shift, tk1 - k_shift),
+                                    kind))
+    return blocks
 
 
-def _fused_pairs_forward(q, k, v, q_index, k_index, q_doc, k_doc, scaling, sliding_window, plan):
-    """Fused kernels per visible piece pair, merged by lse per query piece (slices are views, no copies)."""
+@dataclass(frozen=True)
+class StepPlan:
+    """What one blockwise call needs besides q, k, v: the token indices and documents of its queries and keys
+    (on the device, for the masks of 'masked' blocks) and the block plan (computed on the host)."""
+
+    q_index: Tensor
+    k_index: Tensor
+    q_doc: Tensor
+    k_doc: Tensor
+    plan: BlockPlan
+
+
+class AttentionPlans:
+    """The block plans of one batch, for every attention layer of the model: planned once on the host.
+
+    `rank_index` / `rank_docs` hold every SP rank's local token indices and documents ([B, T_local] each, in the
+    order of `layout.shard_for_sequence_parallel`). `steps(window)` returns the StepPlans of this rank: one per
+    ring step for zigzag_ring and hybrid (the key block held at step s is that of ring rank r - s), one for the
+    other modes. Plans for a window not given to the constructor are made on first use, still on the host.
+    `builds` counts plannings (a test checks that the attention itself never plans).
+    """
+
+    def __init__(self, mode: str, sp_rank: int, ulysses_size: int, rank_index: list[Tensor], rank_docs: list[Tensor],
+                 device: torch.device, windows: tuple[int | None, ...] = (None,)) -> None:
+        self.mode, self.sp_rank, self.ulysses_size = mode, sp_rank, ulysses_size
+        self.rank_index = [x.cpu() for x in rank_index]
+        self.rank_docs = [x.cpu() for x in rank_docs]
+        self.device = device
+        self.builds = 0
+        self._device_tokens: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
+        self._plans: dict[int | None, list[StepPlan]] = {}
+        for window in windows:
+            self.steps(window)
+
+    def _tokens(self, ranks: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        """Host (index, docs) of these ranks' tokens, concatenated rank-major (the order of a gather)."""
+        return (torch.cat([self.rank_index[r] for r in ranks], dim=-1),
+                torch.cat([self.rank_docs[r] for r in ranks], dim=-1))
+
+    def _on_device(self, ranks: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        if ranks not in self._device_tokens:
+            index, docs = self._tokens(ranks)
+            self._device_tokens[ranks] = (index.to(self.device), docs.to(self.device))
+        return self._device_tokens[ranks]
+
+    def _step(self, q_ranks: tuple[int, ...], k_ranks: tuple[int, ...], window: int | None) -> StepPlan:
+        (q_index, q_doc), (k_index, k_doc) = self._tokens(q_ranks), self._tokens(k_ranks)
+        plan = plan_blocks(q_index, k_index, q_doc, k_doc, window, 2 * len(q_ranks), 2 * len(k_ranks))
+        (qi, qd), (ki, kd) = self._on_device(q_ranks), self._on_device(k_ranks)
+        return StepPlan(qi, ki, qd, kd, plan)
+
+    def steps(self, window: int | None) -> list[StepPlan]:
+        if window in self._plans:
+            return self._plans[window]
+        self.builds += 1
+        n, me = len(self.rank_index), self.sp_rank
+        everyone = tuple(range(n))
+        if n == 1:
+            steps = [self._step((0,), (0,), window)]
+        elif self.mode == "zigzag_ring":
+            steps = [self._step((me,), ((me - s) % n,), window) for s in range(n)]
+        elif self.mode == "ulysses":
+            steps = [self._step(everyone, everyone, window)]
+        elif self.mode == "llama3":
+            steps = [self._step((me,), everyone, window)]
+        else:  # hybrid: Ulysses groups of u consecutive ranks, the ring runs over the groups
+            u = self.ulysses_size
+            groups = n // u
+            group = lambda g: tuple(range(g * u, (g + 1) * u))  # noqa: E731
+            mine = me // u
+            steps = [self._step(group(mine), group((mine - s) % groups), window) for s in range(groups)]
+        self._plans[window] = steps
+        return steps
+
+
+def blockwise_forward(
+    q: Tensor, k: Tensor, v: Tensor, step: StepPlan, scaling: float, sliding_window: int | None
+) -> tuple[Tensor, Tensor]:
+    """Output and lse of q on (k, v) following `step`'s plan, merged by lse per query row; rows the plan skips get
+    0 and -inf. Each block goes through the fused kernel where the device and dtype allow, else the reference
+    kernel, which builds the block's own mask (block-sized: a document run or a window tile, never the row)."""
     b, h, tq, d = q.shape
     dtype = compute_dtype(q.dtype)
     out = q.new_zeros(b, h, tq, d, dtype=dtype)
     lse = q.new_full((b, h, tq), float("-inf"), dtype=dtype)
-    for rows, qsl, ksl, kind, mask in _plan_blocks_with_masks(plan, q_index, k_index, q_doc, k_doc, sliding_window):
-        part_out, part_lse = fused_block_forward(q[rows, :, qsl], k[rows, :, ksl], v[rows, :, ksl], mask, scaling,
-                                                 kind)
+    fused = fused_enabled(q)
+    for block in step.plan.blocks:
+        rows, qsl, ksl = block.rows, block.q, block.k
+        qb, kb, vb = q[rows, :, qsl], k[rows, :, ksl], v[rows, :, ksl]
+        qi, ki, qd, kd = step.q_index[rows, qsl], step.k_index[rows, ksl], step.q_doc[rows, qsl], step.k_doc[rows, ksl]
+        if fused:
+            mask = visibility_mask(qi, ki, qd, kd, sliding_window).unsqueeze(1) if block.kind == "masked" else None
+            part_out, part_lse = fused_block_forward(qb, kb, vb, mask, scaling, block.kind)
+        else:
+            part_out, part_lse = attention_block(qb, kb, vb, qi, ki, qd, kd, scaling, sliding_window)
         out[rows, :, qsl], lse[rows, :, qsl] = merge_partials(out[rows, :, qsl], lse[rows, :, qsl], part_out,
                                                               part_lse)
     return out, lse
 
 
-def _fused_pairs_backward(dout, q, k, v, out, lse, q_index, k_index, q_doc, k_doc, scaling, sliding_window,
-                          plan, dq, dk, dv) -> None:
-    for rows, qsl, ksl, kind, mask in _plan_blocks_with_masks(plan, q_index, k_index, q_doc, k_doc, sliding_window):
-        part_dq, part_dk, part_dv = fused_block_backward(
-            dout[rows, :, qsl], q[rows, :, qsl], k[rows, :, ksl], v[rows, :, ksl], out[rows, :, qsl],
-            lse[rows, :, qsl], mask, scaling, kind,
-        )
+def blockwise_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, step: StepPlan,
+    scaling: float, sliding_window: int | None, dq: Tensor, dk: Tensor, dv: Tensor,
+) -> None:
+    """Add the gradients of `step`'s blocks into dq, dk, dv (compute dtype, same shapes as q, k, v), each block
+    recomputed against the final out/lse of its queries."""
+    fused = fused_enabled(q)
+    for block in step.plan.blocks:
+        rows, qsl, ksl = block.rows, block.q, block.k
+        args = (dout[rows, :, qsl], q[rows, :, qsl], k[rows, :, ksl], v[rows, :, ksl], out[rows, :, qsl],
+                lse[rows, :, qsl])
+        qi, ki, qd, kd = step.q_index[rows, qsl], step.k_index[rows, ksl], step.q_doc[rows, qsl], step.k_doc[rows, ksl]
+        if fused:
+            mask = visibility_mask(qi, ki, qd, kd, sliding_window).unsqueeze(1) if block.kind == "masked" else None
+            part_dq, part_dk, part_dv = fused_block_backward(*args, mask, scaling, block.kind)
+        else:
+            part_dq, part_dk, part_dv = attention_block_backward(*args, qi, ki, qd, kd, scaling, sliding_window)
         dq[rows, :, qsl] += part_dq
         dk[rows, :, ksl] += part_dk
         dv[rows, :, ksl] += part_dv
 
 
-def take_rows(x: Tensor, rows: Tensor | None, dim: int) -> Tensor:
-    return x if rows is None else x.index_select(dim, rows)
-
-
-def blockwise_forward(
-    q: Tensor, k: Tensor, v: Tensor, q_index: Tensor, k_index: Tensor, q_doc: Tensor, k_doc: Tensor,
-    scaling: float, sliding_window: int | None, plan: BlockPlan,
-) -> tuple[Tensor, Tensor]:
-    """Output and lse of q on (k, v) following `plan`; rows the plan skips get 0 and -inf."""
-    if fused_enabled(q):
-        return _fused_pairs_forward(q, k, v, q_index, k_index, q_doc, k_doc, scaling, sliding_window, plan)
-    b, h, tq, d = q.shape
-    dtype = compute_dtype(q.dtype)
-    if len(plan.pairs) == 1 and plan.pairs[0] == (None, None):
-        return block_forward(q, k, v, q_index, k_index, q_doc, k_doc, scaling, sliding_window)
-    out = q.new_zeros(b, h, tq, d, dtype=dtype)
-    lse = q.new_full((b, h, tq), float("-inf"), dtype=dtype)
-    for q_rows, k_rows in plan.pairs:
-        part_out, part_lse = block_forward(
-            take_rows(q, q_rows, 2), take_rows(k, k_rows, 2), take_rows(v, k_rows, 2),
-            take_rows(q_index, q_rows, 1), take_rows(k_index, k_rows, 1),
-            take_rows(q_doc, q_rows, 1), take_rows(k_doc, k_rows, 1), scaling, sliding_window,
-        )
-        if q_rows is None:
-            out, lse = part_out, part_lse
-        else:
-            # Query pieces of different pairs are disjoint: placing is enough, no merge needed.
-            out.index_copy_(2, q_rows, part_out)
-            lse.index_copy_(2, q_rows, part_lse)
-    return out, lse
-
-
-def blockwise_backward(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-    q_index: Tensor, k_index: Tensor, q_doc: Tensor, k_doc: Tensor,
-    scaling: float, sliding_window: int | None, plan: BlockPlan,
-    dq: Tensor, dk: Tensor, dv: Tensor,
-) -> None:
-    """Add this block's gradients into dq, dk, dv (compute dtype, same shapes as q, k, v)."""
-    if fused_enabled(q):
-        _fused_pairs_backward(dout, q, k, v, out, lse, q_index, k_index, q_doc, k_doc, scaling, sliding_window,
-                              plan, dq, dk, dv)
-        return
-    for q_rows, k_rows in plan.pairs:
-        part_dq, part_dk, part_dv = block_backward(
-            take_rows(dout, q_rows, 2), take_rows(q, q_rows, 2), take_rows(k, k_rows, 2), take_rows(v, k_rows, 2),
-            take_rows(out, q_rows, 2), take_rows(lse, q_rows, 2),
-            take_rows(q_index, q_rows, 1), take_rows(k_index, k_rows, 1),
-            take_rows(q_doc, q_rows, 1), take_rows(k_doc, k_rows, 1), scaling, sliding_window,
-        )
-        if q_rows is None:
-            dq += part_dq
-        else:
-            dq.index_add_(2, q_rows, part_dq)
-        if k_rows is None:
-            dk += part_dk
-            dv += part_dv
-        else:
-            dk.index_add_(2, k_rows, part_dk)
-            dv.index_add_(2, k_rows, part_dv)
-
-
 class LocalBlockAttention(torch.autograd.Function):
     """Blockwise attention of all local queries on all given keys, with a recomputing backward.
 
-    Only q, k, v, the output and the lse are kept for backward (no [Tq, Tk] probabilities). Used by the sp=1,
-    Ulysses and llama3 paths; `q_pieces`/`k_pieces` tell how many equal pieces the blocks are made of.
+    Only q, k, v, the output and the lse are kept for backward (no [Tq, Tk] probabilities). Used by the sp=1 and
+    Ulysses paths; `step` is the batch's precomputed plan.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, q_index, k_index, q_doc, k_doc, scaling, sliding_window, q_pieces, k_pieces):
-        plan = plan_blocks(q_index, k_index, q_doc, k_doc, sliding_window, q_pieces, k_pieces)
-        out, lse = blockwise_forward(q, k, v, q_index, k_index, q_doc, k_doc, scaling, sliding_window, plan)
-        ctx.save_for_backward(q, k, v, out, lse, q_index, k_index, q_doc, k_doc)
-        ctx.scaling, ctx.sliding_window, ctx.plan = scaling, sliding_window, plan
+    def forward(ctx, q, k, v, step, scaling, sliding_window):
+        out, lse = blockwise_forward(q, k, v, step, scaling, sliding_window)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scaling, ctx.sliding_window, ctx.step = scaling, sliding_window, step
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, q_index, k_index, q_doc, k_doc = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         dtype = compute_dtype(q.dtype)
         dq = torch.zeros_like(q, dtype=dtype)
         dk = torch.zeros_like(k, dtype=dtype)
         dv = torch.zeros_like(v, dtype=dtype)
-        blockwise_backward(
-            dout, q, k, v, out, lse, q_index, k_index, q_doc, k_doc,
-            ctx.scaling, ctx.sliding_window, ctx.plan, dq, dk, dv,
-        )
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None
-
-
-def local_attention(
-    q: Tensor, k: Tensor, v: Tensor, seq_index: Tensor, doc_ids: Tensor, scaling: float,
-    sliding_window: int | None, pieces: int = 1,
-) -> Tensor:
-    """Attention of local queries on local keys (sp=1), [B, Hq, T, D] in q's dtype."""
-    return LocalBlockAttention.apply(
-        q, k, v, seq_index, seq_index, doc_ids, doc_ids, scaling, sliding_window, pieces, pieces
-    )
+        blockwise_backward(dout, q, k, v, out, lse, ctx.step, ctx.scaling, ctx.sliding_window, dq, dk, dv)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
 def reference_attention(

@@ -9,23 +9,16 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import Tensor
 
+from longtune.parallel.attention.common import StepPlan
 from longtune.parallel.attention.ring import ring_attention
 from longtune.parallel.attention.ulysses import HeadsToSeq, scatter_heads
 
 
 def hybrid_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    seq_index: Tensor,
-    doc_ids: Tensor,
-    ulysses_group: dist.ProcessGroup,
-    ring_group: dist.ProcessGroup,
-    scaling: float,
-    sliding_window: int | None,
+    q: Tensor, k: Tensor, v: Tensor, steps: list[StepPlan], ulysses_group: dist.ProcessGroup,
+    ring_group: dist.ProcessGroup, scaling: float, sliding_window: int | None,
 ) -> Tensor:
-    """[B, Hq, T_local, D] output of this rank's tokens, all heads."""
-    u = dist.get_world_size(ulysses_group)
-    q, k, v, index, docs = scatter_heads(q, k, v, seq_index, doc_ids, ulysses_group, "ulysses_size")
-    out = ring_attention(q, k, v, index, docs, ring_group, scaling, sliding_window, pieces=2 * u)
+    """[B, Hq, T_local, D] output of this rank's tokens, all heads. `steps` plans the ring over the groups."""
+    q, k, v = scatter_heads(q, k, v, ulysses_group, "ulysses_size")
+    out = ring_attention(q, k, v, steps, ring_group, scaling, sliding_window)
     return HeadsToSeq.apply(out, ulysses_group)

@@ -40,7 +40,7 @@ def kernel_preference() -> str:
 def fused_enabled(q: Tensor) -> bool:
     if _preference == "math":
         return False
-    if q.is_cuda:
+    if q.is_cuda or q.is_meta:  # meta tensors stand in for CUDA ones in tests (see _gpu_path)
         return q.dtype in (torch.float16, torch.bfloat16, torch.float32)
     return q.device.type == "cpu" and q.dtype in (torch.float64, torch.float32, torch.bfloat16)
 
@@ -88,17 +88,55 @@ def _gpu_path(q: Tensor) -> bool:
 
 
 def _kind_and_keys(mask: Tensor | None, kind: str | None, q: Tensor) -> tuple[str, Tensor]:
-    """The mask kind (classified from the mask when not given; an all-visible mask is 'full') and which query
-    rows see any key [B, 1, Tq]."""
+    """The mask kind and which query rows see any key [B, 1, Tq]. A given kind is trusted (the planner's, exact
+    and free); only without one is the mask classified, which reads it on the host."""
     if kind in ("full", "causal"):
         return kind, torch.ones(q.shape[0], 1, q.shape[2], dtype=torch.bool, device=q.device)
     assert mask is not None, "a 'masked' block needs its mask"
-    if mask.is_meta:  # no values to classify by
-        return kind or "masked", mask.any(-1)
-    kind = _mask_kind(mask) if kind is None else kind
-    if kind == "masked" and bool(mask.all()):
-        kind = "full"
+    if kind is None:
+        kind = "masked" if mask.is_meta else _mask_kind(mask)  # meta: no values to classify by
     return kind, mask.any(-1)
+
+
+# Flash (CUDA) takes head dims that are multiples of 8 up to 256; other head dims take the memory-efficient
+# kernel, their head dim zero-padded to a multiple of 8 (zero columns add nothing to q.k, and give zero output
+# columns that are cut off again), which keeps its loads aligned.
+FLASH_MAX_HEAD_DIM = 256
+HEAD_DIM_ALIGN = 8
+
+
+def uses_flash(q: Tensor, kind: str) -> bool:
+    """Whether a block goes to the CUDA flash kernel: half precision, no mask, a head dim flash supports."""
+    d = q.shape[-1]
+    return (_gpu_path(q) and kind in ("full", "causal") and q.dtype in (torch.float16, torch.bfloat16)
+            and d % HEAD_DIM_ALIGN == 0 and d <= FLASH_MAX_HEAD_DIM)
+
+
+def _pad_head_dim(*xs: Tensor) -> list[Tensor]:
+    d = xs[0].shape[-1]
+    extra = -d % HEAD_DIM_ALIGN
+    return [x if extra == 0 else torch.nn.functional.pad(x, (0, extra)) for x in xs]
+
+
+def flash_rng_state(device: torch.device) -> tuple[Tensor, Tensor]:
+    """The (philox seed, offset) pair the flash backward takes: the forward's `rng_state` and `unused` outputs.
+
+    Dropout is always 0 under SP (the caller turns it off), so the kernels never draw or read random numbers and
+    the forward's pair carries no information; this pair has its layout (uint64 [2] and [], on q's device; the
+    tests compare it with what the forward returns). Keeping a per-block forward state across the ring would
+    cost memory for nothing."""
+    return (torch.empty(2, dtype=torch.uint64, device=device), torch.empty((), dtype=torch.uint64, device=device))
+
+
+def flash_backward_args(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
+                        scaling: float) -> tuple[tuple, dict]:
+    """Arguments of aten._scaled_dot_product_flash_attention_backward for one dense block.
+
+    cum_seq_q/k must be undefined (None): a defined tensor, even an empty one, selects the varlen kernel, which
+    then fails with "batch size must be positive". max_q/max_k are the block's lengths."""
+    seed, offset = flash_rng_state(q.device)
+    args = (dout, q, k, v, out, lse, None, None, q.shape[2], k.shape[2], 0.0, causal, seed, offset)
+    return args, {"scale": scaling}
 
 
 def fused_block_forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float,
@@ -107,20 +145,21 @@ def fused_block_forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, sc
 
     `kind` 'full' or 'causal' (square, top-left aligned) needs no mask; otherwise mask [B, 1, Tq, Tk] is used."""
     wide = torch.promote_types(q.dtype, torch.float32)
-    # Under autocast the projections may come back in different dtypes; the aten kernels need one.
     k, v = (x.to(q.dtype).contiguous() for x in _expand_heads(k, v, q.shape[1]))
     q = q.contiguous()
     kind, has_key = _kind_and_keys(mask, kind, q)
-    tq = q.shape[2]
-    if _gpu_path(q) and kind in ("full", "causal") and q.dtype in (torch.float16, torch.bfloat16):
+    tq, d = q.shape[2], q.shape[3]
+    if uses_flash(q, kind):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
             q, k, v, 0.0, kind == "causal", False, scale=scaling
         )[:2]
     elif _gpu_path(q):
         bias = None if kind in ("full", "causal") else _bias(mask, q.dtype, align=16).expand(-1, q.shape[1], -1, -1)
+        qp, kp, vp = _pad_head_dim(q, k, v)
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, k, v, bias, True, 0.0, kind == "causal", scale=scaling
+            qp, kp, vp, bias, True, 0.0, kind == "causal", scale=scaling
         )[:2]
+        out = out[..., :d]
         lse = lse[..., :tq]  # the kernel pads its lse to a multiple of 32 rows
     else:
         bias = None if kind in ("full", "causal") else _bias(mask, q.dtype)
@@ -140,7 +179,6 @@ def fused_block_backward(
     wide = torch.promote_types(q.dtype, torch.float32)
     num_kv = k.shape[1]
     # The backward kernels assume q, out and grad_out share one memory layout: make all of them contiguous.
-    # Under autocast the projections may come back in different dtypes; the aten kernels need one.
     k, v = (x.to(q.dtype).contiguous() for x in _expand_heads(k, v, q.shape[1]))
     q = q.contiguous()
     kind, has_key = _kind_and_keys(mask, kind, q)
@@ -149,24 +187,22 @@ def fused_block_backward(
     lse_in = lse.to(torch.promote_types(q.dtype, torch.float32)).masked_fill(~has_key | torch.isinf(lse), float("inf"))
     dout_c = dout.to(q.dtype).contiguous()
     out_c = out.to(q.dtype).contiguous()
-    if _gpu_path(q) and kind in ("full", "causal") and q.dtype in (torch.float16, torch.bfloat16):
-        tq, tk = q.shape[2], k.shape[2]
-        cum = torch.empty(0, dtype=torch.int32, device=q.device)
-        zero = torch.zeros((), dtype=torch.int64, device=q.device)
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            dout_c, q, k, v, out_c, lse_in.contiguous(), cum, cum, tq, tk, 0.0, kind == "causal", zero, zero,
-            scale=scaling,
-        )
+    d = q.shape[3]
+    if uses_flash(q, kind):
+        args, kwargs = flash_backward_args(dout_c, q, k, v, out_c, lse_in.contiguous(), kind == "causal", scaling)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(*args, **kwargs)
     elif _gpu_path(q):
         bias = None if kind in ("full", "causal") else _bias(mask, q.dtype, align=16).expand(-1, q.shape[1], -1, -1)
         tq = q.shape[2]
         padded = -(-tq // 32) * 32
         lse_pad = torch.nn.functional.pad(lse_in, (0, padded - tq), value=float("inf")).contiguous()
-        zero = torch.zeros((), dtype=torch.int64, device=q.device)
+        zero = torch.zeros((), dtype=torch.int64, device=q.device)  # the efficient forward's (seed, offset) layout
+        dout_p, qp, kp, vp, out_p = _pad_head_dim(dout_c, q, k, v, out_c)
         dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-            dout_c, q, k, v, bias, out_c, lse_pad, zero, zero, 0.0, [True, True, True, False],
+            dout_p, qp, kp, vp, bias, out_p, lse_pad, zero, zero, 0.0, [True, True, True, False],
             kind == "causal", scale=scaling,
         )
+        dq, dk, dv = dq[..., :d], dk[..., :d], dv[..., :d]
     else:
         bias = None if kind in ("full", "causal") else _bias(mask, q.dtype)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(

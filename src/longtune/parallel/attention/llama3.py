@@ -8,46 +8,51 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from longtune.parallel.attention.common import LocalBlockAttention
-from longtune.parallel.attention.ulysses import gather_tokens
+from longtune.parallel.attention.common import StepPlan, blockwise_backward, blockwise_forward, compute_dtype
 
 
-class AllGatherSequence(torch.autograd.Function):
-    """[..., T, D] local tokens on the second-to-last dim -> [..., n*T, D], rank-major; backward reduce-scatters."""
+def _all_gather_tokens(x: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """[..., T, D] local tokens -> [..., n*T, D], rank-major on the second-to-last dim."""
+    n = dist.get_world_size(group)
+    parts = [torch.empty_like(x) for _ in range(n)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=-2)
+
+
+class Llama3Attention(torch.autograd.Function):
+    """q [B, Hq, T_local, D], k/v [B, Hkv, T_local, D]: K/V are gathered in their own dtype (one collective for
+    both), gathered again in backward rather than kept, and dK/dV are accumulated and reduce-scattered in float32
+    or wider, like the ring's dK/dV, so the sum over ranks is not rounded to bf16."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
+    def forward(ctx, q, k, v, step, scaling, sliding_window, group):
+        kv = _all_gather_tokens(torch.stack([k, v]), group)
+        out, lse = blockwise_forward(q, kv[0], kv[1], step, scaling, sliding_window)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.step, ctx.scaling, ctx.sliding_window, ctx.group = step, scaling, sliding_window, group
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        group = ctx.group
         n = dist.get_world_size(group)
-        parts = [torch.empty_like(x) for _ in range(n)]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=-2)
-
-    @staticmethod
-    def backward(ctx, grad):
-        n = dist.get_world_size(ctx.group)
-        slices = [part.contiguous() for part in grad.chunk(n, dim=-2)]
+        dtype = compute_dtype(q.dtype)
+        kv = _all_gather_tokens(torch.stack([k, v]), group)
+        dq = torch.zeros_like(q, dtype=dtype)
+        dkv = torch.zeros_like(kv, dtype=dtype)
+        blockwise_backward(dout, q, kv[0], kv[1], out, lse, ctx.step, ctx.scaling, ctx.sliding_window,
+                           dq, dkv[0], dkv[1])
+        slices = [part.contiguous() for part in dkv.chunk(n, dim=-2)]
         mine = torch.empty_like(slices[0])
         # The list form: reduce_scatter_tensor warns as deprecated in torch 2.13; this works on every version/backend.
-        dist.reduce_scatter(mine, slices, group=ctx.group)
-        return mine, None
+        dist.reduce_scatter(mine, slices, group=group)
+        return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype), None, None, None, None
 
 
 def llama3_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    seq_index: Tensor,
-    doc_ids: Tensor,
-    group: dist.ProcessGroup,
-    scaling: float,
+    q: Tensor, k: Tensor, v: Tensor, step: StepPlan, group: dist.ProcessGroup, scaling: float,
     sliding_window: int | None,
 ) -> Tensor:
-    """[B, Hq, T_local, D]. K/V are gathered on their own (Hkv) heads; one collective carries both."""
-    n = dist.get_world_size(group)
-    kv = AllGatherSequence.apply(torch.stack([k, v]), group)
-    index, docs = gather_tokens(seq_index, group), gather_tokens(doc_ids, group)
-    # Queries are this rank's two zigzag chunks; keys are 2n chunks, two per rank.
-    return LocalBlockAttention.apply(
-        q, kv[0], kv[1], seq_index, index, doc_ids, docs, scaling, sliding_window, 2, 2 * n
-    )
+    """[B, Hq, T_local, D]: this rank's two zigzag chunks attend to the 2n chunks of the whole row."""
+    return Llama3Attention.apply(q, k, v, step, scaling, sliding_window, group)

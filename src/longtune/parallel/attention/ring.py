@@ -2,7 +2,8 @@
 
 Forward merges one partial attention per ring step by log-sum-exp; backward runs the ring again, recomputing
 each block from the final lse, and sends dK/dV along with their block so that they reach the owner after a full
-turn. Every message goes to rank+1 and comes from rank-1 of the group (batch_isend_irecv on global ranks).
+turn. Every message goes to rank+1 and comes from rank-1 of the group (batch_isend_irecv on global ranks). Only
+K/V (and dK/dV) travel: which tokens a block holds at each step is in the batch's precomputed plan.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from longtune.parallel.attention.common import (
-    compute_dtype,
+    StepPlan,
     blockwise_backward,
     blockwise_forward,
+    compute_dtype,
     merge_partials,
-    plan_blocks,
 )
 
 
@@ -39,72 +40,54 @@ class _RingPass:
 
 
 class ZigzagRingAttention(torch.autograd.Function):
-    """q, k, v [B, H, T, D] (k/v may have fewer heads), seq_index/doc_ids [B, T] of these local tokens.
-
-    `pieces` is how many equal index runs the local block is made of (2 for a zigzag shard: the early and the
-    late chunk); fully masked (piece, piece) pairs are skipped on every step.
-    """
+    """q, k, v [B, H, T, D] (k/v may have fewer heads); `steps[s]` plans the key block held at ring step s."""
 
     @staticmethod
-    def forward(ctx, q, k, v, seq_index, doc_ids, scaling, sliding_window, group, pieces):
+    def forward(ctx, q, k, v, steps, scaling, sliding_window, group):
         size = dist.get_world_size(group)
         dtype = compute_dtype(q.dtype)
         kv = torch.stack([k, v]).contiguous()
-        meta = torch.stack([seq_index.long(), doc_ids.long()]).contiguous()
         b, h, t, d = q.shape
         out = q.new_zeros(b, h, t, d, dtype=dtype)
         lse = q.new_full((b, h, t), float("-inf"), dtype=dtype)
         for step in range(size):
-            exchange = _RingPass([kv, meta], group) if step + 1 < size else None
-            plan = plan_blocks(seq_index, meta[0], doc_ids, meta[1], sliding_window, pieces, pieces)
-            if plan.pairs:
-                part_out, part_lse = blockwise_forward(
-                    q, kv[0], kv[1], seq_index, meta[0], doc_ids, meta[1], scaling, sliding_window, plan
-                )
+            exchange = _RingPass([kv], group) if step + 1 < size else None
+            if steps[step].plan.blocks:
+                part_out, part_lse = blockwise_forward(q, kv[0], kv[1], steps[step], scaling, sliding_window)
                 out, lse = merge_partials(out, lse, part_out, part_lse)
             if exchange is not None:
-                kv, meta = exchange.wait()
-        ctx.save_for_backward(q, k, v, out, lse, seq_index, doc_ids)
-        ctx.scaling, ctx.sliding_window, ctx.group, ctx.pieces = scaling, sliding_window, group, pieces
+                (kv,) = exchange.wait()
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scaling, ctx.sliding_window, ctx.group, ctx.steps = scaling, sliding_window, group, steps
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, seq_index, doc_ids = ctx.saved_tensors
-        group, pieces = ctx.group, ctx.pieces
+        q, k, v, out, lse = ctx.saved_tensors
+        group, steps = ctx.group, ctx.steps
         size = dist.get_world_size(group)
         dtype = compute_dtype(q.dtype)
         dq = torch.zeros_like(q, dtype=dtype)
         kv = torch.stack([k, v]).contiguous()
-        meta = torch.stack([seq_index.long(), doc_ids.long()]).contiguous()
         # dkv holds, at step s, the gradient gathered so far for the K/V block this rank holds at step s; its
-        # last send (after step size-1) brings every block's gradient back to its owner.
+        # last send (after step size-1) brings every block's gradient back to its owner. It travels in float32
+        # or wider, so the sum over ranks is not rounded to bf16 on the way.
         dkv = torch.zeros_like(kv, dtype=dtype)
         for step in range(size):
-            exchange = _RingPass([kv, meta], group) if step + 1 < size else None
-            plan = plan_blocks(seq_index, meta[0], doc_ids, meta[1], ctx.sliding_window, pieces, pieces)
-            if plan.pairs:
-                blockwise_backward(
-                    dout, q, kv[0], kv[1], out, lse, seq_index, meta[0], doc_ids, meta[1],
-                    ctx.scaling, ctx.sliding_window, plan, dq, dkv[0], dkv[1],
-                )
+            exchange = _RingPass([kv], group) if step + 1 < size else None
+            if steps[step].plan.blocks:
+                blockwise_backward(dout, q, kv[0], kv[1], out, lse, steps[step], ctx.scaling, ctx.sliding_window,
+                                   dq, dkv[0], dkv[1])
             if exchange is not None:
-                kv, meta = exchange.wait()
+                (kv,) = exchange.wait()
             if size > 1:
                 (dkv,) = _RingPass([dkv], group).wait()
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
 
 
 def ring_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    seq_index: Tensor,
-    doc_ids: Tensor,
-    group: dist.ProcessGroup,
-    scaling: float,
+    q: Tensor, k: Tensor, v: Tensor, steps: list[StepPlan], group: dist.ProcessGroup, scaling: float,
     sliding_window: int | None,
-    pieces: int = 2,
 ) -> Tensor:
     """Attention of this rank's queries on the whole row held by `group`; [B, Hq, T_local, D]."""
-    return ZigzagRingAttention.apply(q, k, v, seq_index, doc_ids, scaling, sliding_window, group, pieces)
+    return ZigzagRingAttention.apply(q, k, v, steps, scaling, sliding_window, group)

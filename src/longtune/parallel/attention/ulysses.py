@@ -13,7 +13,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from longtune.parallel.attention.common import LocalBlockAttention, check_ulysses_heads, repeat_kv_heads
+from longtune.parallel.attention.common import (
+    LocalBlockAttention,
+    StepPlan,
+    check_ulysses_heads,
+    repeat_kv_heads,
+)
 
 
 def _seq_to_heads(x: Tensor, group: dist.ProcessGroup) -> Tensor:
@@ -65,26 +70,11 @@ class HeadsToSeq(torch.autograd.Function):
         return _seq_to_heads(grad, ctx.group), None
 
 
-def gather_tokens(x: Tensor, group: dist.ProcessGroup) -> Tensor:
-    """[B, T] per-token integers of every rank, concatenated rank-major: [B, n*T] (no gradient)."""
-    n = dist.get_world_size(group)
-    if n == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(n)]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
-
-
 def scatter_heads(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    seq_index: Tensor,
-    doc_ids: Tensor,
-    group: dist.ProcessGroup,
-    degree_setting: str = "sequence_parallel_size",
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The Ulysses exchange of q, k, v and the token metadata, with K/V head replication when needed."""
+    q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup, degree_setting: str = "sequence_parallel_size"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The Ulysses exchange of q, k, v, with K/V head replication when needed. The gathered tokens' indices and
+    documents are not exchanged: the batch's plan already knows them (every rank's tokens, rank-major)."""
     n = dist.get_world_size(group)
     num_heads, num_kv_heads = q.shape[1], k.shape[1]
     check_ulysses_heads(num_heads, n, degree_setting)
@@ -92,28 +82,14 @@ def scatter_heads(
         # Replicated heads keep the HF mapping (query head h -> kv head h // (Hq/Hkv)) on every rank's slice.
         replicated = math.lcm(num_kv_heads, n)
         k, v = repeat_kv_heads(k, replicated), repeat_kv_heads(v, replicated)
-    return (
-        SeqToHeads.apply(q, group),
-        SeqToHeads.apply(k, group),
-        SeqToHeads.apply(v, group),
-        gather_tokens(seq_index, group),
-        gather_tokens(doc_ids, group),
-    )
+    return SeqToHeads.apply(q, group), SeqToHeads.apply(k, group), SeqToHeads.apply(v, group)
 
 
 def ulysses_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    seq_index: Tensor,
-    doc_ids: Tensor,
-    group: dist.ProcessGroup,
-    scaling: float,
+    q: Tensor, k: Tensor, v: Tensor, step: StepPlan, group: dist.ProcessGroup, scaling: float,
     sliding_window: int | None,
 ) -> Tensor:
     """[B, Hq, T_local, D] output of this rank's tokens, all heads."""
-    n = dist.get_world_size(group)
-    q, k, v, index, docs = scatter_heads(q, k, v, seq_index, doc_ids, group)
-    # The gathered row is 2n zigzag chunks (two per rank), the pieces of the blockwise plan.
-    out = LocalBlockAttention.apply(q, k, v, index, index, docs, docs, scaling, sliding_window, 2 * n, 2 * n)
+    q, k, v = scatter_heads(q, k, v, group)
+    out = LocalBlockAttention.apply(q, k, v, step, scaling, sliding_window)
     return HeadsToSeq.apply(out, group)
