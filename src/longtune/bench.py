@@ -35,6 +35,13 @@ MODEL_SHAPES: dict[str, dict[str, Any]] = {
                          num_key_value_heads=2, intermediate_size=8960, tie_word_embeddings=True),
     "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
                        num_key_value_heads=4, intermediate_size=18944, tie_word_embeddings=False),
+    "qwen2.5-72b": dict(vocab_size=152064, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, intermediate_size=29568, tie_word_embeddings=False),
+    # Llama-3.1-8B's published shape; the bench builds it as a Qwen2 model (which adds q/k/v biases, 0.01% more
+    # parameters); `longtune estimate` counts it without the biases.
+    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, intermediate_size=14336, tie_word_embeddings=False,
+                         attention_bias=False),
 }
 STAGES = ("sft", "dpo")
 IMPLS = ("ours", "baseline")
@@ -55,7 +62,8 @@ def qwen2_config(model: str, length: int):
 
     if model not in MODEL_SHAPES:
         raise ConfigError(f"bench: unknown --model '{model}'; known: {', '.join(MODEL_SHAPES)}")
-    return Qwen2Config(**MODEL_SHAPES[model], max_position_embeddings=max(32768, length), rope_theta=1e6,
+    shape = {k: v for k, v in MODEL_SHAPES[model].items() if k != "attention_bias"}  # Qwen2 always has biases
+    return Qwen2Config(**shape, max_position_embeddings=max(32768, length), rope_theta=1e6,
                        rms_norm_eps=1e-6, attention_dropout=0.0, use_cache=False, attn_implementation="sdpa")
 
 
