@@ -240,3 +240,37 @@ def test_max_length_is_the_longest_fitting_cutoff_per_sp_degree(capsys):
     out = capsys.readouterr().out
     assert "| sequence_parallel_size | max cutoff_len | GPU peak | host per node | limited by |" in out
     assert f"| 8 | {found[8].cutoff_len} |" in out
+
+
+# --- bench: the device's own peak for MFU, a timeout per trial ---------------------------------------------
+
+@pytest.mark.parametrize("name, tflops", [
+    ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989),
+    ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA A100 80GB PCIe", 312), ("NVIDIA L40S", 362),
+    ("NVIDIA A800-SXM4-80GB", 312), ("NVIDIA A10G", None), ("NVIDIA GeForce RTX 4090", None), ("Some GPU", None),
+])
+def test_peak_flops_by_device_name(name, tflops):
+    from longtune.bench import peak_bf16_flops
+
+    assert peak_bf16_flops(name) == (None if tflops is None else tflops * 1e12)
+
+
+def test_trial_timeout_is_reported():
+    """A trial over its time limit is killed and reported as 'timeout' (importing torch alone takes longer)."""
+    row = run_in_subprocess(BenchCase("tiny", "sft", "ours", 128, 1), timeout=0.05)
+    assert row["status"] == "timeout" and row["timeout_s"] == 0.05
+
+
+def test_search_stops_at_a_timed_out_length(monkeypatch):
+    from longtune import bench
+
+    def fake(case, timeout=None):
+        assert timeout == 7.0
+        if case.length > 8192:
+            return {"status": "timeout", "timeout_s": timeout}
+        return {"status": "ok", "tokens_per_s": 1.0, "peak_mem_mib": 1.0}
+
+    monkeypatch.setattr(bench, "run_in_subprocess", fake)
+    length, _, trials = bench.search_max_length("tiny", "sft", "ours", 1, 65536, 4096, 1024, log=lambda _: None,
+                                                trial_timeout=7.0)
+    assert length == 8192 and trials[-1]["status"] == "timeout"
