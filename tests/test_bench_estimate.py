@@ -161,8 +161,13 @@ def test_unsharded_accumulation_is_counted_only_without_per_micro_batch_sync():
     P = QWEN_0_5B.total_params
     assert synced.components["accumulated_grads"] == 0
     assert unsynced.components["accumulated_grads"] == 4 * P
-    for moment in ("loss", "last_layer", "first_layer"):
-        assert unsynced.moments[moment] - synced.moments[moment] == 4 * P
+    # The unsharded gradients of all parameters replace the sharded ones (and the one unsharded layer) in the
+    # layer moments; the loss moment adds them to the fused head's gradient buffer.
+    assert unsynced.moments["loss"] - synced.moments["loss"] == 4 * P
+    assert QWEN_0_5B.tied_embeddings  # no head gradient exists yet when the last layer runs backward
+    assert unsynced.moments["last_layer"] - synced.moments["last_layer"] == 4 * P
+    first_layer_grads = 4 * P // 8 + QWEN_0_5B.layer_params * 4
+    assert unsynced.moments["first_layer"] - synced.moments["first_layer"] == 4 * P - first_layer_grads
     assert unsynced.moments["optimizer_step"] == synced.moments["optimizer_step"]  # reduce-scattered by then
     # GA = 1 syncs on its only micro-batch either way.
     one = replace(setup, gradient_accumulation_steps=1, gradient_sync_every_micro_batch=False)

@@ -124,3 +124,22 @@ def test_cuda_offload_clips_cpu_gradients():
     finally:
         if started_here:
             shutdown_parallel(dims)
+
+
+# The default (True) also runs in every multi-process parity test with GA 2 (test_sp_training.py), so CI runs
+# only the once-per-step variant here.
+@pytest.mark.parametrize("sync_every_micro_batch", [pytest.param(True, marks=pytest.mark.slow), False])
+def test_fsdp_dp2_gradient_accumulation_equals_one_process_batch(alpaca_file, tmp_path, sync_every_micro_batch):
+    """Two FSDP ranks x GA 2 x batch 1 equal one process with batch 4, with the reduce-scatter after every
+    micro-batch (default) or once per step: the sharded sums are exact either way (float64)."""
+    from tests.launch import final_params, launch, metric_rows
+
+    one = _run(alpaca_file, tmp_path / "one", per_device_train_batch_size=4)
+    out = tmp_path / "dp2"
+    launch(2, base_overrides(alpaca_file, out, per_device_train_batch_size=1, gradient_accumulation_steps=2,
+                             gradient_sync_every_micro_batch=sync_every_micro_batch))
+    losses = [r["loss"] for r in metric_rows(out) if "loss" in r]
+    assert len(losses) == len(_losses(one)) == 3
+    for x, y in zip(losses, _losses(one)):
+        assert abs(x - y) <= 1e-10 * abs(y)
+    assert max_rel_diff(final_params(out), _weights(one.final_dir)) <= 1e-10

@@ -185,7 +185,8 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
                    head's unsharded fp32 grads on the GPU, the sharded ones in host memory
       accumulated_grads  FSDP with gradient_accumulation_steps > 1 and gradient_sync_every_micro_batch: false:
                    every trainable parameter's unsharded fp32 gradient, P_t * 4, alive from the first
-                   micro-batch's backward to the last one's reduce-scatter (on the GPU, offload or not)
+                   micro-batch's backward to the last one's reduce-scatter (on the GPU, offload or not); in the
+                   layer moments it replaces `grads` (no sharded gradient exists before that reduce-scatter)
       optimizer    AdamW: 2 fp32 states per trainable parameter, / S (host memory with offload_params)
       reference    dpo/kto with a frozen full copy of the model: P * b (no FSDP), P * m / S (FSDP; host memory
                    with offload_params)
@@ -309,13 +310,16 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
     zero = dict.fromkeys(components, 0)
     static = {"params": params, "optimizer": optimizer, "reference": reference}
     backward = {**static, "accumulated_grads": accumulated}
+    # While unsharded gradients accumulate (a micro-batch before the last), they are all the gradient memory
+    # there is: the sharded gradients appear only with the last micro-batch's reduce-scatter.
+    layer_grads = {"grads": 0} if accumulated else {}
     candidates = {
         "loss": {**zero, **backward, "grads": loss_grads, "activations": activations, "logits_chunk": logits_chunk},
         "last_layer": {**zero, **backward, "grads": head_grads,
                        "activations": on_gpu_layers * checkpoint_per_layer + rope,
-                       "layer_recompute": layer_recompute, "attention_workspace": attention_extra},
+                       "layer_recompute": layer_recompute, "attention_workspace": attention_extra, **layer_grads},
         "first_layer": {**zero, **backward, "grads": grads, "activations": checkpoint_per_layer + rope,
-                        "layer_recompute": layer_recompute, "attention_workspace": attention_extra},
+                        "layer_recompute": layer_recompute, "attention_workspace": attention_extra, **layer_grads},
         "optimizer_step": {**zero, **static, "grads": grads, "optimizer_step_temp": step_temp},
     }
     moments = {name: sum(parts.values()) for name, parts in candidates.items()}
