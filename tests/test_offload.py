@@ -69,6 +69,18 @@ def test_one_process_offload_equals_plain_run(alpaca_file, tmp_path):
     _assert_same_training(offloaded, plain)
 
 
+def test_one_process_offload_dpo_with_live_reference(tmp_path):
+    """DPO with a frozen full reference copy, both offloaded on one process: step-0 loss ln 2, and the same
+    training as the plain run."""
+    import math
+
+    kw = dict(stage="dpo", dataset="builtin:dpo_demo", max_samples=8, cutoff_len=64, per_device_train_batch_size=2)
+    plain = _run(Path("unused"), tmp_path / "plain", **kw)
+    offloaded = _run(Path("unused"), tmp_path / "offload", offload_params=True, **kw)
+    assert abs(_losses(offloaded)[0] - math.log(2)) <= 1e-12
+    _assert_same_training(offloaded, plain)
+
+
 def test_one_process_offload_resumes_exactly(alpaca_file, tmp_path):
     """A one-process offload run resumed from its step-2 checkpoint (sharded optimizer state) ends like the
     uninterrupted run."""
@@ -126,9 +138,7 @@ def test_cuda_offload_clips_cpu_gradients():
             shutdown_parallel(dims)
 
 
-# The default (True) also runs in every multi-process parity test with GA 2 (test_sp_training.py), so CI runs
-# only the once-per-step variant here.
-@pytest.mark.parametrize("sync_every_micro_batch", [pytest.param(True, marks=pytest.mark.slow), False])
+@pytest.mark.parametrize("sync_every_micro_batch", [True, False])
 def test_fsdp_dp2_gradient_accumulation_equals_one_process_batch(alpaca_file, tmp_path, sync_every_micro_batch):
     """Two FSDP ranks x GA 2 x batch 1 equal one process with batch 4, with the reduce-scatter after every
     micro-batch (default) or once per step: the sharded sums are exact either way (float64)."""
