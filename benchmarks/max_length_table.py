@@ -12,6 +12,7 @@ from longtune.estimate import (
     GIB,
     MemoryBudget,
     TrainSetup,
+    estimate_memory,
     max_cutoff_len,
     parse_size,
     shape_from_name_or_path,
@@ -35,17 +36,12 @@ def _cell(model: str, gpus: int, gpu_mem: int, stage: str, settings: dict) -> st
     setup = TrainSetup(tokens=0, sp=gpus, world_size=gpus, fsdp=gpus > 1, dtype="bfloat16", loss_chunk_size=1024,
                        sp_attention=pairs, live_reference=pairs, **settings)
     budget = MemoryBudget(gpu_mem, None, min(gpus, 8))  # host memory reported, not limiting
-    found = max_cutoff_len(shape, setup, budget, docs_per_row=2 if pairs else 1)
+    docs = 2 if pairs else 1
+    found = max_cutoff_len(shape, setup, budget, docs_per_row=docs)
     if found.cutoff_len is None:
         return "none | -"
-    host = budget.node_host_bytes(estimate_at(shape, setup, found.cutoff_len, 2 if pairs else 1))
+    host = budget.node_host_bytes(estimate_memory(shape, replace(setup, tokens=found.cutoff_len * docs)))
     return f"{found.cutoff_len / 1024:.0f}K | {host / GIB:.0f} GiB"
-
-
-def estimate_at(shape, setup, cutoff, docs):
-    from longtune.estimate import estimate_memory
-
-    return estimate_memory(shape, replace(setup, tokens=cutoff * docs))
 
 
 def main() -> int:

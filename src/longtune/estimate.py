@@ -1,5 +1,5 @@
-"""`longtune estimate CONFIG.yaml`: predicted peak memory per GPU of a training config, broken down, and the
-smallest sequence-parallel degree that fits a given GPU memory.
+"""`longtune estimate [CONFIG.yaml]`: predicted peak GPU memory and host memory of a training config, broken
+down, the smallest sequence-parallel degree that fits, and (--max-length) the longest cutoff_len per SP degree.
 
 The whole model is `estimate_memory` (one function, documented term by term); docs/benchmarks.md compares it
 with the live tensor bytes `longtune bench --tensor-memory` measures.
