@@ -132,7 +132,8 @@ class TrainSetup:
 class MemoryEstimate:
     """Sizes in bytes, of one process. `components` are the full sizes of each GPU term; `at_peak` is how much of
     each is alive at the peak moment (they sum to `total`); `moments` is the total at each candidate moment.
-    `host_*` are the same for the process's host memory (what it holds beyond the Python/torch runtime)."""
+    `host_components` are the host-memory part of the same terms (plus `model_load`), `host_moments` the host
+    total at its two moments (what the process holds beyond the Python/torch runtime)."""
 
     components: dict[str, int]
     at_peak: dict[str, int]
@@ -215,11 +216,11 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
       first_layer      static + one checkpoint + all grads + layer_recompute + attention_workspace
       optimizer_step   static + grads + optimizer_step_temp
     (static = params + optimizer + reference, + accumulated_grads in the three backward moments.)
-    Host memory of the process (beyond the runtime itself), the larger of two moments:
-      load             the whole model (and a frozen reference copy) as loaded, before FSDP shards it or it
-                       moves to the GPU: P_t * 4 + frozen * m per copy
-      training         offload_params: sharded masters + grads + optimizer + step temporary (+ reference);
-                       offload_activations: the L - 2 offloaded layer inputs
+    Host memory of the process (beyond the runtime itself), per term, the larger of two moments:
+      load             model_load: the whole model (and a frozen reference copy) as loaded, before FSDP shards
+                       it or it moves to the GPU: P_t * 4 + frozen * m per copy
+      training         offload_params: params (sharded masters), grads, optimizer, optimizer_step_temp (and
+                       reference); offload_activations: activations, the L - 2 offloaded layer inputs
     """
     b = DTYPE_BYTES[setup.dtype]
     low_precision = b < 4
@@ -251,14 +252,15 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
         # One layer's unsharded fp32 grads before they move to the host, and the root's (the head's) until the
         # root's reduce-scatter at the end of backward.
         grads = (shape.layer_params + head_trainable) * 4
-        host_static = sharded_params + sharded_grads + optimizer + step_temp + reference
+        offloaded = {"params": sharded_params, "grads": sharded_grads, "optimizer": optimizer,
+                     "reference": reference, "optimizer_step_temp": step_temp}
         optimizer, step_temp, reference = 0, 0, 0
     else:
         params = sharded_params
         if low_precision:
             params += gathered if fsdp else P * b
         grads = sharded_grads + (shape.layer_params * 4 if fsdp else 0)
-        host_static = 0
+        offloaded = {}
     accumulated = Pt * 4 if (fsdp and setup.gradient_accumulation_steps > 1
                              and not setup.gradient_sync_every_micro_batch) else 0
     # Without FSDP, bf16 runs under autocast over fp32 weights: the residual stream (embeddings + residual adds),
@@ -326,13 +328,12 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
     peak = max(moments, key=moments.__getitem__)
 
     loaded_copy = Pt * 4 + frozen * master_bytes if low_precision else P * b
-    offloaded_activations = (L - on_gpu_layers) * checkpoint_per_layer if setup.offload_activations else 0
-    host_components = {
-        "model_load": loaded_copy * (2 if setup.live_reference else 1),
-        "offloaded_state": host_static,
-        "offloaded_activations": offloaded_activations,
-    }
-    host_moments = {"load": host_components["model_load"], "training": host_static + offloaded_activations}
+    offloaded["activations"] = (L - on_gpu_layers) * checkpoint_per_layer if setup.offload_activations else 0
+    # The same terms as on the GPU (what lives in host memory of each), plus the load of the whole model.
+    host_components = {**dict.fromkeys(components, 0), **offloaded,
+                       "model_load": loaded_copy * (2 if setup.live_reference else 1)}
+    training = sum(size for name, size in host_components.items() if name != "model_load")
+    host_moments = {"load": host_components["model_load"], "training": training}
     return MemoryEstimate(components=components, at_peak=candidates[peak], peak_moment=peak, moments=moments,
                           host_components=host_components, host_moments=host_moments)
 
@@ -507,20 +508,18 @@ def format_estimate(shape: ModelShape, setup: TrainSetup, gpu_mem: int | MemoryB
     chosen = table[setup.sp] if setup.sp in table else estimate_memory(shape, setup)
     lines = _describe(shape, setup) + [
         "",
-        f"GPU breakdown at sequence_parallel_size={setup.sp} ('at peak' = alive at the peak moment, "
-        f"'{chosen.peak_moment}'):",
-        "| term | size | at peak |",
-        "| --- | --- | --- |",
+        f"breakdown per process at sequence_parallel_size={setup.sp} (GPU 'at peak' = alive at the GPU's peak "
+        f"moment, '{chosen.peak_moment}'; host peak moment '{chosen.host_peak_moment}', x{budget.gpus_per_node} "
+        "processes per node):",
+        "| term | GPU size | GPU at peak | host |",
+        "| --- | --- | --- | --- |",
     ]
-    for name, size in chosen.components.items():
-        lines.append(f"| {name} | {_gib(size)} | {_gib(chosen.at_peak[name])} |")
-    lines.append(f"| **total (peak)** | | **{_gib(chosen.total)}** |")
-    lines += ["", f"host memory per process (peak moment '{chosen.host_peak_moment}'; x{budget.gpus_per_node} "
-                  "processes per node):", "| term | size |", "| --- | --- |"]
     for name, size in chosen.host_components.items():
-        lines.append(f"| {name} | {_gib(size)} |")
-    lines.append(f"| **peak per process** | **{_gib(chosen.host_total)}** |")
-    lines.append(f"| **peak per node** | **{_gib(budget.node_host_bytes(chosen))}** |")
+        gpu = chosen.components.get(name)
+        gpu_cells = f"{_gib(gpu)} | {_gib(chosen.at_peak[name])}" if gpu is not None else "- | -"
+        lines.append(f"| {name} | {gpu_cells} | {_gib(size)} |")
+    lines.append(f"| **peak per process** | | **{_gib(chosen.total)}** | **{_gib(chosen.host_total)}** |")
+    lines.append(f"| **host peak per node** | | | **{_gib(budget.node_host_bytes(chosen))}** |")
     lines += ["", f"per-GPU peak by SP degree (GPU memory {_gib(budget.gpu_mem)}"
                   f"{f', host memory per node {_gib(budget.host_mem)}' if budget.host_mem else ''}):",
               "| sequence_parallel_size | tokens per rank | activations | GPU peak | host per node | fits |",
