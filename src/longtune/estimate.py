@@ -643,10 +643,10 @@ def add_estimate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
                         help="host memory per node, e.g. 1TiB (default: reported, not checked)")
     parser.add_argument("--gpus-per-node", type=int, default=None,
                         help="processes sharing one node's host memory (default min(--gpus, 8))")
-    parser.add_argument("--length", type=int, default=None, metavar="T",
-                        help="tokens per row (default: cutoff_len; two documents of it for dpo/kto/rm)")
     parser.add_argument("--max-length", action="store_true",
                         help="report the longest cutoff_len that fits, per SP degree, with GPU and host memory")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    parser.add_argument("--length", type=int, default=None, metavar="T",
+                        help="tokens per row (default: cutoff_len; two documents of it for dpo/kto/rm)")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks for errors")
     parser.set_defaults(func=cmd_estimate)
     return parser
