@@ -153,3 +153,17 @@ def test_fsdp_dp2_gradient_accumulation_equals_one_process_batch(alpaca_file, tm
     for x, y in zip(losses, _losses(one)):
         assert abs(x - y) <= 1e-10 * abs(y)
     assert max_rel_diff(final_params(out), _weights(one.final_dir)) <= 1e-10
+
+
+@pytest.mark.cuda
+def test_cuda_one_process_offload_equals_plain_run(alpaca_file, tmp_path):
+    """On a GPU: offload_params on one process (nccl + gloo one-rank group, parameters, gradients and AdamW on
+    the CPU, clipping over CPU DTensors) trains as the plain GPU run (float64, so only summation order differs)."""
+    kw = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, gradient_checkpointing=True,
+              max_grad_norm=0.5)
+    plain = _run(alpaca_file, tmp_path / "plain", **kw)
+    offloaded = _run(alpaca_file, tmp_path / "offload", offload_params=True, offload_activations=True, **kw)
+    assert len(_losses(offloaded)) == len(_losses(plain)) == 3
+    for x, y in zip(_losses(offloaded), _losses(plain)):
+        assert abs(x - y) <= 1e-9 * abs(y)
+    assert max_rel_diff(_weights(offloaded.final_dir), _weights(plain.final_dir)) <= 1e-9
