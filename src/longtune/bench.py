@@ -35,16 +35,57 @@ MODEL_SHAPES: dict[str, dict[str, Any]] = {
                          num_key_value_heads=2, intermediate_size=8960, tie_word_embeddings=True),
     "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
                        num_key_value_heads=4, intermediate_size=18944, tie_word_embeddings=False),
+    "qwen2.5-72b": dict(vocab_size=152064, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, intermediate_size=29568, tie_word_embeddings=False),
+    # Llama-3.1-8B's published shape; the bench builds it as a Qwen2 model (which adds q/k/v biases, 0.01% more
+    # parameters); `longtune estimate` counts it without the biases.
+    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, intermediate_size=14336, tie_word_embeddings=False,
+                         attention_bias=False),
 }
 STAGES = ("sft", "dpo")
 IMPLS = ("ours", "baseline")
-H100_BF16_PEAK_FLOPS = 989e12  # dense bf16 tensor-core peak of an H100 SXM
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, in TFLOP/s, matched against
+# torch.cuda.get_device_name() in this order (the first substring found wins, so variants come before their base
+# name). A device not listed has no MFU unless --peak-tflops gives its peak: a guessed peak would be a made-up MFU.
+PEAK_BF16_TFLOPS: tuple[tuple[str, float | None], ...] = (
+    ("H100 PCIE", 756.0),
+    ("H100 NVL", 835.0),
+    ("H200 NVL", 835.0),
+    ("GH200", 989.0),
+    ("H100", 989.0),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H200", 989.0),
+    ("H800", 989.0),
+    ("H20", 148.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("A10G", None),  # AWS's A10G has no published dense bf16 figure; it must not match "A10" below
+    ("A10", 125.0),
+    ("MI300X", 1307.0),
+    ("MI250X", 383.0),
+)
 FLOP_CONVENTION = (
     "FLOPs per step = 6*N*T + 12*L*H*sum(t_i^2) (torchtitan/PaLM convention): N = parameters used in matmuls "
     "(all but the input embedding, unless tied), T = tokens, L layers, H hidden size, t_i document lengths; "
     "attention counted as full (not halved for causality), activation recompute not counted. "
-    "MFU = FLOPs per step / step time / 989e12 (H100 dense bf16 peak)."
+    "MFU = FLOPs per step / step time / the device's dense bf16 peak (PEAK_BF16_TFLOPS by device name, or "
+    "--peak-tflops); unknown device: no MFU."
 )
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of a device by its name (torch.cuda.get_device_name()), or None if unknown."""
+    upper = device_name.upper()
+    for key, tflops in PEAK_BF16_TFLOPS:
+        if key in upper:
+            return None if tflops is None else tflops * 1e12
+    return None
+
+
 DEFAULT_LOSS_CHUNK = 1024  # TrainConfig.loss_chunk_size's default (checked by a test)
 SEARCH_START = 4096
 
@@ -55,7 +96,8 @@ def qwen2_config(model: str, length: int):
 
     if model not in MODEL_SHAPES:
         raise ConfigError(f"bench: unknown --model '{model}'; known: {', '.join(MODEL_SHAPES)}")
-    return Qwen2Config(**MODEL_SHAPES[model], max_position_embeddings=max(32768, length), rope_theta=1e6,
+    shape = {k: v for k, v in MODEL_SHAPES[model].items() if k != "attention_bias"}  # Qwen2 always has biases
+    return Qwen2Config(**shape, max_position_embeddings=max(32768, length), rope_theta=1e6,
                        rms_norm_eps=1e-6, attention_dropout=0.0, use_cache=False, attn_implementation="sdpa")
 
 
@@ -86,6 +128,7 @@ class BenchCase:
     steps: int = 3
     loss_chunk_size: int = DEFAULT_LOSS_CHUNK
     tensor_memory: bool = False  # also track the peak of live tensor bytes (slower; for `estimate` validation)
+    peak_tflops: float | None = None  # the device's peak for MFU; None: looked up by device name
 
 
 class LiveTensorBytes:
@@ -270,10 +313,12 @@ def run_case(case: BenchCase) -> dict[str, Any]:
     timed = times[1:] or times
     tokens_per_s = case.length * len(timed) / sum(timed)
     flops = flops_per_step(config, doc_lengths)
+    device_name = torch.cuda.get_device_name() if gpu else "cpu"
+    peak_flops = case.peak_tflops * 1e12 if case.peak_tflops else (peak_bf16_flops(device_name) if gpu else None)
     return {
         **asdict(case),
         "status": "ok",
-        "device": torch.cuda.get_device_name() if gpu else "cpu",
+        "device": device_name,
         "dtype": "bf16 autocast, fp32 master weights" if gpu else "float32",
         "peak_mem_mib": round(peak / 2**20, 1),
         "peak_mem_kind": kind,
@@ -284,17 +329,24 @@ def run_case(case: BenchCase) -> dict[str, Any]:
         "step_times_s": [round(t, 3) for t in times],
         "losses": losses,
         "flops_per_step": flops,
-        "mfu": round(flops / (sum(timed) / len(timed)) / H100_BF16_PEAK_FLOPS, 4) if gpu else None,
+        "peak_flops": peak_flops,
+        # MFU only on a GPU with a known peak (a CPU run is not in bf16 tensor-core terms at all).
+        "mfu": round(flops / (sum(timed) / len(timed)) / peak_flops, 4) if gpu and peak_flops else None,
     }
 
 
 def run_in_subprocess(case: BenchCase, timeout: float | None = None) -> dict[str, Any]:
-    """`run_case` in a fresh Python process; an out-of-memory error or a killed process is status 'oom'."""
+    """`run_case` in a fresh Python process; an out-of-memory error or a killed process is status 'oom'; a run
+    longer than `timeout` seconds is killed and is status 'timeout' (with the limit in `timeout_s`)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "longtune.bench", "--worker", json.dumps(asdict(case)), str(out)]
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {**asdict(case), "status": "timeout", "timeout_s": timeout,
+                    "error": f"killed after {timeout:g} s (--trial-timeout)"}
         if out.exists():
             return json.loads(out.read_text())
         killed = proc.returncode < 0 or proc.returncode == 137  # SIGKILL: the kernel's OOM killer, usually
@@ -316,16 +368,20 @@ def _worker(case_json: str, out_path: str) -> int:
 
 
 def search_max_length(model: str, stage: str, impl: str, steps: int, max_length: int, resolution: int,
-                      loss_chunk_size: int, log=print) -> tuple[int | None, dict[str, Any] | None, list[dict]]:
-    """Longest length (a multiple of `resolution`, <= max_length) that completes `steps` steps: doubling from
-    SEARCH_START until a failure, then bisection. Returns (length, its row, every trial)."""
+                      loss_chunk_size: int, log=print, trial_timeout: float | None = None,
+                      peak_tflops: float | None = None) -> tuple[int | None, dict[str, Any] | None, list[dict]]:
+    """Longest length (a multiple of `resolution`, <= max_length) that completes `steps` steps within
+    `trial_timeout` seconds: doubling from SEARCH_START until a failure (oom, failed or timeout), then bisection.
+    Returns (length, its row, every trial)."""
     trials: list[dict] = []
 
     def attempt(length: int) -> dict:
-        row = run_in_subprocess(BenchCase(model, stage, impl, length, steps, loss_chunk_size))
+        case = BenchCase(model, stage, impl, length, steps, loss_chunk_size, peak_tflops=peak_tflops)
+        row = run_in_subprocess(case, trial_timeout)
         trials.append(row)
-        log(f"  {model} {stage} {impl} T={length}: {row['status']}"
-            + (f", {row['tokens_per_s']:.0f} tok/s, {row['peak_mem_mib']:.0f} MiB" if row["status"] == "ok" else ""))
+        detail = {"ok": lambda: f", {row['tokens_per_s']:.0f} tok/s, {row['peak_mem_mib']:.0f} MiB",
+                  "timeout": lambda: f" (over {row['timeout_s']:g} s)"}.get(row["status"], lambda: "")()
+        log(f"  {model} {stage} {impl} T={length}: {row['status']}{detail}")
         return row
 
     good, good_row, bad = None, None, None
@@ -427,10 +483,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"machine: {machine}")
     print(f"peak memory: {'torch.cuda.max_memory_allocated' if gpu else 'peak RSS growth over the RSS before step 1'}"
           f"; tokens/s over steps 2..{args.steps}" + ("" if args.steps > 1 else " (only one step: step 1)"))
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        raise ConfigError(f"bench: --peak-tflops must be > 0, got {args.peak_tflops}")
+    if args.trial_timeout is not None and args.trial_timeout <= 0:
+        raise ConfigError(f"bench: --trial-timeout must be > 0 seconds, got {args.trial_timeout}")
+    peak: float | None = None
     if gpu:
+        name = torch.cuda.get_device_name()
+        peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_bf16_flops(name)
         print(f"MFU: {FLOP_CONVENTION}")
+        print(f"MFU peak: {peak / 1e12:g} TFLOP/s ({'--peak-tflops' if args.peak_tflops else name})" if peak else
+              f"MFU: unknown ('{name}' has no listed peak; give --peak-tflops)")
+    print(f"trial timeout: {f'{args.trial_timeout:g} s' if args.trial_timeout else 'none'}")
     report: dict[str, Any] = {"machine": machine, "flop_convention": FLOP_CONVENTION, "steps": args.steps,
-                              "loss_chunk_size": args.loss_chunk_size}
+                              "loss_chunk_size": args.loss_chunk_size, "peak_flops": peak,
+                              "trial_timeout_s": args.trial_timeout}
     if args.search:
         max_length = args.max_length or (1 << 20 if gpu else 32768)
         results, rows = [], []
@@ -438,7 +505,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             for stage in stages:
                 for impl in impls:
                     length, row, trials = search_max_length(model, stage, impl, args.steps, max_length,
-                                                            args.resolution, args.loss_chunk_size)
+                                                            args.resolution, args.loss_chunk_size,
+                                                            trial_timeout=args.trial_timeout,
+                                                            peak_tflops=args.peak_tflops)
                     rows.extend(trials)
                     results.append({"model": model, "stage": stage, "impl": impl, "max_length": length,
                                     "bound": max_length, **({k: row[k] for k in ("peak_mem_mib", "tokens_per_s", "mfu")}
@@ -469,8 +538,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 for length in lengths:
                     for impl in impls:
                         case = BenchCase(model, stage, impl, length, args.steps, args.loss_chunk_size,
-                                         args.tensor_memory)
-                        rows.append(run_in_subprocess(case))
+                                         args.tensor_memory, args.peak_tflops)
+                        rows.append(run_in_subprocess(case, args.trial_timeout))
                         r = rows[-1]
                         print(f"  {model} {stage} {impl} T={length}: {r['status']}", flush=True)
         print(format_table(rows))
@@ -511,6 +580,11 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--loss-chunk-size", type=int, default=DEFAULT_LOSS_CHUNK, help="our loss_chunk_size")
     parser.add_argument("--tensor-memory", action="store_true",
                         help="also report the peak of live tensor bytes (slower; what `estimate` predicts)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the GPU's dense bf16 peak in TFLOP/s for MFU (default: looked up by device name; "
+                             "unknown devices report no MFU)")
+    parser.add_argument("--trial-timeout", type=float, default=1800.0, metavar="S",
+                        help="kill a configuration after S seconds and report it as 'timeout' (default 1800)")
     parser.add_argument("--json", default=None, metavar="OUT", help="write all rows and ratios as JSON")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     parser.set_defaults(func=cmd_bench)

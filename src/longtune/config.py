@@ -202,7 +202,17 @@ class ParallelConfig:
         "Shard parameters, gradients and optimizer state over all processes with FSDP2 (ZeRO-3). "
         "null: on whenever more than one process runs.",
     )
-    offload_params: bool = _key(False, "With FSDP: keep parameters and optimizer state in CPU memory.")
+    offload_params: bool = _key(
+        False,
+        "Keep parameters, gradients and optimizer state in CPU memory (FSDP2 CPU offload; the optimizer steps on "
+        "the CPU). Works on one process too (FSDP2 at world size 1): a big model on one GPU.",
+    )
+    gradient_sync_every_micro_batch: bool = _key(
+        True,
+        "With FSDP and gradient_accumulation_steps > 1: reduce-scatter gradients after every micro-batch, so only "
+        "sharded gradients persist. false: reduce once per optimizer step (less communication), but every GPU "
+        "keeps unsharded fp32 gradients of the whole model until then (4 bytes per parameter).",
+    )
     deepspeed: str | None = _key(
         None, "A DeepSpeed ZeRO json (as LLaMA-Factory examples use); mapped onto FSDP2 with a printed notice."
     )

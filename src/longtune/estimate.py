@@ -1,5 +1,5 @@
-"""`longtune estimate CONFIG.yaml`: predicted peak memory per GPU of a training config, broken down, and the
-smallest sequence-parallel degree that fits a given GPU memory.
+"""`longtune estimate [CONFIG.yaml]`: predicted peak GPU memory and host memory of a training config, broken
+down, the smallest sequence-parallel degree that fits, and (--max-length) the longest cutoff_len per SP degree.
 
 The whole model is `estimate_memory` (one function, documented term by term); docs/benchmarks.md compares it
 with the live tensor bytes `longtune bench --tensor-memory` measures.
@@ -30,6 +30,7 @@ class ModelShape:
     num_kv_heads: int
     intermediate_size: int
     tied_embeddings: bool
+    qkv_bias: bool = True  # Qwen2 has q/k/v biases; Llama (attention_bias: false) has none
 
     @property
     def head_dim(self) -> int:
@@ -41,9 +42,10 @@ class ModelShape:
 
     @property
     def layer_params(self) -> int:
-        """One Qwen2/Llama decoder layer: q, k, v (with biases, as Qwen2), o, gate/up/down, two RMSNorms."""
+        """One Qwen2/Llama decoder layer: q, k, v (biases when qkv_bias), o, gate/up/down, two RMSNorms."""
         h, kv = self.hidden_size, self.kv_size
-        return 2 * h * h + 2 * h * kv + h + 2 * kv + 3 * h * self.intermediate_size + 2 * h
+        biases = h + 2 * kv if self.qkv_bias else 0
+        return 2 * h * h + 2 * h * kv + biases + 3 * h * self.intermediate_size + 2 * h
 
     @property
     def embedding_params(self) -> int:
@@ -65,7 +67,34 @@ class ModelShape:
             num_kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
             intermediate_size=int(config.intermediate_size),
             tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            # Qwen2's config has no attention_bias key: its q/k/v projections always carry biases.
+            qkv_bias=bool(getattr(config, "attention_bias", True)),
         )
+
+
+def shape_from_name_or_path(model: str) -> ModelShape:
+    """A named shape of `longtune bench` (e.g. qwen2.5-7b, llama-3.1-8b) or a Hugging Face config.json (or the
+    model directory holding it): no weights are read."""
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from longtune.bench import MODEL_SHAPES
+
+    if model in MODEL_SHAPES:
+        return ModelShape.from_hf_config(SimpleNamespace(**MODEL_SHAPES[model]))
+    path = Path(model)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"estimate: --model '{model}' is neither a known shape ({', '.join(MODEL_SHAPES)}) "
+                          "nor a config.json / model directory")
+    try:
+        raw = json.loads(path.read_text())
+        raw = raw.get("text_config", raw)  # multimodal configs nest the language model's shape
+        return ModelShape.from_hf_config(SimpleNamespace(**raw))
+    except (ValueError, AttributeError, TypeError, KeyError) as exc:
+        raise ConfigError(f"estimate: {path} is not a decoder config.json ({exc})".splitlines()[0]) from None
 
 
 @dataclass(frozen=True)
@@ -86,6 +115,10 @@ class TrainSetup:
     fused_loss: bool = True  # a plain linear head: one fp32 logits chunk (see losses.causal_lm); False: checkpointed
     math_attention: bool = False  # attention_kernel: math materialises score blocks
     sp_attention: bool = False  # the SP / document-aware attention (ring buffers, fp32 accumulators)
+    offload_params: bool = False  # FSDP2 CPU offload: sharded params, grads and optimizer state in host memory
+    gradient_accumulation_steps: int = 1
+    gradient_sync_every_micro_batch: bool = True  # False (with FSDP, GA > 1): unsharded fp32 grads accumulate
+    live_reference: bool = False  # dpo/kto with a frozen full copy of the model (full/freeze, not precomputed)
 
     @property
     def local_tokens(self) -> int:
@@ -97,17 +130,29 @@ class TrainSetup:
 
 @dataclass
 class MemoryEstimate:
-    """Sizes in bytes. `components` are the full sizes of each term; `at_peak` is how much of each is alive at
-    the peak moment (they sum to `total`); `moments` is the total at each candidate moment."""
+    """Sizes in bytes, of one process. `components` are the full sizes of each GPU term; `at_peak` is how much of
+    each is alive at the peak moment (they sum to `total`); `moments` is the total at each candidate moment.
+    `host_components` are the host-memory part of the same terms (plus `model_load`), `host_moments` the host
+    total at its two moments (what the process holds beyond the Python/torch runtime)."""
 
     components: dict[str, int]
     at_peak: dict[str, int]
     peak_moment: str
     moments: dict[str, int] = field(default_factory=dict)
+    host_components: dict[str, int] = field(default_factory=dict)
+    host_moments: dict[str, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
         return sum(self.at_peak.values())
+
+    @property
+    def host_total(self) -> int:
+        return max(self.host_moments.values(), default=0)
+
+    @property
+    def host_peak_moment(self) -> str:
+        return max(self.host_moments, key=self.host_moments.__getitem__) if self.host_moments else "-"
 
 
 # Tensors alive at the peak of one decoder layer's recompute + backward (non-reentrant checkpointing, SDPA),
@@ -123,22 +168,33 @@ OUTSIDE_HIDDEN_WIDTHS = 4
 # One loss chunk of the checkpointed head (a head that is not a plain nn.Linear) in its backward: the recomputed
 # logits' log-softmax, the gradient from the NLL, and the gradient of the logits (3 x chunk x vocab), in fp32.
 LOGITS_COPIES = 3
+# FSDP2 keeps the unsharded parameters of the layer it computes and of the one it prefetches.
+GATHERED_LAYERS = 2
 
 
 def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
-    """Predicted peak memory of one process of a training step (forward, backward, optimizer step).
+    """Predicted peak GPU memory and host memory of one process of a training step (forward, backward, step).
 
-    Terms (bytes; P params, P_t trainable, W world size, S = W if FSDP else 1, b compute bytes, T = local tokens
-    x batch, L layers, H hidden, KV = kv_heads x head_dim, I intermediate, V vocab, C = min(loss_chunk_size, T)):
-      params       P * param bytes / S (fp32 masters of trainable weights in bf16; frozen ones in bf16);
-                   bf16 adds the compute copies: all of them without FSDP (autocast's weight cache), the
-                   gathered root (embeddings, head) plus two layers with FSDP
-      grads        P_t * 4 / S (+ one layer's unsharded grads with FSDP)
-      optimizer    AdamW: 2 fp32 states per trainable parameter, / S (bf16: the fp32 masters are counted in params)
+    GPU terms (bytes; P params, P_t trainable, W world size, S = W if FSDP else 1, b compute bytes, m master
+    bytes (4 in bf16, else b), T = local tokens x batch, L layers, H hidden, KV = kv_heads x head_dim,
+    I intermediate, V vocab, C = min(loss_chunk_size, T), root = embeddings + untied head):
+      params       P_t * 4 / S + frozen * b / S (FSDP in bf16 casts frozen weights to fp32 too: m); bf16 adds the
+                   compute copies: all of them without FSDP (autocast's weight cache), the gathered root plus
+                   two layers with FSDP. offload_params: only the gathered compute copies (root + 2 layers) x b
+                   are on the GPU; the sharded masters are host memory
+      grads        P_t * 4 / S (+ one layer's unsharded grads with FSDP); offload_params: one layer's and the
+                   head's unsharded fp32 grads on the GPU, the sharded ones in host memory
+      accumulated_grads  FSDP with gradient_accumulation_steps > 1 and gradient_sync_every_micro_batch: false:
+                   every trainable parameter's unsharded fp32 gradient, P_t * 4, alive from the first
+                   micro-batch's backward to the last one's reduce-scatter (on the GPU, offload or not); in the
+                   layer moments it replaces `grads` (no sharded gradient exists before that reduce-scatter)
+      optimizer    AdamW: 2 fp32 states per trainable parameter, / S (host memory with offload_params)
+      reference    dpo/kto with a frozen full copy of the model: P * b (no FSDP), P * m / S (FSDP; host memory
+                   with offload_params)
       activations  checkpointed layer inputs L * T * H * b and rope cos/sin (2 T head_dim b), plus the final
                    norm / loss inputs (4 T H b, freed once the loss backward is done); without checkpointing every
                    layer keeps its working set instead of its input; offload_activations keeps 2 layers' inputs
-                   on the GPU instead of L
+                   on the GPU instead of L (the other L - 2 are host memory)
       layer_recompute   one layer's working set during its recompute + backward:
                    T * (8 H + 2 KV + 6 I) * b (see LAYER_*_WIDTHS); with tiled_mlp_tokens = t the 6 I term is
                    min(t, T) * 6 I * b plus one T * H * b copy of the tile inputs
@@ -152,35 +208,64 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
                    the math kernel adds heads x T x T x 4 x 3 (scores, probabilities, their gradient). It is
                    alive in the attention backward, after the MLP's 6 I intermediates are freed, so a layer
                    moment counts only what exceeds them
-      optimizer_step_temp  foreach AdamW's sqrt(v) temporary: P_t * 4 / S
-    The peak is the largest of four moments (what is alive when):
-      loss             params + optimizer + all activations + head grads + logits_chunk (the loss backward of
-                       the dpo/kto/rm head, the forward of the sft/pt head)
-      last_layer       params + optimizer + layer checkpoints + head grads + layer_recompute + attention_workspace
-      first_layer      params + optimizer + one checkpoint + all grads + layer_recompute + attention_workspace
-      optimizer_step   params + optimizer + grads + optimizer_step_temp
+      optimizer_step_temp  foreach AdamW's sqrt(v) temporary: P_t * 4 / S (host memory with offload_params)
+    The GPU peak is the largest of four moments (what is alive when):
+      loss             static + all activations + head grads + logits_chunk (the loss backward of the
+                       dpo/kto/rm head, the forward of the sft/pt head)
+      last_layer       static + layer checkpoints + head grads + layer_recompute + attention_workspace
+      first_layer      static + one checkpoint + all grads + layer_recompute + attention_workspace
+      optimizer_step   static + grads + optimizer_step_temp
+    (static = params + optimizer + reference, + accumulated_grads in the three backward moments.)
+    Host memory of the process (beyond the runtime itself), per term, the larger of two moments:
+      load             model_load: the whole model (and a frozen reference copy) as loaded, before FSDP shards
+                       it or it moves to the GPU: P_t * 4 + frozen * m per copy
+      training         offload_params: params (sharded masters), grads, optimizer, optimizer_step_temp (and
+                       reference); offload_activations: activations, the L - 2 offloaded layer inputs
     """
     b = DTYPE_BYTES[setup.dtype]
     low_precision = b < 4
-    shard = setup.world_size if setup.fsdp else 1
+    offload = setup.offload_params
+    fsdp = setup.fsdp or offload  # the trainer shards with FSDP2 whenever parameters are offloaded
+    shard = setup.world_size if fsdp else 1
     P = shape.total_params
     Pt = P if setup.trainable_params is None else setup.trainable_params
     frozen = P - Pt
+    # FSDP keeps one dtype per sharded group: in bf16 the trainer casts every weight, frozen ones too, to fp32.
+    master_bytes = 4 if low_precision and fsdp else b
     L, H, KV, I, V = (shape.num_layers, shape.hidden_size, shape.kv_size, shape.intermediate_size,
                       shape.vocab_size)
     T = setup.local_tokens * setup.batch_size
     head_params = 0 if shape.tied_embeddings else shape.embedding_params  # grads that exist at backward start
     head_trainable = head_params * Pt // P
+    root_params = shape.embedding_params + head_params
 
-    params = (Pt * 4 + frozen * b) // shard
-    if low_precision:
-        root = shape.embedding_params + head_params
-        params += (root + 2 * shape.layer_params) * b if setup.fsdp else P * b
-    grads = Pt * 4 // shard + (shape.layer_params * 4 if setup.fsdp else 0)
+    sharded_params = (Pt * 4 + frozen * master_bytes) // shard
+    sharded_grads = Pt * 4 // shard
     optimizer = 2 * Pt * 4 // shard
+    step_temp = Pt * 4 // shard
+    reference = 0
+    if setup.live_reference:
+        reference = P * master_bytes // shard if fsdp else P * b
+    gathered = (root_params + GATHERED_LAYERS * shape.layer_params) * b  # FSDP's unsharded compute copies
+    if offload:
+        params = gathered
+        # One layer's unsharded fp32 grads before they move to the host, and the root's (the head's) until the
+        # root's reduce-scatter at the end of backward.
+        grads = (shape.layer_params + head_trainable) * 4
+        offloaded = {"params": sharded_params, "grads": sharded_grads, "optimizer": optimizer,
+                     "reference": reference, "optimizer_step_temp": step_temp}
+        optimizer, step_temp, reference = 0, 0, 0
+    else:
+        params = sharded_params
+        if low_precision:
+            params += gathered if fsdp else P * b
+        grads = sharded_grads + (shape.layer_params * 4 if fsdp else 0)
+        offloaded = {}
+    accumulated = Pt * 4 if (fsdp and setup.gradient_accumulation_steps > 1
+                             and not setup.gradient_sync_every_micro_batch) else 0
     # Without FSDP, bf16 runs under autocast over fp32 weights: the residual stream (embeddings + residual adds),
     # hence the checkpointed layer inputs, stays fp32. FSDP's bf16 parameters make it bf16.
-    hb = 4 if low_precision and not setup.fsdp else b
+    hb = 4 if low_precision and not fsdp else b
     layer_recompute = T * (LAYER_HIDDEN_WIDTHS * H + LAYER_KV_WIDTHS * KV) * b
     if setup.tiled_mlp_tokens:  # the tile inputs (one copy of the MLP input) + one tile's intermediates
         mlp_part = min(setup.tiled_mlp_tokens, T) * LAYER_INTERMEDIATE_WIDTHS * I * b
@@ -195,7 +280,7 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
     outside = T * OUTSIDE_HIDDEN_WIDTHS * H * hb
     activations = on_gpu_layers * checkpoint_per_layer + rope + outside
     C = min(setup.loss_chunk_size, T)
-    head_grads = head_trainable * 4 // shard
+    head_grads = head_trainable * 4 if offload else head_trainable * 4 // shard
     if setup.fused_loss:
         head_weight_trained = Pt == P  # full fine-tuning (LoRA and freeze leave the head frozen)
         logits_chunk = C * V * 4 + (C * V * b if low_precision else 0) + T * H * hb
@@ -208,7 +293,6 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
         attention += T * (H + 2 * KV) * 4 + (4 * T * KV * b if setup.sp > 1 else 0)
     if setup.math_attention:
         attention += 3 * shape.num_heads * setup.local_tokens**2 * setup.batch_size * 4
-    step_temp = Pt * 4 // shard
     # The attention backward runs after the MLP's, whose intermediates are freed by then: only the part of the
     # attention workspace beyond them raises the layer's peak.
     attention_extra = max(0, attention - mlp_part)
@@ -216,7 +300,9 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
     components = {
         "params": params,
         "grads": max(grads, loss_grads),  # the fused head's buffer is full size even under FSDP
+        "accumulated_grads": accumulated,
         "optimizer": optimizer,
+        "reference": reference,
         "activations": activations,
         "layer_recompute": layer_recompute,
         "logits_chunk": logits_chunk,
@@ -224,18 +310,32 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
         "optimizer_step_temp": step_temp,
     }
     zero = dict.fromkeys(components, 0)
-    static = {"params": params, "optimizer": optimizer}
+    static = {"params": params, "optimizer": optimizer, "reference": reference}
+    backward = {**static, "accumulated_grads": accumulated}
+    # While unsharded gradients accumulate (a micro-batch before the last), they are all the gradient memory
+    # there is: the sharded gradients appear only with the last micro-batch's reduce-scatter.
+    layer_grads = {"grads": 0} if accumulated else {}
     candidates = {
-        "loss": {**zero, **static, "grads": loss_grads, "activations": activations, "logits_chunk": logits_chunk},
-        "last_layer": {**zero, **static, "grads": head_grads, "activations": on_gpu_layers * checkpoint_per_layer + rope,
-                       "layer_recompute": layer_recompute, "attention_workspace": attention_extra},
-        "first_layer": {**zero, **static, "grads": grads, "activations": checkpoint_per_layer + rope,
-                        "layer_recompute": layer_recompute, "attention_workspace": attention_extra},
+        "loss": {**zero, **backward, "grads": loss_grads, "activations": activations, "logits_chunk": logits_chunk},
+        "last_layer": {**zero, **backward, "grads": head_grads,
+                       "activations": on_gpu_layers * checkpoint_per_layer + rope,
+                       "layer_recompute": layer_recompute, "attention_workspace": attention_extra, **layer_grads},
+        "first_layer": {**zero, **backward, "grads": grads, "activations": checkpoint_per_layer + rope,
+                        "layer_recompute": layer_recompute, "attention_workspace": attention_extra, **layer_grads},
         "optimizer_step": {**zero, **static, "grads": grads, "optimizer_step_temp": step_temp},
     }
     moments = {name: sum(parts.values()) for name, parts in candidates.items()}
     peak = max(moments, key=moments.__getitem__)
-    return MemoryEstimate(components=components, at_peak=candidates[peak], peak_moment=peak, moments=moments)
+
+    loaded_copy = Pt * 4 + frozen * master_bytes if low_precision else P * b
+    offloaded["activations"] = (L - on_gpu_layers) * checkpoint_per_layer if setup.offload_activations else 0
+    # The same terms as on the GPU (what lives in host memory of each), plus the load of the whole model.
+    host_components = {**dict.fromkeys(components, 0), **offloaded,
+                       "model_load": loaded_copy * (2 if setup.live_reference else 1)}
+    training = sum(size for name, size in host_components.items() if name != "model_load")
+    host_moments = {"load": host_components["model_load"], "training": training}
+    return MemoryEstimate(components=components, at_peak=candidates[peak], peak_moment=peak, moments=moments,
+                          host_components=host_components, host_moments=host_moments)
 
 
 def lora_trainable_params(shape: ModelShape, rank: int, targets: list[str] | None) -> int:
@@ -258,8 +358,13 @@ def setup_from_config(cfg, shape: ModelShape, gpus: int, tokens: int | None = No
     else:
         n = abs(m.freeze_trainable_layers)
         trainable = n * shape.layer_params
-    fsdp = p.fsdp if p.fsdp is not None else gpus > 1
+    fsdp = p.fsdp if p.fsdp is not None else (gpus > 1 or p.offload_params)
     pairs = t.stage in ("dpo", "kto", "rm")
+    # dpo/kto keep a frozen copy of the model unless LoRA (adapters off) or precomputed log-probs replace it;
+    # ORPO and SimPO use no reference at all.
+    reference_free = t.stage == "dpo" and cfg.preference.pref_loss in ("orpo", "simpo")
+    live_reference = (t.stage in ("dpo", "kto") and not reference_free and m.finetuning_type != "lora"
+                      and not cfg.preference.precompute_ref_log_probs)
     return TrainSetup(
         tokens=tokens or cfg.data.cutoff_len * (2 if pairs else 1),
         batch_size=t.per_device_train_batch_size,
@@ -274,6 +379,10 @@ def setup_from_config(cfg, shape: ModelShape, gpus: int, tokens: int | None = No
         loss_chunk_size=t.loss_chunk_size,
         math_attention=p.attention_kernel == "math",
         sp_attention=cfg.packing or pairs,
+        offload_params=p.offload_params,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        gradient_sync_every_micro_batch=p.gradient_sync_every_micro_batch,
+        live_reference=live_reference,
     )
 
 
@@ -282,19 +391,81 @@ def sp_degrees(gpus: int) -> list[int]:
     return [2**k for k in range(int(math.log2(gpus)) + 1) if gpus % 2**k == 0]
 
 
-def suggest_sp(shape: ModelShape, setup: TrainSetup, gpu_mem: int) -> tuple[int | None, dict[int, MemoryEstimate]]:
-    """The smallest SP degree whose estimate fits USABLE_FRACTION of `gpu_mem` bytes (None if none does), and
-    every estimate."""
+@dataclass(frozen=True)
+class MemoryBudget:
+    """What a configuration must fit: GPU memory per GPU, and host memory per node (None: not checked) shared by
+    the `gpus_per_node` processes of a node."""
+
+    gpu_mem: int
+    host_mem: int | None = None
+    gpus_per_node: int = 1
+
+    def node_host_bytes(self, est: MemoryEstimate) -> int:
+        return est.host_total * self.gpus_per_node
+
+    def fits(self, est: MemoryEstimate) -> bool:
+        if est.total > USABLE_FRACTION * self.gpu_mem:
+            return False
+        return self.host_mem is None or self.node_host_bytes(est) <= USABLE_FRACTION * self.host_mem
+
+    def limit(self, est: MemoryEstimate) -> str:
+        """Which memory a configuration runs out of first (relative to its usable share)."""
+        gpu_share = est.total / (USABLE_FRACTION * self.gpu_mem)
+        if self.host_mem is None:
+            return "GPU"
+        return "GPU" if gpu_share >= self.node_host_bytes(est) / (USABLE_FRACTION * self.host_mem) else "host"
+
+
+def suggest_sp(shape: ModelShape, setup: TrainSetup, gpu_mem: int | MemoryBudget
+               ) -> tuple[int | None, dict[int, MemoryEstimate]]:
+    """The smallest SP degree whose estimate fits the budget (None if none does), and every estimate."""
+    budget = gpu_mem if isinstance(gpu_mem, MemoryBudget) else MemoryBudget(gpu_mem)
     table = {sp: estimate_memory(shape, replace(setup, sp=sp)) for sp in sp_degrees(setup.world_size)}
-    fitting = [sp for sp, est in table.items() if est.total <= USABLE_FRACTION * gpu_mem]
+    fitting = [sp for sp, est in table.items() if budget.fits(est)]
     return (fitting[0] if fitting else None), table
 
 
-def parse_size(text: str) -> int:
+@dataclass(frozen=True)
+class MaxLength:
+    sp: int
+    cutoff_len: int | None  # None: not even the smallest length fits
+    estimate: MemoryEstimate | None  # at cutoff_len
+    limited_by: str  # "GPU" | "host" | "search bound"
+
+
+LENGTH_RESOLUTION = 1024
+LENGTH_SEARCH_BOUND = 1 << 27  # 128M tokens: far beyond any GPU memory today
+
+
+def max_cutoff_len(shape: ModelShape, setup: TrainSetup, budget: MemoryBudget, docs_per_row: int = 1,
+                   resolution: int = LENGTH_RESOLUTION) -> MaxLength:
+    """The longest cutoff_len (a multiple of `resolution`) whose estimate fits `budget` at `setup.sp`.
+
+    Every term grows with the length, so the fitting lengths are a prefix: doubling, then bisection."""
+    def at(cutoff: int) -> MemoryEstimate:
+        return estimate_memory(shape, replace(setup, tokens=cutoff * docs_per_row))
+
+    lo, hi = 0, resolution
+    while budget.fits(at(hi)):
+        lo, hi = hi, 2 * hi
+        if hi > LENGTH_SEARCH_BOUND:
+            return MaxLength(setup.sp, lo, at(lo), "search bound")
+    while hi - lo > resolution:
+        mid = (lo + hi) // 2 // resolution * resolution
+        if budget.fits(at(mid)):
+            lo = mid
+        else:
+            hi = mid
+    if lo == 0:
+        return MaxLength(setup.sp, None, None, budget.limit(at(resolution)))
+    return MaxLength(setup.sp, lo, at(lo), budget.limit(at(hi)))
+
+
+def parse_size(text: str, flag: str = "--gpu-mem") -> int:
     """'80GiB', '80GB', '79.5 GiB', '512MiB' or a plain number of bytes."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|B)?\s*", text, flags=re.IGNORECASE)
     if not match:
-        raise ConfigError(f"estimate: --gpu-mem '{text}' is not a size like 80GiB or 40GB")
+        raise ConfigError(f"estimate: {flag} '{text}' is not a size like 80GiB or 40GB")
     value, unit = float(match.group(1)), (match.group(2) or "B").upper()
     powers = {"K": 1, "M": 2, "G": 3, "T": 4}
     if unit == "B":
@@ -307,61 +478,143 @@ def _gib(n: int) -> str:
     return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
 
 
-def format_estimate(shape: ModelShape, setup: TrainSetup, gpu_mem: int) -> str:
-    best, table = suggest_sp(shape, setup, gpu_mem)
-    chosen = table[setup.sp] if setup.sp in table else estimate_memory(shape, setup)
-    lines = [
+def _describe(shape: ModelShape, setup: TrainSetup) -> list[str]:
+    offload = ", offload_params" if setup.offload_params else ""
+    return [
         f"model: {shape.total_params / 1e9:.3f}B params (L={shape.num_layers}, H={shape.hidden_size}, "
         f"heads={shape.num_heads}/{shape.num_kv_heads}, I={shape.intermediate_size}, V={shape.vocab_size}"
         f"{', tied' if shape.tied_embeddings else ''}); trainable "
         f"{(setup.trainable_params or shape.total_params) / 1e9:.3f}B",
         f"run: T={setup.tokens} tokens x batch {setup.batch_size}, {setup.dtype}, {setup.world_size} GPU(s), "
-        f"FSDP {'on' if setup.fsdp else 'off'}, checkpointing {'on' if setup.gradient_checkpointing else 'off'}, "
-        f"loss_chunk_size {setup.loss_chunk_size}",
-        "",
-        f"breakdown at sequence_parallel_size={setup.sp} ('at peak' = alive at the peak moment, "
-        f"'{chosen.peak_moment}'):",
-        "| term | size | at peak |",
-        "| --- | --- | --- |",
+        f"FSDP {'on' if setup.fsdp or setup.offload_params else 'off'}{offload}, checkpointing "
+        f"{'on' if setup.gradient_checkpointing else 'off'}"
+        f"{', offload_activations' if setup.offload_activations else ''}"
+        f"{f', tiled_mlp_tokens {setup.tiled_mlp_tokens}' if setup.tiled_mlp_tokens else ''}, "
+        f"loss_chunk_size {setup.loss_chunk_size}"
+        f"{f', GA {setup.gradient_accumulation_steps}' if setup.gradient_accumulation_steps > 1 else ''}"
+        f"{', live reference model' if setup.live_reference else ''}",
     ]
-    for name, size in chosen.components.items():
-        lines.append(f"| {name} | {_gib(size)} | {_gib(chosen.at_peak[name])} |")
-    lines.append(f"| **total (peak)** | | **{_gib(chosen.total)}** |")
-    lines += ["", f"per-GPU peak by SP degree (GPU memory {_gib(gpu_mem)}):",
-              "| sequence_parallel_size | tokens per rank | activations | peak | fits |", "| --- | --- | --- | --- | --- |"]
+
+
+def _fits_note(budget: MemoryBudget) -> str:
+    host = " and host memory per node" if budget.host_mem is not None else ""
+    return (f"(fits = GPU estimate{host} <= {USABLE_FRACTION:.0%} of the given memory; the rest is for allocator "
+            "fragmentation, the CUDA context, NCCL buffers and the host runtime, which the estimate leaves out)")
+
+
+def format_estimate(shape: ModelShape, setup: TrainSetup, gpu_mem: int | MemoryBudget) -> str:
+    budget = gpu_mem if isinstance(gpu_mem, MemoryBudget) else MemoryBudget(gpu_mem)
+    best, table = suggest_sp(shape, setup, budget)
+    chosen = table[setup.sp] if setup.sp in table else estimate_memory(shape, setup)
+    lines = _describe(shape, setup) + [
+        "",
+        f"breakdown per process at sequence_parallel_size={setup.sp} (GPU 'at peak' = alive at the GPU's peak "
+        f"moment, '{chosen.peak_moment}'; host peak moment '{chosen.host_peak_moment}', x{budget.gpus_per_node} "
+        "processes per node):",
+        "| term | GPU size | GPU at peak | host |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, size in chosen.host_components.items():
+        gpu = chosen.components.get(name)
+        gpu_cells = f"{_gib(gpu)} | {_gib(chosen.at_peak[name])}" if gpu is not None else "- | -"
+        lines.append(f"| {name} | {gpu_cells} | {_gib(size)} |")
+    lines.append(f"| **peak per process** | | **{_gib(chosen.total)}** | **{_gib(chosen.host_total)}** |")
+    lines.append(f"| **host peak per node** | | | **{_gib(budget.node_host_bytes(chosen))}** |")
+    lines += ["", f"per-GPU peak by SP degree (GPU memory {_gib(budget.gpu_mem)}"
+                  f"{f', host memory per node {_gib(budget.host_mem)}' if budget.host_mem else ''}):",
+              "| sequence_parallel_size | tokens per rank | activations | GPU peak | host per node | fits |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for sp, est in table.items():
         tokens = replace(setup, sp=sp).local_tokens
         lines.append(f"| {sp} | {tokens} | {_gib(est.components['activations'])} | {_gib(est.total)} | "
-                     f"{'yes' if est.total <= USABLE_FRACTION * gpu_mem else 'no'} |")
+                     f"{_gib(budget.node_host_bytes(est))} | {'yes' if budget.fits(est) else 'no'} |")
     if best is None:
+        hint = "" if setup.offload_params else "offload_params: true, "
         lines.append(f"suggestion: no SP degree up to {setup.world_size} fits; use more GPUs, LoRA, "
-                     "offload_params: true, or a shorter cutoff_len")
+                     f"{hint}offload_activations: true, or a shorter cutoff_len")
     else:
         lines.append(f"suggestion: sequence_parallel_size: {best}")
-    lines.append(f"(fits = estimate <= {USABLE_FRACTION:.0%} of the GPU memory; the rest is for allocator "
-                 "fragmentation, the CUDA context and NCCL buffers, which the estimate leaves out)")
+    lines.append(_fits_note(budget))
     return "\n".join(lines)
 
 
+def format_max_length(shape: ModelShape, setup: TrainSetup, budget: MemoryBudget, docs_per_row: int) -> str:
+    lines = _describe(shape, setup)
+    lines[1] = lines[1].replace(f"T={setup.tokens} tokens",
+                                "T=cutoff_len" if docs_per_row == 1 else f"T={docs_per_row} x cutoff_len")
+    lines += ["", f"longest cutoff_len per SP degree ({setup.world_size} GPU(s) of {_gib(budget.gpu_mem)}"
+                  f"{f', host memory per node {_gib(budget.host_mem)}' if budget.host_mem else ''}"
+                  f", {budget.gpus_per_node} processes per node; multiples of {LENGTH_RESOLUTION}):",
+              "| sequence_parallel_size | max cutoff_len | GPU peak | host per node | limited by |",
+              "| --- | --- | --- | --- | --- |"]
+    for sp in sp_degrees(setup.world_size):
+        found = max_cutoff_len(shape, replace(setup, sp=sp), budget, docs_per_row)
+        if found.cutoff_len is None:
+            lines.append(f"| {sp} | none | | | {found.limited_by} |")
+            continue
+        est = found.estimate
+        lines.append(f"| {sp} | {found.cutoff_len} | {_gib(est.total)} | {_gib(budget.node_host_bytes(est))} | "
+                     f"{found.limited_by} |")
+    lines.append(_fits_note(budget))
+    lines.append("(estimates from longtune.estimate.estimate_memory, not measurements)")
+    return "\n".join(lines)
+
+
+# Keys a training run needs but a memory estimate does not: filled with placeholders when absent.
+RUN_ONLY_PLACEHOLDERS = {"dataset": "builtin:sft_demo", "output_dir": "estimate-placeholder"}
+
+
+def estimate_config(config_path: str | None, overrides: list[str], model: str | None):
+    """The Config of `config_path` + overrides, without demanding the keys only a run needs (dataset,
+    output_dir; model_name_or_path when --model gives the shape)."""
+    import yaml
+
+    from longtune.config import load_config, parse_override
+
+    given: set[str] = {parse_override(item)[0] for item in overrides}
+    if config_path is not None:
+        try:
+            loaded = yaml.safe_load(open(config_path).read()) or {}
+        except (OSError, yaml.YAMLError):
+            loaded = {}  # load_config reports the problem in its own words
+        if isinstance(loaded, dict):
+            given |= set(loaded)
+    placeholders = dict(RUN_ONLY_PLACEHOLDERS)
+    if model is not None:
+        placeholders["model_name_or_path"] = "builtin:tiny"
+    filled = [f"{k}={v}" for k, v in placeholders.items() if k not in given]
+    return load_config(config_path, filled + list(overrides))
+
+
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from longtune.config import load_config
     from longtune.models.loader import load_model_config
 
     items = list(args.config_and_overrides)
     config_path = items.pop(0) if items and "=" not in items[0] else None
-    if config_path is None and not items:
-        raise ConfigError("estimate: give a CONFIG.yaml and/or key=value overrides (see longtune estimate --help)")
+    if config_path is None and not items and args.model is None:
+        raise ConfigError("estimate: give --model NAME|config.json, a CONFIG.yaml and/or key=value overrides "
+                          "(see longtune estimate --help)")
     for item in items:
         if "=" not in item:
             raise ConfigError(f"estimate: '{item}' is not key=value (only the first argument may be a YAML file)")
     if args.gpus < 1:
         raise ConfigError(f"estimate: --gpus must be >= 1, got {args.gpus}")
-    cfg = load_config(config_path, items)
-    shape = ModelShape.from_hf_config(load_model_config(cfg.model))
+    cfg = estimate_config(config_path, items, args.model)
+    shape = (shape_from_name_or_path(args.model) if args.model is not None
+             else ModelShape.from_hf_config(load_model_config(cfg.model)))
+    per_node = args.gpus_per_node or min(args.gpus, 8)
+    if per_node < 1:
+        raise ConfigError(f"estimate: --gpus-per-node must be >= 1, got {per_node}")
+    budget = MemoryBudget(parse_size(args.gpu_mem), parse_size(args.host_mem, "--host-mem") if args.host_mem else None,
+                          per_node)
     setup = setup_from_config(cfg, shape, args.gpus, tokens=args.length)
     if args.gpus % setup.sp:
         raise ConfigError(f"key 'sequence_parallel_size': {setup.sp} does not divide --gpus {args.gpus}")
-    print(format_estimate(shape, setup, parse_size(args.gpu_mem)))
+    if args.max_length:
+        pairs = cfg.train.stage in ("dpo", "kto", "rm")
+        print(format_max_length(shape, setup, budget, docs_per_row=2 if pairs else 1))
+    else:
+        print(format_estimate(shape, setup, budget))
     return 0
 
 
@@ -369,19 +622,31 @@ def add_estimate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     """Register `longtune estimate` on the CLI's subparsers."""
     parser = subparsers.add_parser(
         "estimate",
-        help="predicted peak memory per GPU, broken down; suggests sequence_parallel_size",
+        help="predicted peak GPU and host memory, broken down; suggests sequence_parallel_size; --max-length",
         description=(
-            "Predict the peak memory of one GPU for a training config (params, grads, optimizer, checkpointed "
-            "activations, one layer's recompute, the loss chunk, attention workspace) and the smallest SP degree "
-            "that fits --gpu-mem. The model shape comes from the config's model (no weights are loaded). "
-            "The formula: longtune.estimate.estimate_memory; its validation: docs/benchmarks.md."
+            "Predict the peak memory of one GPU (params, grads, optimizer, checkpointed activations, one layer's "
+            "recompute, the loss chunk, attention workspace) and the host memory of each node (model load, "
+            "offloaded parameters/optimizer state and activations) for a training config, and the smallest SP "
+            "degree that fits --gpu-mem; with --max-length, the longest cutoff_len per SP degree. The model shape "
+            "comes from --model (a named shape or a config.json) or the config's model (no weights are loaded); "
+            "dataset and output_dir are not needed. The formula: longtune.estimate.estimate_memory; its "
+            "validation: docs/benchmarks.md."
         ),
     )
     parser.add_argument("config_and_overrides", nargs="*", metavar="CONFIG.yaml | key=value")
+    parser.add_argument("--model", default=None, metavar="NAME|config.json",
+                        help="model shape: a named shape (e.g. llama-3.1-8b, qwen2.5-7b, qwen2.5-72b) or a "
+                             "config.json / model directory; default: the config's model_name_or_path")
     parser.add_argument("--gpus", type=int, default=1, help="number of GPUs (processes) of the run (default 1)")
     parser.add_argument("--gpu-mem", default="80GiB", help="memory per GPU, e.g. 80GiB, 40GB (default 80GiB)")
+    parser.add_argument("--host-mem", default=None,
+                        help="host memory per node, e.g. 1TiB (default: reported, not checked)")
+    parser.add_argument("--gpus-per-node", type=int, default=None,
+                        help="processes sharing one node's host memory (default min(--gpus, 8))")
+    parser.add_argument("--max-length", action="store_true",
+                        help="report the longest cutoff_len that fits, per SP degree, with GPU and host memory")
     parser.add_argument("--length", type=int, default=None, metavar="T",
                         help="tokens per row (default: cutoff_len; two documents of it for dpo/kto/rm)")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks for errors")
     parser.set_defaults(func=cmd_estimate)
     return parser

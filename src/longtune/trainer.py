@@ -509,7 +509,9 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunRe
             rounds = data.rounds(bs, ga)
             for index in range(rounds):
                 if sharding.enabled:
-                    root.set_requires_gradient_sync(index == rounds - 1)  # reduce-scatter once per step
+                    # Syncing only on the last micro-batch keeps unsharded gradients of every layer until then.
+                    root.set_requires_gradient_sync(cfg.parallel.gradient_sync_every_micro_batch
+                                                    or index == rounds - 1)
                 if index < len(micro):
                     rows, ids = micro[index]
                 else:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from longtune.errors import ConfigError
-from longtune.parallel.mesh import ParallelDims
+from longtune.parallel.mesh import ParallelDims, ensure_process_group
 
 
 class RootForward(nn.Module):
@@ -66,9 +66,11 @@ def plan_from_config(fsdp: bool | None, offload_params: bool, deepspeed: str | N
         if stage == 0:
             return ShardingPlan(enabled=False)
         return ShardingPlan(enabled=True, reshard_after_forward=stage == 3, offload=offload or offload_params)
-    enabled = fsdp if fsdp is not None else world_size > 1
-    if offload_params and not enabled:
-        raise ConfigError("key 'offload_params' needs FSDP (more than one process, or fsdp: true)")
+    if offload_params and fsdp is False:
+        raise ConfigError("key 'offload_params' works through FSDP2's CPU offload; remove fsdp: false")
+    # offload_params on one process: FSDP2 at world size 1 is what keeps parameters, gradients and optimizer
+    # state in host memory and steps the optimizer there.
+    enabled = fsdp if fsdp is not None else (world_size > 1 or offload_params)
     return ShardingPlan(enabled=enabled, offload=offload_params)
 
 
@@ -78,6 +80,7 @@ def apply_fsdp(root: RootForward, dims: ParallelDims, layers: nn.ModuleList, com
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+    ensure_process_group(dims)
     mesh = init_device_mesh(dims.device.type, (dims.world_size,), mesh_dim_names=("fsdp",))
     kwargs = {"mesh": mesh}
     if compute_dtype in (torch.bfloat16, torch.float16):

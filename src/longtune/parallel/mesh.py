@@ -107,6 +107,47 @@ class ParallelDims:
             dist.barrier()
 
 
+@dataclass(frozen=True)
+class ProcessGroupSpec:
+    """What `init_process_group` is called with for a device type (a pure value, so it can be tested anywhere)."""
+
+    backend: str
+    device_id: torch.device | None = None
+
+
+def process_group_spec(device: torch.device) -> ProcessGroupSpec:
+    """NCCL for CUDA tensors and gloo for CPU tensors in one group on a GPU; gloo alone on a CPU-only host.
+
+    CPU offload keeps parameters and gradients as CPU DTensors, so gradient clipping and `full_tensor()` reduce
+    CPU tensors: an NCCL-only group cannot. `device_id` binds the NCCL communicator to this rank's GPU eagerly.
+    """
+    if device.type == "cuda":
+        return ProcessGroupSpec(backend="cuda:nccl,cpu:gloo", device_id=device)
+    return ProcessGroupSpec(backend="gloo")
+
+
+def start_process_group(device: torch.device, rank: int, world_size: int, timeout_s: int,
+                        store: dist.Store | None = None) -> None:
+    """`init_process_group` with the backends of `process_group_spec` (env:// rendezvous unless `store`)."""
+    spec = process_group_spec(device)
+    kwargs = {"backend": spec.backend, "timeout": timedelta(seconds=timeout_s)}
+    if spec.device_id is not None:
+        kwargs["device_id"] = spec.device_id
+    if store is not None:
+        kwargs.update(store=store, rank=rank, world_size=world_size)
+    dist.init_process_group(**kwargs)
+
+
+def ensure_process_group(dims: ParallelDims, timeout_s: int = 1800) -> None:
+    """FSDP2 needs a process group even on one process (offload_params on one GPU): start a one-rank group on an
+    in-memory store, so no MASTER_ADDR/port is needed. A multi-process launch already has its group."""
+    if dist.is_initialized():
+        return
+    if dims.world_size != 1:
+        raise RuntimeError("ensure_process_group: a multi-process run must start its group in init_parallel")
+    start_process_group(dims.device, rank=0, world_size=1, timeout_s=timeout_s, store=dist.HashStore())
+
+
 def init_parallel(sp: int, timeout_s: int = 1800) -> ParallelDims:
     """Start the process group (if launched with several processes) and build the dp x sp mesh."""
     launch = read_launch_env()
@@ -114,14 +155,12 @@ def init_parallel(sp: int, timeout_s: int = 1800) -> ParallelDims:
     if torch.cuda.is_available():
         device = torch.device("cuda", launch.local_rank)
         torch.cuda.set_device(device)
-        backend = "nccl"
     else:
         device = torch.device("cpu")
-        backend = "gloo"
     if not launch.distributed:
         return ParallelDims(dp=1, sp=1, rank=0, device=device)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        start_process_group(device, launch.rank, launch.world_size, timeout_s)
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (dp, sp), mesh_dim_names=("dp", "sp"))
@@ -129,5 +168,6 @@ def init_parallel(sp: int, timeout_s: int = 1800) -> ParallelDims:
 
 
 def shutdown_parallel(dims: ParallelDims) -> None:
-    if dims.world_size > 1 and dist.is_initialized():
+    """Destroy the process group of the run: the multi-process one, or the one-rank group FSDP needed."""
+    if dist.is_initialized():
         dist.destroy_process_group()
