@@ -43,9 +43,11 @@ from longtune.data import DataStats, examples_from_config
 from longtune.data.collate import IGNORE_INDEX, Batch, collate, loss_token_count
 from longtune.data.packing import PackingStats, pack_examples
 from longtune.errors import ConfigError, DataError, LongtuneError, storage_error
+from longtune.faults import STATUS_DIR, RankStatus, is_peer_failure
 from longtune.models.loader import (
     DTYPES,
     apply_finetuning,
+    check_vocabulary,
     decoder_layer_list,
     load_model,
     load_model_config,
@@ -116,7 +118,7 @@ def _check_output_dir_main(cfg: Config, log: Callable[[str], None]) -> Path | No
         raise ConfigError(f"key 'output_dir': '{out}' exists and is not a directory")
     _check_writable(out)
     resume = resolve_resume(out, cfg.train.resume_from_checkpoint, log)
-    if resume is None and out.is_dir() and any(out.iterdir()):
+    if resume is None and out.is_dir() and any(c.name != STATUS_DIR for c in out.iterdir()):
         if not cfg.train.overwrite_output_dir:
             raise ConfigError(
                 f"key 'output_dir': '{out}' is not empty; set overwrite_output_dir: true to replace it "
@@ -153,6 +155,14 @@ def check_output_dir(cfg: Config, dims: ParallelDims | None = None, log: Callabl
 
         raise getattr(errors, outcome[0][1], ConfigError)(outcome[0][2])
     return None if outcome[0][1] is None else Path(outcome[0][1])
+
+
+def preflight(cfg: Config) -> None:
+    """Checks the launching process of `--nproc N` runs before the ranks start (each would report the same
+    error): the output directory (not the resume checkpoint: the ranks verify that) and the model directory."""
+    if cfg.train.resume_from_checkpoint in (None, False):
+        _check_output_dir_main(cfg, lambda _: None)
+    load_model_config(cfg.model)
 
 
 def run_settings(cfg: Config, dims: ParallelDims, sharded: bool) -> dict[str, Any]:
@@ -470,11 +480,22 @@ def all_reduce_gradients(params: list[nn.Parameter], dims: ParallelDims) -> None
 
 
 def train(cfg: Config, log: Callable[[str], None] = print) -> RunResult:
-    """Run one training job; every process of a multi-process launch calls this."""
+    """Run one training job; every process of a multi-process launch calls this. A collective that fails
+    because a peer died or stopped becomes a one-line PeerError naming that peer (see faults.py)."""
     t = cfg.train
     dims = init_parallel(cfg.parallel.sequence_parallel_size, t.ddp_timeout)
+    status = RankStatus(t.output_dir, dims.rank, dims.world_size, t.ddp_timeout)
     try:
-        return _train(cfg, dims, log if dims.is_main else (lambda _: None))
+        result = _train(cfg, dims, log if dims.is_main else (lambda _: None), status)
+        status.finished()
+        return result
+    except BaseException as exc:
+        if dims.world_size > 1 and is_peer_failure(exc):
+            error = status.peer_error(exc)
+            status.failed(str(error), because_of_peer=True)
+            raise error from exc
+        status.failed(f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
+        raise
     finally:
         shutdown_parallel(dims)
 
@@ -521,8 +542,10 @@ def precompute_references(parts: RunParts, cfg: Config, train_examples: list, ev
     return train_ref, eval_ref
 
 
-def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunResult:
+def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None], status: RankStatus | None = None) -> RunResult:
     t = cfg.train
+    status = status or RankStatus(None, dims.rank, 1, t.ddp_timeout)
+    status.phase("checking output_dir and resume")
     out = Path(t.output_dir or "")
     resume_ckpt = check_output_dir(cfg, dims, log)
     sharding = plan_from_config(cfg.parallel.fsdp, cfg.parallel.offload_params, cfg.parallel.deepspeed,
@@ -546,7 +569,9 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunRe
     dims.barrier()
     set_seed(t.seed)
 
+    status.phase("loading the tokenizer, data and model")
     tokenizer = load_tokenizer(cfg.model)
+    check_vocabulary(tokenizer, model_config)
     train_examples: list = []  # in memory only: streaming holds a window of them at a time
     streamed_packing: PackingStats | None = None  # streaming with packing: what was packed so far
     steps: PlannedSteps | StreamedSteps
@@ -636,6 +661,7 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunRe
     step = start_step
     try:
         for step in range(start_step + 1, steps.total_steps + 1):
+            status.phase(f"step {step}")
             started = time.perf_counter()
             data = steps.step(step - 1)
             everyone = data.examples
@@ -701,6 +727,7 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunRe
                     metrics.write({"step": step, "epoch": round(data.epoch, 4), **result_eval})
                     progress.write(f"step {step}: eval_loss {result_eval['eval_loss']:.4f}")
             if (t.save_steps and step % t.save_steps == 0) or step == steps.total_steps:
+                status.phase(f"saving checkpoint-{step}")
                 save_checkpoint(
                     out, step, data.epoch, tokens_seen, root, tokenizer,
                     None if t.save_only_model else optimizer, None if t.save_only_model else scheduler, dims,
