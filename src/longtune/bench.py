@@ -512,7 +512,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--tensor-memory", action="store_true",
                         help="also report the peak of live tensor bytes (slower; what `estimate` predicts)")
     parser.add_argument("--json", default=None, metavar="OUT", help="write all rows and ratios as JSON")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks for errors")
     parser.set_defaults(func=cmd_bench)
     return parser
 

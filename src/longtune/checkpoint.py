@@ -199,7 +199,6 @@ def read_state(ckpt: Path) -> TrainerState | None:
 def checkpoint_problem(ckpt: Path) -> str | None:
     """Why `ckpt` cannot be resumed from (incomplete, changed after it was written, model only), or None.
     Reads every file once to compare its SHA-256 with the manifest; nothing is deserialised."""
-    raw_state = None
     try:
         raw_state = TrainerState(**json.loads((ckpt / MANIFEST).read_text()))
     except (OSError, ValueError, TypeError):
@@ -207,8 +206,12 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     m = CHECKPOINT_RE.match(ckpt.name)
     if m and int(m.group(1)) != raw_state.global_step:
         return f"{MANIFEST} says step {raw_state.global_step}, the folder name says {m.group(1)}"
-    if read_state(ckpt) is None:
-        return f"files missing or of the wrong size (half-written; see {MANIFEST})"
+    for rel, size in raw_state.files.items():
+        f = ckpt / rel
+        if not f.is_file():
+            return f"'{rel}' is missing (half-written)"
+        if f.stat().st_size != size:
+            return f"'{rel}' is {f.stat().st_size} bytes, {MANIFEST} says {size} (half-written or changed)"
     if not raw_state.resumable:
         return "holds only the model (save_only_model: true)"
     if set(raw_state.sha256) != set(raw_state.files):
@@ -323,6 +326,10 @@ class _MetadataUnpickler(pickle.Unpickler):
             obj = getattr(__import__(module, fromlist=[name]), name, None)
             if isinstance(obj, type):
                 return obj
+        if (module, name) == ("torch.serialization", "_get_layout"):  # a layout from its name, e.g. "torch.strided"
+            from torch.serialization import _get_layout
+
+            return _get_layout
         if module == "torch":
             obj = getattr(torch, name, None)
             if obj is torch.Size or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
@@ -331,7 +338,38 @@ class _MetadataUnpickler(pickle.Unpickler):
             import collections
 
             return collections.OrderedDict
+        if module == "pathlib" and name in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"):
+            import pathlib
+
+            return getattr(pathlib, name)  # the checkpoint_id DCP records
         raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
+
+
+def read_dcp_metadata(path: Path) -> Any:
+    """A DCP `.metadata` file through the allow-list unpickler, or a one-line ConfigError."""
+    try:
+        with open(path, "rb") as fh:
+            return _MetadataUnpickler(fh).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError) as exc:
+        raise ConfigError(f"checkpoint file '{path}' is not plain DCP metadata ({exc}); refused "
+                          "(loading it could run code)") from None
+
+
+def load_sharded_state(path: Path, state: dict[str, Any], **load_options: Any) -> None:
+    """`dcp.load` of `path` into `state` in place, never unpickling arbitrary globals; a refused file is a
+    one-line ConfigError (DCP would wrap it in a CheckpointException of every rank's traceback)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    read_dcp_metadata(path / ".metadata")  # refuse before DCP starts its collective load plan
+    reader, planner = _sharded_optimizer_reader(path)
+    try:
+        dcp.load(state, storage_reader=reader, planner=planner, **load_options)
+    except CheckpointException as exc:
+        for inner, _ in exc.failures.values():
+            if isinstance(inner, ConfigError):
+                raise ConfigError(str(inner)) from None
+        raise
 
 
 def _sharded_optimizer_reader(path: Path):
@@ -341,13 +379,7 @@ def _sharded_optimizer_reader(path: Path):
 
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any):
-            meta_path = self._get_metadata_path(kwargs.get("rank"))
-            try:
-                with self.fs.create_stream(meta_path, "rb") as fh:
-                    metadata = _MetadataUnpickler(fh).load()
-            except pickle.UnpicklingError as exc:
-                raise ConfigError(f"checkpoint file '{meta_path}' is not plain DCP metadata ({exc}); refused "
-                                  "(loading it could run code)") from None
+            metadata = read_dcp_metadata(Path(self._get_metadata_path(kwargs.get("rank"))))
             from torch.distributed.checkpoint.metadata import StorageMeta
 
             if getattr(metadata, "storage_meta", None) is None:
@@ -378,7 +410,6 @@ def load_training_state(ckpt: Path, root: RootForward, optimizer: torch.optim.Op
     assert state is not None
     writer_procs = state.run.get("world_size")
     if is_fsdp(root):
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
         if not (ckpt / OPTIMIZER_DCP_DIR).is_dir():
@@ -386,8 +417,7 @@ def load_training_state(ckpt: Path, root: RootForward, optimizer: torch.optim.Op
                               f"{f' by {writer_procs} process(es)' if writer_procs else ''}; resume it with fsdp: "
                               "false and the same number of processes")
         holder = {"optim": get_optimizer_state_dict(root, optimizer)}
-        reader, planner = _sharded_optimizer_reader(ckpt / OPTIMIZER_DCP_DIR)
-        dcp.load(holder, storage_reader=reader, planner=planner)
+        load_sharded_state(ckpt / OPTIMIZER_DCP_DIR, holder)
         set_optimizer_state_dict(root, optimizer, holder["optim"])
     else:
         if not (ckpt / OPTIMIZER_FILE).is_file():

@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config_and_overrides", nargs="*", metavar="CONFIG.yaml | key=value")
     train.add_argument("--nproc", type=int, default=None, metavar="N",
                        help="start N local processes with torchrun (e.g. with sequence_parallel_size=N)")
-    train.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    # SUPPRESS: `longtune --debug train ...` keeps the top-level flag instead of the subcommand's default False.
+    train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks for errors")
     train.set_defaults(func=cmd_train)
 
     export = sub.add_parser(
@@ -154,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", metavar="OUT_DIR")
     export.add_argument("--merge-lora", action="store_true", help="merge a LoRA adapter into its base model")
     export.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
-    export.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show full tracebacks for errors")
     export.set_defaults(func=cmd_export)
     add_data_parser(sub)
     add_estimate_parser(sub)

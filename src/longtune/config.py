@@ -216,7 +216,7 @@ class TrainConfig:
         if not 0.0 <= self.min_lr_rate <= 1.0:
             fail("min_lr_rate", "in [0, 1]")
         if not 0 <= self.seed < 2**32:
-            fail("seed", "in [0, 2**32) (numpy's seed range)")
+            fail("seed", "in [0, 2**32)")  # numpy's seed range
         if self.ddp_timeout <= 0:
             fail("ddp_timeout", "> 0 seconds")
 

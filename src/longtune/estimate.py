@@ -382,6 +382,6 @@ def add_estimate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     parser.add_argument("--gpu-mem", default="80GiB", help="memory per GPU, e.g. 80GiB, 40GB (default 80GiB)")
     parser.add_argument("--length", type=int, default=None, metavar="T",
                         help="tokens per row (default: cutoff_len; two documents of it for dpo/kto/rm)")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks for errors")
     parser.set_defaults(func=cmd_estimate)
     return parser
