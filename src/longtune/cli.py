@@ -68,6 +68,8 @@ def launch_with_torchrun(args: argparse.Namespace) -> int:
                 lines.setdefault(path.read_text().strip(), []).append(path.stem.split("-")[1])
             first_rank, first = exc.get_first_failure()
             code = first.exitcode if first.exitcode > 0 else 128 - first.exitcode
+            if lines:  # a rank explained itself: 3 when it only saw a peer fail, else 2 (its input)
+                code = 3 if all(line.startswith("PeerError") for line in lines) else 2
             if len(lines) == 1:
                 print(next(iter(lines)), file=sys.stderr)
             for line, ranks in lines.items() if len(lines) > 1 else ():
