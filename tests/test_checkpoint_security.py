@@ -109,3 +109,17 @@ def test_sharded_checkpoint_metadata_and_values_run_nothing(tmp_path):
     with pytest.raises(ConfigError, match=r"entry 'optim\.hook' holds objects other than tensors"):
         _safe_load(values, {"optim": {"exp_avg": torch.zeros(6), "hook": None}})
     assert not marker.exists()
+
+
+def test_file_added_to_a_checkpoint_is_refused(run_with_checkpoint, tmp_path, alpaca_file, capsys):
+    """Weights are read only from files the manifest lists (and verifies): an added shard would change them."""
+    from safetensors.torch import save_file
+
+    out = tmp_path / "o"
+    shutil.copytree(run_with_checkpoint, out)
+    ckpt = out / "checkpoint-2"
+    save_file({"model.embed_tokens.weight": torch.zeros(1)}, str(ckpt / "model-extra.safetensors"))
+    assert main(["train", *base_overrides(alpaca_file, out, max_steps=2, resume_from_checkpoint=str(ckpt))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("is refused: 'model-extra.safetensors' is not listed in trainer_state.json (added after the "
+                        "checkpoint was written); pick an earlier checkpoint"), err

@@ -212,6 +212,10 @@ def checkpoint_problem(ckpt: Path) -> str | None:
             return f"'{rel}' is missing (half-written)"
         if f.stat().st_size != size:
             return f"'{rel}' is {f.stat().st_size} bytes, {MANIFEST} says {size} (half-written or changed)"
+    unlisted = sorted(str(f.relative_to(ckpt)) for f in ckpt.rglob("*")
+                      if f.is_file() and f.name != MANIFEST and str(f.relative_to(ckpt)) not in raw_state.files)
+    if unlisted:
+        return f"'{unlisted[0]}' is not listed in {MANIFEST} (added after the checkpoint was written)"
     if not raw_state.resumable:
         return "holds only the model (save_only_model: true)"
     if set(raw_state.sha256) != set(raw_state.files):
@@ -284,7 +288,11 @@ def load_model_weights(root: RootForward, ckpt: Path) -> None:
         expected = {n for n, p in root.model.named_parameters() if p.requires_grad}
     else:
         state = {}
+        manifest = read_state(ckpt)
+        listed = set(manifest.files) if manifest is not None else None
         for f in sorted(ckpt.glob("*.safetensors")):
+            if f.name == TRAINABLE_FILE or (listed is not None and f.name not in listed):
+                continue  # only the verified files of the checkpoint (TRAINABLE_FILE is the peft copy)
             state.update(load_file(str(f)))
         expected = set(root.model.state_dict())
         # Tied weights (e.g. lm_head sharing embed_tokens) are saved once.

@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             return args.func(args)
-        except (OSError, RuntimeError) as exc:
+        except Exception as exc:  # noqa: BLE001  (only a full disk is translated; the rest re-raises)
             full = storage_error(exc, getattr(exc, "filename", None) or "the run directory")
             if full is None:
                 raise
