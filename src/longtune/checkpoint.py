@@ -328,16 +328,27 @@ def _load_plain(path: Path) -> Any:
 _DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
 
 
+def _layout_from_name(name: str) -> torch.layout:
+    """What torch pickles a layout as (torch.serialization._get_layout("torch.strided")), for plain layouts only."""
+    layout = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(layout, torch.layout):
+        raise pickle.UnpicklingError(f"'{name}' is not a torch layout")
+    return layout
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        if module in _DCP_MODULES and not name.startswith("__"):
-            obj = getattr(__import__(module, fromlist=[name]), name, None)
-            if isinstance(obj, type):
-                return obj
-        if (module, name) == ("torch.serialization", "_get_layout"):  # a layout from its name, e.g. "torch.strided"
-            from torch.serialization import _get_layout
+        if module in _DCP_MODULES:
+            import dataclasses
+            import enum
+            import importlib
 
-            return _get_layout
+            obj = getattr(importlib.import_module(module), name, None)
+            # Plain records only: constructing one sets fields, it cannot open files or run commands.
+            if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
+                return obj
+        if (module, name) == ("torch.serialization", "_get_layout"):
+            return _layout_from_name
         if module == "torch":
             obj = getattr(torch, name, None)
             if obj is torch.Size or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):

@@ -94,9 +94,9 @@ class RankStatus:
         """One line for a collective that failed on this rank: who is to blame, and what it was doing."""
         timed_out = "imed out" in str(exc) or "timeout" in str(exc).lower()
         what = f"timed out after ddp_timeout={self.timeout_s}s" if timed_out else "lost its connection to a peer"
-        return PeerError(f"rank {self.rank} ({self.current}) {what}: {self._blame()}")
+        return PeerError(f"rank {self.rank} ({self.current}) {what}: {self._blame(timed_out)}")
 
-    def _blame(self) -> str:
+    def _others(self) -> list[dict[str, Any]]:
         records = []
         for rank in range(self.world_size):
             if rank == self.rank or self.dir is None:
@@ -107,24 +107,38 @@ class RankStatus:
                 continue
             if record.get("time", 0) >= self.started - 600:  # older ones are from an earlier run
                 records.append(record)
-        failed = [r for r in records if "failed" in r and not r.get("because_of_peer")]
-        if failed:
-            r = min(failed, key=lambda r: r["time"])
-            return f"rank {r['rank']} failed first while {r['phase']}: {r['failed']}"
+        return records
+
+    def _blame(self, timed_out: bool) -> str:
         here = socket.gethostname()
-        dead = [r for r in records if r.get("host") == here and r.get("phase") != "finished" and not _alive(r["pid"])]
-        if dead:
-            r = dead[0]
-            return f"rank {r['rank']} (pid {r['pid']}) died while {r['phase']}"
+        # A dropped connection can arrive while the dying peer is still being torn down: give it a moment.
+        deadline = time.time() + (0.0 if timed_out else 3.0)
+        while True:
+            records = self._others()
+            failed = [r for r in records if "failed" in r and not r.get("because_of_peer")]
+            if failed:
+                r = min(failed, key=lambda r: r["time"])
+                return f"rank {r['rank']} failed first while {r['phase']}: {r['failed']}"
+            dead = [r for r in records
+                    if r.get("host") == here and r.get("phase") != "finished" and not _alive(r["pid"])]
+            if dead:
+                r = dead[0]
+                return f"rank {r['rank']} (pid {r['pid']}) died while {r['phase']}"
+            if time.time() >= deadline:
+                break
+            time.sleep(0.1)
         noticed = [r for r in records if r.get("because_of_peer")]
         if noticed:
             return f"as rank {noticed[0]['rank']} reported: {noticed[0]['failed']}"
-        if records:
-            # The rank whose heartbeat is the oldest is the one the others wait for.
-            r = min(records, key=lambda r: r.get("alive", r["time"]))
-            return (f"rank {r['rank']} (pid {r['pid']} on {r['host']}) stopped responding while {r['phase']} "
+        if not records:
+            return "no other rank left a status; check the other ranks' logs"
+        # The rank whose heartbeat is the oldest is the one the others wait for.
+        r = min(records, key=lambda r: r.get("alive", r["time"]))
+        where = f"rank {r['rank']} (pid {r['pid']} on {r['host']})"
+        if timed_out:
+            return (f"{where} stopped responding while {r['phase']} "
                     f"(last sign of life {time.time() - r.get('alive', r['time']):.0f}s ago)")
-        return "no other rank left a status; check the other ranks' logs"
+        return f"{where} closed its connection while {r['phase']} (on another node, or exiting)"
 
 
 def _alive(pid: int) -> bool:

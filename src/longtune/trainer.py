@@ -42,7 +42,7 @@ from longtune.config import Config, TrainConfig, save_config
 from longtune.data import DataStats, examples_from_config
 from longtune.data.collate import IGNORE_INDEX, Batch, collate, loss_token_count
 from longtune.data.packing import PackingStats, pack_examples
-from longtune.errors import ConfigError, DataError, LongtuneError, storage_error
+from longtune.errors import ConfigError, DataError, LongtuneError
 from longtune.faults import STATUS_DIR, RankStatus, is_peer_failure
 from longtune.models.loader import (
     DTYPES,
