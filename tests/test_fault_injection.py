@@ -101,6 +101,21 @@ def test_kill_one_rank_then_resume_exactly(reference, tmp_path, alpaca_file):
     assert _losses(out) == reference  # bit-exact in float64, FSDP's sharded optimizer state included
 
 
+@pytest.mark.slow  # CI covers the same check with a manifest edited to say so (test_bad_input.py)
+def test_sharded_checkpoint_resumed_on_one_process_says_how(tmp_path, alpaca_file, capsys):
+    """A real 2-process (FSDP) checkpoint, resumed by a single process: one line with the launch that fits."""
+    from longtune.cli import main
+
+    out = tmp_path / "o"
+    rc, err = _finish(_start(base_overrides(alpaca_file, out, max_steps=2, save_steps=2)))
+    assert rc == 0, err[-3000:]
+    assert main(["train", *base_overrides(alpaca_file, out, max_steps=2, resume_from_checkpoint=True)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == ["ConfigError: key 'resume_from_checkpoint': checkpoint-2 was written with FSDP by 2 process(es), "
+                     "this launch has 1 without FSDP; resume with --nproc 2 (FSDP is on by default with several "
+                     "processes)"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("victims", [(0,), (1,), (0, 1)], ids=["rank0", "rank1", "both"])
