@@ -586,7 +586,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--trial-timeout", type=float, default=1800.0, metavar="S",
                         help="kill a configuration after S seconds and report it as 'timeout' (default 1800)")
     parser.add_argument("--json", default=None, metavar="OUT", help="write all rows and ratios as JSON")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks for errors")
     parser.set_defaults(func=cmd_bench)
     return parser
 

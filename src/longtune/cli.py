@@ -6,9 +6,10 @@ import argparse
 import os
 import sys
 import traceback
+from pathlib import Path
 
 from longtune import __version__
-from longtune.errors import LongtuneError
+from longtune.errors import LongtuneError, storage_error
 from longtune.bench import add_bench_parser
 from longtune.estimate import add_estimate_parser
 from longtune.preview import add_data_parser
@@ -35,33 +36,70 @@ def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]
     return None, items
 
 
+ERROR_DIR_ENV = "LONGTUNE_ERROR_DIR"  # set by `--nproc`: ranks leave their one-line error there for the launcher
+
+
 def launch_with_torchrun(args: argparse.Namespace) -> int:
-    """`longtune train ... --nproc N`: run N local processes under torchrun (same arguments, minus --nproc)."""
-    import subprocess
+    """`longtune train ... --nproc N`: run N local processes under torchrun (same arguments, minus --nproc).
+    Each rank's one-line error is collected and printed once (with the ranks it came from when they differ);
+    the exit code is the failed rank's (2: bad input, 3: a peer failed)."""
+    import logging
+    import tempfile
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
 
     if args.nproc < 1:
         raise LongtuneError(f"train: --nproc must be >= 1, got {args.nproc}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-           "-m", "longtune"]
+    torchrun_args = ["--standalone", f"--nproc-per-node={args.nproc}", "-m", "longtune"]
     if args.debug:
-        cmd.append("--debug")
-    cmd += ["train", *args.config_and_overrides]
-    return subprocess.call(cmd)
+        torchrun_args.append("--debug")
+    torchrun_args += ["train", *args.config_and_overrides]
+    # torchrun's agent logs every worker exit with its own traceback; the summary below says it in one line.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    with tempfile.TemporaryDirectory(prefix="longtune-errors-") as errors:
+        os.environ[ERROR_DIR_ENV] = errors
+        try:
+            run(get_args_parser().parse_args(torchrun_args))
+            return 0
+        except ChildFailedError as exc:
+            lines = {}
+            for path in sorted(Path(errors).glob("rank-*.txt")):
+                lines.setdefault(path.read_text().strip(), []).append(path.stem.split("-")[1])
+            first_rank, first = exc.get_first_failure()
+            code = first.exitcode if first.exitcode > 0 else 128 - first.exitcode
+            if lines:  # a rank explained itself: 3 when it only saw a peer fail, else 2 (its input)
+                code = 3 if all(line.startswith("PeerError") for line in lines) else 2
+            if len(lines) == 1:
+                print(next(iter(lines)), file=sys.stderr)
+            for line, ranks in lines.items() if len(lines) > 1 else ():
+                print(f"rank {','.join(ranks)}: {line}", file=sys.stderr)
+            if not lines:
+                how = f"signal {first.signal_name()}" if first.exitcode < 0 else f"exit code {first.exitcode}"
+                print(f"error: rank {first_rank} failed ({how}); the ranks' output above says why", file=sys.stderr)
+            return code
+        finally:
+            os.environ.pop(ERROR_DIR_ENV, None)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from longtune.config import load_config
     from longtune.trainer import train
 
-    if args.nproc is not None and "RANK" not in os.environ:
-        load_config(*_split_config_and_overrides(args.config_and_overrides))  # fail fast, before N processes start
-        return launch_with_torchrun(args)
     config_path, overrides = _split_config_and_overrides(args.config_and_overrides)
     if config_path is None and not overrides:
         raise LongtuneError("train: give a CONFIG.yaml and/or key=value overrides (see longtune train --help)")
     for item in overrides:
         if "=" not in item:
             raise LongtuneError(f"train: '{item}' is not key=value (only the first argument may be a YAML file)")
+    if args.nproc is not None and "RANK" not in os.environ:
+        from longtune.parallel.mesh import check_degrees
+        from longtune.trainer import preflight
+
+        cfg = load_config(config_path, overrides)  # fail fast and once, before N processes start
+        check_degrees(args.nproc, cfg.parallel.sequence_parallel_size)
+        preflight(cfg)
+        return launch_with_torchrun(args)
     cfg = load_config(config_path, overrides)
     result = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -106,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config_and_overrides", nargs="*", metavar="CONFIG.yaml | key=value")
     train.add_argument("--nproc", type=int, default=None, metavar="N",
                        help="start N local processes with torchrun (e.g. with sequence_parallel_size=N)")
-    train.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    # SUPPRESS: `longtune --debug train ...` keeps the top-level flag instead of the subcommand's default False.
+    train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks for errors")
     train.set_defaults(func=cmd_train)
 
     export = sub.add_parser(
@@ -118,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", metavar="OUT_DIR")
     export.add_argument("--merge-lora", action="store_true", help="merge a LoRA adapter into its base model")
     export.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
-    export.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show full tracebacks for errors")
     export.set_defaults(func=cmd_export)
     add_data_parser(sub)
     add_estimate_parser(sub)
@@ -144,13 +184,24 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # "Writing model shards" bars would drown our own progress line
     try:
-        return args.func(args)
+        try:
+            return args.func(args)
+        except Exception as exc:  # noqa: BLE001  (only a full disk is translated; the rest re-raises)
+            full = storage_error(exc, getattr(exc, "filename", None) or "the run directory")
+            if full is None:
+                raise
+            raise full from exc
     except LongtuneError as exc:
         if args.debug:
             traceback.print_exc()
         name = type(exc).__name__ if type(exc) is not LongtuneError else "error"
-        print(f"{name}: {exc}", file=sys.stderr)
-        return 2
+        line = f"{name}: {exc}"
+        if os.environ.get(ERROR_DIR_ENV) and "RANK" in os.environ and not args.debug:
+            # Under `--nproc` the launcher prints each distinct line once.
+            Path(os.environ[ERROR_DIR_ENV], f"rank-{os.environ['RANK']}.txt").write_text(line + "\n")
+        else:
+            print(line, file=sys.stderr)
+        return 3 if name == "PeerError" else 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

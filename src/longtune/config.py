@@ -23,6 +23,17 @@ def _key(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
 
+def _require_finite(group: Any) -> None:
+    """No float key of a group may be NaN or infinite (YAML reads `.nan` and `.inf` as floats)."""
+    import math
+
+    for f in dataclasses.fields(group):
+        value = getattr(group, f.name)
+        values = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ConfigError(f"key '{f.name}' must be a finite number, got {value}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     model_name_or_path: str | None = _key(
@@ -63,6 +74,9 @@ class ModelConfig:
         "auto", "Attention kernel of the HF model when not sequence-parallel and not packed. `auto`: sdpa."
     )
     quantization_bit: int | None = _key(None, "Not supported yet; set to null.")
+
+    def __post_init__(self) -> None:
+        _require_finite(self)
 
 
 @dataclass(frozen=True)
@@ -126,6 +140,9 @@ class DataConfig:
     preprocessing_num_workers: int | None = _key(None, "Accepted for LLaMA-Factory compatibility; ignored.")
     dataloader_num_workers: int | None = _key(None, "Accepted for LLaMA-Factory compatibility; ignored.")
 
+    def __post_init__(self) -> None:
+        _require_finite(self)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -183,6 +200,26 @@ class TrainConfig:
     disable_tqdm: bool = _key(False, "Hide the progress bar.")
     ddp_timeout: int = _key(1800, "Seconds before a collective is declared hung.")
 
+    def __post_init__(self) -> None:
+        _require_finite(self)
+
+        def fail(key: str, expected: str) -> None:
+            raise ConfigError(f"key '{key}' must be {expected}, got {getattr(self, key)}")
+
+        if self.learning_rate <= 0:
+            fail("learning_rate", "> 0")
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                fail(key, "in [0, 1)")
+        if self.adam_epsilon <= 0:
+            fail("adam_epsilon", "> 0")
+        if not 0.0 <= self.min_lr_rate <= 1.0:
+            fail("min_lr_rate", "in [0, 1]")
+        if not 0 <= self.seed < 2**32:
+            fail("seed", "in [0, 2**32)")  # numpy's seed range
+        if self.ddp_timeout <= 0:
+            fail("ddp_timeout", "> 0 seconds")
+
 
 @dataclass(frozen=True)
 class ParallelConfig:
@@ -217,6 +254,9 @@ class ParallelConfig:
         None, "A DeepSpeed ZeRO json (as LLaMA-Factory examples use); mapped onto FSDP2 with a printed notice."
     )
 
+    def __post_init__(self) -> None:
+        _require_finite(self)
+
 
 @dataclass(frozen=True)
 class PreferenceConfig:
@@ -238,6 +278,9 @@ class PreferenceConfig:
         False,
         "Compute all reference log-probs in a first pass (cached on disk) and train without a reference model in memory.",
     )
+
+    def __post_init__(self) -> None:
+        _require_finite(self)
 
 
 @dataclass(frozen=True)
@@ -373,8 +416,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def build_config(values: dict[str, Any], source: str = "config") -> Config:
-    """Validate a flat key->value mapping into a Config; every problem is a one-line ConfigError."""
+def build_config(values: dict[str, Any], source: str = "config", sources: dict[str, str] | None = None) -> Config:
+    """Validate a flat key->value mapping into a Config; every problem is a one-line ConfigError naming where the
+    key came from (`sources`: key -> "command line" or a file, default `source`)."""
+    sources = sources or {}
     grouped: dict[str, dict[str, Any]] = {g: {} for g in GROUPS}
     resolved_hints: dict[str, Any] = {}
     for cls in GROUPS.values():
@@ -383,19 +428,26 @@ def build_config(values: dict[str, Any], source: str = "config") -> Config:
         if key not in KEY_TO_GROUP:
             close = difflib.get_close_matches(key, list(KEY_TO_GROUP), n=1, cutoff=0.6)
             hint = f" (did you mean '{close[0]}'?)" if close else " (see docs/config.md for all keys)"
-            raise ConfigError(f"{source}: unknown key '{key}'{hint}")
-        grouped[KEY_TO_GROUP[key]][key] = _coerce(key, value, resolved_hints[key], source)
-    config = Config(**{g: GROUPS[g](**grouped[g]) for g in GROUPS})
-    validate(config, source)
+            raise ConfigError(f"{sources.get(key, source)}: unknown key '{key}'{hint}")
+        grouped[KEY_TO_GROUP[key]][key] = _coerce(key, value, resolved_hints[key], sources.get(key, source))
+    built = {}
+    for g in GROUPS:
+        try:
+            built[g] = GROUPS[g](**grouped[g])
+        except ConfigError as exc:  # a group's own range check: say where its key came from
+            key = str(exc).split("'")[1] if "'" in str(exc) else ""
+            raise ConfigError(f"{sources.get(key, source)}: {exc}") from None
+    config = Config(**built)
+    validate(config, source, sources)
     return config
 
 
-def validate(cfg: Config, source: str) -> None:
+def validate(cfg: Config, source: str, sources: dict[str, str] | None = None) -> None:
     """Checks that need more than one key's type."""
     m, d, t, p = cfg.model, cfg.data, cfg.train, cfg.parallel
 
     def fail(key: str, why: str) -> None:
-        raise ConfigError(f"{source}: key '{key}' {why}")
+        raise ConfigError(f"{(sources or {}).get(key, source)}: key '{key}' {why}")
 
     if not m.model_name_or_path:
         fail("model_name_or_path", "is required (a local model directory or builtin:tiny)")
@@ -434,8 +486,6 @@ def validate(cfg: Config, source: str) -> None:
             fail("interleave_probs", f"must be >= 0 and sum to 1, got {list(d.interleave_probs)}")
     elif d.interleave_probs:
         fail("interleave_probs", "needs mix_strategy: interleave_under or interleave_over")
-    if t.learning_rate <= 0:
-        fail("learning_rate", f"must be > 0, got {t.learning_rate}")
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                 "logging_steps", "loss_chunk_size"):
         if getattr(t, key) <= 0:
@@ -485,20 +535,55 @@ def validate(cfg: Config, source: str) -> None:
         fail("deepspeed", f"file '{p.deepspeed}' does not exist")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice (plain YAML keeps the last one silently)."""
+
+
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: key '{key}' is given twice (first on line "
+                              f"{seen[key]}); keep one")
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def read_yaml_file(path: str | os.PathLike[str]) -> Any:
+    """A YAML file's content, or a one-line ConfigError naming the file (missing, a folder, not UTF-8, bad YAML,
+    duplicate keys)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file '{path}' is a directory; give the YAML file inside it")
+    if not p.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = p.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path} line {line}: not UTF-8 (byte 0x{p.read_bytes()[exc.start]:02x} at offset "
+                          f"{exc.start}); save the file as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except ConfigError as exc:
+        raise ConfigError(f"{path} {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+
+
 def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML file (may be None), apply `key=value` overrides and validate."""
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     source = str(path) if path is not None else "command line"
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        loaded = read_yaml_file(path)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -507,7 +592,8 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None
     for text in overrides or []:
         key, value = parse_override(text)
         values[key] = value
-    return build_config(values, source)
+        sources[key] = "command line"
+    return build_config(values, source, sources)
 
 
 def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:

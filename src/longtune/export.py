@@ -12,8 +12,8 @@ import yaml
 from longtune.errors import ConfigError
 from longtune.models.builtin import build_builtin_model, is_builtin_model
 
-# Training-only files of a checkpoint that an exported model does not carry.
-_TRAINING_FILES = {"optimizer.pt", "scheduler.pt", "rng_state.pt", "trainer_state.json"}
+# Written into every export: the only folders `--overwrite` replaces are ones that hold it.
+EXPORT_MARKER = ".longtune-export"
 
 
 def find_model_dir(source: Path) -> Path:
@@ -62,13 +62,32 @@ def _load_base(name: str, dtype, reward: bool):
     return AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
 
 
+def check_export_target(src: Path, dst: Path, overwrite: bool) -> None:
+    """Export replaces only what it wrote: never the working directory, an ancestor of the source, or a
+    non-empty folder that does not hold an earlier export's marker."""
+    target, here = dst.resolve(), Path.cwd().resolve()
+    if target == here or target in here.parents:
+        raise ConfigError(f"export: OUT_DIR '{dst}' is the current directory or one above it; give a new folder")
+    if target == src.resolve() or target in src.resolve().parents:
+        raise ConfigError(f"export: OUT_DIR '{dst}' holds the source '{src}'; give a folder outside it")
+    if dst.exists() and not dst.is_dir():
+        raise ConfigError(f"export: OUT_DIR '{dst}' exists and is not a directory")
+    if dst.is_dir() and any(dst.iterdir()):
+        if not (dst / EXPORT_MARKER).is_file():
+            raise ConfigError(f"export: OUT_DIR '{dst}' is not empty and holds no earlier export ({EXPORT_MARKER}); "
+                              "longtune never replaces other files; give a new or empty folder")
+        if not overwrite:
+            raise ConfigError(f"export: '{dst}' holds an earlier export (pass --overwrite to replace it)")
+
+
 def export_model(source: str | Path, out: str | Path, merge_lora: bool = False, overwrite: bool = False) -> Path:
     from longtune.models.loader import DTYPES
 
+    from longtune.checkpoint import TRAINING_FILES
+
     src = find_model_dir(Path(source))
     dst = Path(out)
-    if dst.exists() and any(dst.iterdir()) and not overwrite:
-        raise ConfigError(f"export: '{dst}' is not empty (pass --overwrite to replace it)")
+    check_export_target(src, dst, overwrite)
     is_adapter = (src / "adapter_config.json").is_file()
     tmp = dst.parent / f".tmp-export-{dst.name}"
     if tmp.exists():
@@ -91,8 +110,9 @@ def export_model(source: str | Path, out: str | Path, merge_lora: bool = False, 
                     shutil.copy2(f, tmp / f.name)
         else:
             for f in src.iterdir():
-                if f.is_file() and f.name not in _TRAINING_FILES:
+                if f.is_file() and f.name not in TRAINING_FILES and f.name != EXPORT_MARKER:
                     shutil.copy2(f, tmp / f.name)
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"source": str(src.resolve())}) + "\n")
         if dst.exists():
             shutil.rmtree(dst)
         tmp.replace(dst)

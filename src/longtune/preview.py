@@ -41,7 +41,7 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     parser.add_argument("--num", type=int, default=3, metavar="N", help="samples to show (default 3)")
     parser.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows")
     parser.add_argument("--no-color", action="store_true", help="mark trained tokens as [[...]] instead of green")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks for errors")
     parser.set_defaults(func=cmd_data)
     return parser
 

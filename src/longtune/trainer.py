@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import resource
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +28,11 @@ import torch
 from torch import nn
 
 from longtune.checkpoint import (
+    TrainerState,
     complete_checkpoints,
     load_model_weights,
     load_training_state,
+    read_state,
     resolve_resume,
     rotate_checkpoints,
     save_checkpoint,
@@ -38,10 +42,12 @@ from longtune.config import Config, TrainConfig, save_config
 from longtune.data import DataStats, examples_from_config
 from longtune.data.collate import IGNORE_INDEX, Batch, collate, loss_token_count
 from longtune.data.packing import PackingStats, pack_examples
-from longtune.errors import ConfigError, DataError
+from longtune.errors import ConfigError, DataError, LongtuneError
+from longtune.faults import STATUS_DIR, RankStatus, is_peer_failure
 from longtune.models.loader import (
     DTYPES,
     apply_finetuning,
+    check_vocabulary,
     decoder_layer_list,
     load_model,
     load_model_config,
@@ -67,6 +73,8 @@ from longtune.stages import build_stage
 from longtune.steps import PlannedSteps, StreamedSteps, plan_steps
 
 RUN_ARTEFACTS = ("metrics.jsonl", "train_config.yaml", "loss.png", "final", "runs")
+RUN_RECORD = ".longtune-run.json"  # what longtune wrote into output_dir: all that overwrite_output_dir may remove
+TEMP_PREFIXES = (".tmp-checkpoint-", ".tmp-final")  # left by a run killed mid-save
 
 
 @dataclass
@@ -83,33 +91,149 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_output_dir(cfg: Config) -> Path | None:
-    """Read-only checks every rank runs (so all fail alike); returns the checkpoint to resume from, if any."""
+def recorded_artefacts(out: Path) -> set[str]:
+    """Names in output_dir that an earlier longtune run recorded writing (empty without a record)."""
+    try:
+        return set(json.loads((out / RUN_RECORD).read_text()).get("written", []))
+    except (OSError, ValueError, AttributeError):
+        return set()
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before any work if output_dir (or the folder it will be made in) cannot be written."""
+    probe_dir = out
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    try:
+        with tempfile.TemporaryFile(dir=probe_dir):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"key 'output_dir': '{probe_dir}' is not writable ({exc.strerror or exc}); "
+                          "choose a writable output_dir") from None
+
+
+def _check_output_dir_main(cfg: Config, log: Callable[[str], None]) -> Path | None:
     out = Path(cfg.train.output_dir or "")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"key 'output_dir': '{out}' exists and is not a directory")
-    resume = resolve_resume(out, cfg.train.resume_from_checkpoint)
-    if resume is None and out.is_dir() and any(out.iterdir()) and not cfg.train.overwrite_output_dir:
-        raise ConfigError(
-            f"key 'output_dir': '{out}' is not empty; set overwrite_output_dir: true to replace it "
-            "or resume_from_checkpoint: true to continue it"
-        )
+    _check_writable(out)
+    resume = resolve_resume(out, cfg.train.resume_from_checkpoint, log)
+    if resume is None and out.is_dir() and any(c.name != STATUS_DIR for c in out.iterdir()):
+        if not cfg.train.overwrite_output_dir:
+            raise ConfigError(
+                f"key 'output_dir': '{out}' is not empty; set overwrite_output_dir: true to replace it "
+                "or resume_from_checkpoint: true to continue it"
+            )
+        ours = recorded_artefacts(out)
+        for name in RUN_ARTEFACTS:
+            if (out / name).exists() and name not in ours:
+                raise ConfigError(
+                    f"key 'overwrite_output_dir': '{out / name}' was not written by a longtune run (no record in "
+                    f"{RUN_RECORD}), so it is not replaced; move it away or choose another output_dir"
+                )
     return resume
 
 
+def check_output_dir(cfg: Config, dims: ParallelDims | None = None, log: Callable[[str], None] = print) -> Path | None:
+    """Read-only checks (plus a write probe); returns the verified checkpoint to resume from, if any. The main
+    rank checks (hashing a checkpoint once) and tells the others, so every rank fails alike or resumes alike."""
+    outcome: list[Any] = [None]
+    if dims is None or dims.is_main:
+        try:
+            resume = _check_output_dir_main(cfg, log)
+            outcome = [("ok", None if resume is None else str(resume))]
+        except LongtuneError as exc:
+            if dims is None or dims.world_size == 1:
+                raise
+            outcome = [("error", type(exc).__name__, str(exc))]
+    if dims is not None and dims.world_size > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[0][0] == "error":
+        import longtune.errors as errors
+
+        raise getattr(errors, outcome[0][1], ConfigError)(outcome[0][2])
+    return None if outcome[0][1] is None else Path(outcome[0][1])
+
+
+def preflight(cfg: Config) -> None:
+    """Checks the launching process of `--nproc N` runs before the ranks start (each would report the same
+    error): the output directory (not the resume checkpoint: the ranks verify that) and the model directory."""
+    if cfg.train.resume_from_checkpoint in (None, False):
+        _check_output_dir_main(cfg, lambda _: None)
+    load_model_config(cfg.model)
+
+
+def run_settings(cfg: Config, dims: ParallelDims, sharded: bool) -> dict[str, Any]:
+    """What a checkpoint records about the run that wrote it, for `check_resume_settings`."""
+    return {"stage": cfg.train.stage, "finetuning_type": cfg.model.finetuning_type, "lora_rank": cfg.model.lora_rank,
+            "dtype": cfg.compute_dtype, "max_steps": cfg.train.max_steps,
+            "num_train_epochs": cfg.train.num_train_epochs, "learning_rate": cfg.train.learning_rate,
+            "world_size": dims.world_size, "sequence_parallel_size": dims.sp, "fsdp": sharded}
+
+
+def check_resume_settings(ckpt: Path, now: dict[str, Any], log: Callable[[str], None]) -> TrainerState:
+    """Refuse a resume whose checkpoint cannot fit the model being built; say what else changed."""
+    state = read_state(ckpt)
+    assert state is not None
+    before = state.run
+    must_match = ["stage", "finetuning_type"] + (["lora_rank"] if now["finetuning_type"] == "lora" else [])
+    for key in must_match:
+        if key in before and before[key] != now[key]:
+            raise ConfigError(f"key '{key}': {now[key]!r}, but {ckpt.name} was written with {key}: {before[key]!r}; "
+                              f"resume with {key}: {before[key]} (or start a new run)")
+    if "fsdp" in before and before["fsdp"] != now["fsdp"]:
+        if before["fsdp"]:
+            fix = f"--nproc {before['world_size']} (FSDP is on by default with several processes)"
+        else:
+            fix = f"fsdp: false with {before['world_size']} process(es)"
+        raise ConfigError(f"key 'resume_from_checkpoint': {ckpt.name} was written {'with' if before['fsdp'] else 'without'}"
+                          f" FSDP by {before['world_size']} process(es), this launch has {now['world_size']} "
+                          f"{'with' if now['fsdp'] else 'without'} FSDP; resume with {fix}")
+    changed = [f"{key} {before[key]} -> {now[key]}" for key in ("dtype", "max_steps", "num_train_epochs",
+                                                                "learning_rate", "world_size", "sequence_parallel_size")
+               if key in before and before[key] != now[key]]
+    if changed:
+        log(f"notice: resuming {ckpt.name} with changed settings: {', '.join(changed)} (the loss curve will not "
+            "match an uninterrupted run)")
+    return state
+
+
 def prepare_output_dir(cfg: Config, resume: Path | None) -> None:
-    """Create output_dir; with overwrite_output_dir, remove an earlier run's artefacts (main rank only)."""
+    """Create output_dir (main rank only). Remove half-written temp dirs; with overwrite_output_dir, remove only
+    what an earlier run recorded writing (and its checkpoints); record what this run will write."""
     out = Path(cfg.train.output_dir or "")
+    ours = recorded_artefacts(out) if out.is_dir() else set()
+    if out.is_dir():
+        for child in out.iterdir():
+            if child.is_dir() and child.name.startswith(TEMP_PREFIXES):
+                shutil.rmtree(child, ignore_errors=True)
     if resume is None and out.is_dir():
         for name in RUN_ARTEFACTS:
             target = out / name
+            if name not in ours:
+                continue  # check_output_dir refused the run if a user's file has this name
             if target.is_dir():
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
         for _, ckpt in complete_checkpoints(out):
             shutil.rmtree(ckpt)
+        ours = set()
+    elif resume is not None:
+        # A crash between a save and its rotation leaves one checkpoint too many; never the one resumed from.
+        rotate_checkpoints(out, cfg.train.save_total_limit, keep_also=resume)
     out.mkdir(parents=True, exist_ok=True)
+    written = {"metrics.jsonl", "train_config.yaml", "final"}
+    if cfg.train.plot_loss:
+        written.add("loss.png")
+    if cfg.train.report_to == "tensorboard":
+        written.add("runs")
+    record = out / RUN_RECORD
+    tmp = record.with_name(record.name + ".tmp")
+    tmp.write_text(json.dumps({"written": sorted(ours | written)}))
+    os.replace(tmp, record)
 
 
 def load_split(cfg: Config, tokenizer: Any, split: str):
@@ -208,13 +332,19 @@ def peak_memory_gib(device: torch.device) -> float:
 class MetricsLog:
     """metrics.jsonl plus optional TensorBoard; on resume, rows after the resumed step are dropped."""
 
-    def __init__(self, path: Path, resume_step: int | None, tensorboard_dir: Path | None):
+    def __init__(self, path: Path, resume_step: int | None, tensorboard_dir: Path | None,
+                 log: Callable[[str], None] = print):
         self.path = path
         self.rows: list[dict[str, Any]] = []
         if resume_step is not None and path.exists():
-            kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            self.rows = [r for r in kept if r["step"] <= resume_step]
-            path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+            self.rows = [r for r in self._read_rows(path, log) if r["step"] <= resume_step]
+            # Never rewrite in place: a kill mid-write would leave the history truncated.
+            tmp = path.with_name(f".{path.name}.tmp")
+            with open(tmp, "w") as fh:
+                fh.write("".join(json.dumps(r) + "\n" for r in self.rows))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
         elif path.exists():
             path.unlink()
         self.writer = None
@@ -226,6 +356,23 @@ class MetricsLog:
                     "key 'report_to': tensorboard is not installed (pip install tensorboard)"
                 ) from None
             self.writer = SummaryWriter(str(tensorboard_dir))
+
+    @staticmethod
+    def _read_rows(path: Path, log: Callable[[str], None]) -> list[dict[str, Any]]:
+        """The rows of an earlier metrics.jsonl; a line torn by a crash mid-write is dropped with a notice."""
+        rows = []
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                log(f"notice: {path} line {number} is not a complete metrics row (cut by a crash?); dropped")
+                continue
+            rows.append(row)
+        return rows
 
     def write(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -333,11 +480,22 @@ def all_reduce_gradients(params: list[nn.Parameter], dims: ParallelDims) -> None
 
 
 def train(cfg: Config, log: Callable[[str], None] = print) -> RunResult:
-    """Run one training job; every process of a multi-process launch calls this."""
+    """Run one training job; every process of a multi-process launch calls this. A collective that fails
+    because a peer died or stopped becomes a one-line PeerError naming that peer (see faults.py)."""
     t = cfg.train
     dims = init_parallel(cfg.parallel.sequence_parallel_size, t.ddp_timeout)
+    status = RankStatus(t.output_dir, dims.rank, dims.world_size, t.ddp_timeout)
     try:
-        return _train(cfg, dims, log if dims.is_main else (lambda _: None))
+        result = _train(cfg, dims, log if dims.is_main else (lambda _: None), status)
+        status.finished()
+        return result
+    except BaseException as exc:
+        if dims.world_size > 1 and is_peer_failure(exc):
+            error = status.peer_error(exc)
+            status.failed(str(error), because_of_peer=True)
+            raise error from exc
+        status.failed(f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
+        raise
     finally:
         shutdown_parallel(dims)
 
@@ -384,12 +542,17 @@ def precompute_references(parts: RunParts, cfg: Config, train_examples: list, ev
     return train_ref, eval_ref
 
 
-def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunResult:
+def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None], status: RankStatus | None = None) -> RunResult:
     t = cfg.train
+    status = status or RankStatus(None, dims.rank, 1, t.ddp_timeout)
+    status.phase("checking output_dir and resume")
     out = Path(t.output_dir or "")
-    resume_ckpt = check_output_dir(cfg)
+    resume_ckpt = check_output_dir(cfg, dims, log)
     sharding = plan_from_config(cfg.parallel.fsdp, cfg.parallel.offload_params, cfg.parallel.deepspeed,
                                 dims.world_size, log)
+    settings = run_settings(cfg, dims, sharding.enabled)
+    if resume_ckpt is not None:
+        check_resume_settings(resume_ckpt, settings, log)
     device = dims.device
     dtype = DTYPES[cfg.compute_dtype]
     if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -406,7 +569,9 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunRe
     dims.barrier()
     set_seed(t.seed)
 
+    status.phase("loading the tokenizer, data and model")
     tokenizer = load_tokenizer(cfg.model)
+    check_vocabulary(tokenizer, model_config)
     train_examples: list = []  # in memory only: streaming holds a window of them at a time
     streamed_packing: PackingStats | None = None  # streaming with packing: what was packed so far
     steps: PlannedSteps | StreamedSteps
@@ -477,6 +642,7 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunRe
             out / "metrics.jsonl",
             start_step if resume_ckpt is not None else None,
             out / "runs" if t.report_to == "tensorboard" else None,
+            log,
         )
     per_epoch = f"{steps.steps_per_epoch}/epoch" if steps.steps_per_epoch is not None else "epoch length unknown"
     log(
@@ -495,6 +661,7 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunRe
     step = start_step
     try:
         for step in range(start_step + 1, steps.total_steps + 1):
+            status.phase(f"step {step}")
             started = time.perf_counter()
             data = steps.step(step - 1)
             everyone = data.examples
@@ -562,9 +729,11 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunRe
                     metrics.write({"step": step, "epoch": round(data.epoch, 4), **result_eval})
                     progress.write(f"step {step}: eval_loss {result_eval['eval_loss']:.4f}")
             if (t.save_steps and step % t.save_steps == 0) or step == steps.total_steps:
+                status.phase(f"saving checkpoint-{step}")
                 save_checkpoint(
                     out, step, data.epoch, tokens_seen, root, tokenizer,
                     None if t.save_only_model else optimizer, None if t.save_only_model else scheduler, dims,
+                    settings,
                 )
                 if dims.is_main:
                     rotate_checkpoints(out, t.save_total_limit)

@@ -230,8 +230,10 @@ def _chat_prompt(prompt: Conversation, field_name: str, where: str) -> Conversat
 def _response(row: Mapping, fmt: RowFormat, key: str, where: str, need: str) -> str:
     """A reply: a string, or (sharegpt/messages) an assistant message object, alone or as a one-message list
     (TRL's conversational preference rows)."""
-    if key not in row or row[key] is None:
+    if key not in row:
         raise DataError(f"{where}: missing field '{key}' ({need})")
+    if row[key] is None:
+        raise DataError(f"{where}: field '{key}' is null; expected a string or message ({need})")
     value = row[key]
     if isinstance(value, list) and len(value) == 1 and fmt.kind != "alpaca":
         value = value[0]
@@ -249,8 +251,10 @@ def _response(row: Mapping, fmt: RowFormat, key: str, where: str, need: str) -> 
 
 
 def _required_str(row: Mapping, key: str, where: str, need: str) -> str:
-    if key not in row or row[key] is None:
+    if key not in row:
         raise DataError(f"{where}: missing field '{key}' ({need})")
+    if row[key] is None:
+        raise DataError(f"{where}: field '{key}' is null; expected a string ({need})")
     return _as_str(row[key], where, key)
 
 
@@ -320,5 +324,12 @@ def _parse_chat(row: Mapping, fmt: RowFormat, where: str) -> Conversation:
                 raise DataError(f"{where}: {name} is a system message; only the first message may be one")
             system = content
         else:
+            # As LLaMA-Factory: turns alternate, a user (or tool) turn, then the assistant's; two user turns in a
+            # row would otherwise be rendered as one prompt the data never had.
+            expected = ("user", "tool") if len(turns) % 2 == 0 else ("assistant",)
+            if role not in expected:
+                tags = [t for t, r in _TAG_ROLES.items() if r in expected and t != "function_tag"]
+                raise DataError(f"{where}: {name}.{role_tag} is {message[role_tag]!r}, but turns must alternate; "
+                                f"expected {' or '.join(repr(fmt.tags[t]) for t in tags)} here")
             turns.append(Turn(role, content))
     return Conversation(tuple(turns), system)

@@ -118,6 +118,8 @@ def _resolve_registered(name: str, dataset_dir: Path) -> DatasetSpec:
         )
     if "file_name" not in entry:
         raise DataError(f"{where}: missing field 'file_name'")
+    if not isinstance(entry["file_name"], str) or not entry["file_name"]:
+        raise DataError(f"{where}: 'file_name' must be a file or folder name (a string), got {entry['file_name']!r}")
     path = dataset_dir / entry["file_name"]
     if path.is_dir():
         files = tuple(sorted(p for p in path.iterdir() if p.suffix.lower() in _SUFFIXES))
@@ -144,32 +146,49 @@ def _resolve_registered(name: str, dataset_dir: Path) -> DatasetSpec:
 
 def read_rows(path: Path, on_bad_row: Callable[[DataError], None] | None = None) -> list[Any]:
     """All rows of one data file (see `iter_file_rows`)."""
-    return list(iter_file_rows(path, on_bad_row))
+    return [row for _, row in iter_file_rows(path, on_bad_row)]
 
 
-def iter_file_rows(path: Path, on_bad_row: Callable[[DataError], None] | None = None) -> Iterator[Any]:
-    """Rows of a .jsonl (one object per non-blank line), .csv (header + rows, values as strings), .parquet or
-    .json (a list) file, in file order. Only a .json list is read whole: JSON has no row boundaries to stop at.
+def iter_file_rows(path: Path, on_bad_row: Callable[[DataError], None] | None = None) -> Iterator[tuple[int, Any]]:
+    """(row number, row) of a .jsonl (one object per non-blank line, numbered by its line, so an error names
+    the line an editor shows), .csv (header + rows, values as strings), .parquet or .json (a list) file, in file
+    order. Only a .json list is read whole: JSON has no row boundaries to stop at.
 
     A .jsonl line that is not valid JSON raises, or with `on_bad_row` is reported to it and left out.
     """
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        yield from _jsonl_rows(path, on_bad_row)
-    elif suffix == ".csv":
-        yield from _csv_rows(path)
-    elif suffix == ".parquet":
-        yield from _parquet_rows(path)
-    else:
-        data = _read_json(path)
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of rows, got a {type(data).__name__}")
-        yield from data
+    try:
+        if suffix == ".jsonl":
+            yield from _jsonl_rows(path, on_bad_row)
+        elif suffix == ".csv":
+            yield from enumerate(_csv_rows(path), start=1)
+        elif suffix == ".parquet":
+            yield from enumerate(_parquet_rows(path), start=1)
+        else:
+            data = _read_json(path)
+            if not isinstance(data, list):
+                raise DataError(f"{path}: expected a JSON list of rows, got a {type(data).__name__}")
+            yield from enumerate(data, start=1)
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
 
 
-def _jsonl_rows(path: Path, on_bad_row: Callable[[DataError], None] | None) -> Iterator[Any]:
+def _not_utf8(path: Path, error: UnicodeDecodeError) -> DataError:
+    """Where the first non-UTF-8 byte is: text decoders only know the offset within their current chunk."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+        offset = error.start
+    except UnicodeDecodeError as whole:
+        offset = whole.start
+    line = data[:offset].count(b"\n") + 1
+    return DataError(f"{path} line {line}: not UTF-8 (byte 0x{data[offset]:02x} at offset {offset}); save the "
+                     "file as UTF-8")
+
+
+def _jsonl_rows(path: Path, on_bad_row: Callable[[DataError], None] | None) -> Iterator[tuple[int, Any]]:
     with path.open(encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
@@ -182,7 +201,7 @@ def _jsonl_rows(path: Path, on_bad_row: Callable[[DataError], None] | None) -> I
                     raise error from None
                 on_bad_row(error)
                 continue
-            yield row
+            yield line_number, row
 
 
 def _csv_rows(path: Path) -> Iterator[Any]:
@@ -215,6 +234,8 @@ def _read_json(path: Path) -> Any:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise DataError(f"{path} line {e.lineno}: invalid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
 
 
 def load_dataset(
@@ -339,9 +360,9 @@ def _no_rows(spec: DatasetSpec) -> DataError:
 def _located_rows(
     files: tuple[Path, ...], on_bad_row: Callable[[DataError], None] | None
 ) -> Iterator[tuple[Path, int, Any]]:
-    """(file, 1-based row number, raw row) over all files in order; jsonl rows are numbered among valid lines."""
+    """(file, 1-based row number, raw row) over all files in order; jsonl rows are numbered by their line."""
     for path in files:
-        for number, row in enumerate(iter_file_rows(path, on_bad_row), start=1):
+        for number, row in iter_file_rows(path, on_bad_row):
             yield path, number, row
 
 

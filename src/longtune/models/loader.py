@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from longtune.config import ModelConfig
@@ -35,6 +36,11 @@ def _check_model_dir(path: str) -> Path:
     return p
 
 
+# Files one of which every saved tokenizer has (fast, sentencepiece, BPE, WordPiece, tiktoken, or its config).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model")
+
+
 def load_tokenizer(model_cfg: ModelConfig):
     name = model_cfg.model_name_or_path
     assert name is not None
@@ -43,6 +49,10 @@ def load_tokenizer(model_cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     path = _check_model_dir(name)
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES) and not any(path.glob("*.tiktoken")):
+        # transformers would build an empty tokenizer from config.json alone, which encodes every row to nothing.
+        raise ConfigError(f"key 'model_name_or_path': '{path}' has no tokenizer files (expected one of "
+                          f"{', '.join(_TOKENIZER_FILES)}); copy the tokenizer of the base model into it")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=model_cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -92,6 +102,9 @@ def load_reward_model(model_cfg: ModelConfig, dtype: torch.dtype) -> nn.Module:
             )
         except (OSError, ValueError) as exc:
             raise ConfigError(f"key 'model_name_or_path': cannot load a reward model from '{path}': {exc}".splitlines()[0]) from None
+        except SafetensorError as exc:
+            raise ConfigError(f"key 'model_name_or_path': the weights in '{path}' are unreadable ({exc}); the files "
+                              "are truncated or corrupt, copy them again") from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model
@@ -119,7 +132,19 @@ def load_model(model_cfg: ModelConfig, dtype: torch.dtype, task: str = "causal")
         )
     except (OSError, ValueError) as exc:
         raise ConfigError(f"key 'model_name_or_path': cannot load a causal LM from '{path}': {exc}".splitlines()[0]) from None
+    except SafetensorError as exc:
+        raise ConfigError(f"key 'model_name_or_path': the weights in '{path}' are unreadable ({exc}); the files are "
+                          "truncated or corrupt, copy them again") from None
     return model
+
+
+def check_vocabulary(tokenizer, model_config) -> None:
+    """Every token id the tokenizer can produce must have a row in the model's embedding."""
+    vocab = getattr(model_config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ConfigError(f"key 'model_name_or_path': the tokenizer has {len(tokenizer)} tokens but the model's "
+                          f"vocab_size is {vocab} (ids >= {vocab} have no embedding); use the tokenizer that belongs "
+                          "to this model")
 
 
 def decoder_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
