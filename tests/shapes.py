@@ -35,6 +35,10 @@ class Shape:
 
 
 LONG_PROMPT = Shape()
+# Rows of two documents (a pair, or a KTO example + its KL document): answers of 5-10 words sit inside zigzag chunks
+# 3, 4 and 7 at sp=4 (SP ranks 1 and 2 hold no trained token), and their log-prob sums are large enough for bf16
+# rounding to show. Two such documents fit in cutoff_len 256.
+LONG_PROMPT_PAIRS = Shape(prompt_words=(50, 60), answer_words=(5, 10))
 
 
 def _words(rng: random.Random, span: tuple[int, int]) -> str:

@@ -18,7 +18,16 @@ import torch
 
 from tests.conftest import base_overrides
 from tests.launch import final_params, launch, max_rel_diff, metric_rows
-from tests.shapes import Shape, kto_rows, label_ranks, preference_rows, pt_rows, sft_rows, write_rows
+from tests.shapes import (
+    LONG_PROMPT_PAIRS,
+    Shape,
+    kto_rows,
+    label_ranks,
+    preference_rows,
+    pt_rows,
+    sft_rows,
+    write_rows,
+)
 
 SEED = 5
 # 10 rows, batch 4: steps of 4, 4 and 2 rows (the last micro-batch of an epoch is short).
@@ -32,9 +41,7 @@ PAIR_CUTOFF = 256
 def shape_files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("shapes")
     mixed = Shape(short_every=5)  # one ordinary row in five: mixed lengths inside a micro-batch
-    # Two documents per row (pair, or example + KL document). Answers of 5-10 words: still inside zigzag chunks
-    # 3, 4 and 7 at sp=4, and long enough for bf16-rounded reference sums to move DPO's first loss off ln 2.
-    pairs = Shape(prompt_words=(50, 60), answer_words=(5, 10))
+    pairs = LONG_PROMPT_PAIRS
     return {
         "sft": write_rows(root / "sft.json", sft_rows(SEED, SFT_ROWS)),
         "sft_mixed": write_rows(root / "sft_mixed.json", sft_rows(SEED, SFT_ROWS, mixed, fmt="sharegpt")),
@@ -100,6 +107,31 @@ def test_generated_answers_sit_on_one_sp_rank(shape_files):
         labels = shifted_document_labels(example)
         assert 0 < sum(y != -100 for y in labels) <= 5
         assert label_ranks(labels, 2) == {0} and label_ranks(labels, 4) == {0}
+
+
+@pytest.mark.parametrize("kind", ["lm_fused", "lm_checkpointed", "sequence_fused", "sequence_checkpointed"])
+def test_no_label_gives_every_parameter_an_exact_zero_gradient(kind):
+    """A rank with no loss token: loss 0 exactly and a gradient, exactly 0, for the head's weight and bias as well
+    as for the hidden states (a head with no gradient on one rank desynchronises FSDP's reduce-scatter)."""
+    from longtune.losses.causal_lm import chunked_lm_loss, chunked_sequence_logps
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 12, 8, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(8, 16, dtype=torch.float64)
+    labels = torch.full((2, 12), -100)
+    fused = kind.endswith("fused")
+    if kind.startswith("lm"):
+        loss, count = chunked_lm_loss(hidden, labels, head, 4, fused=fused)
+        assert int(count) == 0
+    else:
+        ids = torch.arange(2).repeat_interleave(12).reshape(2, 12)
+        sums, counts = chunked_sequence_logps(hidden, labels, ids, 2, head, 4, fused=fused)
+        assert torch.equal(counts, torch.zeros(2, dtype=torch.float64))
+        loss = (sums * torch.tensor([0.3, -2.0], dtype=torch.float64)).sum()
+    assert float(loss) == 0.0
+    loss.backward()
+    for grad in (hidden.grad, head.weight.grad, head.bias.grad):
+        assert grad is not None and torch.count_nonzero(grad) == 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
