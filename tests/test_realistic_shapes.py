@@ -109,6 +109,22 @@ def test_generated_answers_sit_on_one_sp_rank(shape_files):
         assert label_ranks(labels, 2) == {0} and label_ranks(labels, 4) == {0}
 
 
+def test_generated_pairs_leave_two_of_four_sp_ranks_empty(shape_files):
+    """Pairs and KTO rows (two documents per row): at sp=4 only SP ranks 0 and 3 hold trained tokens."""
+    from longtune.config import build_config
+    from longtune.data.collate import shifted_document_labels
+    from longtune.data.preference import load_kto_examples, load_pair_examples
+    from longtune.models.loader import load_tokenizer
+
+    for stage, name, load in (("dpo", "pairs", load_pair_examples), ("kto", "kto", load_kto_examples)):
+        cfg = build_config(dict(model_name_or_path="builtin:tiny", dataset=str(shape_files[name]), stage=stage,
+                                template="chatml", cutoff_len=PAIR_CUTOFF, output_dir="unused"))
+        examples, stats = load(cfg, load_tokenizer(cfg.model), "train")
+        assert len(examples) == 8 and stats.truncated == 0, (name, stats)
+        for example in examples:
+            assert label_ranks(shifted_document_labels(example), 4) == {0, 3}, name
+
+
 @pytest.mark.parametrize("kind", ["lm_fused", "lm_checkpointed", "sequence_fused", "sequence_checkpointed"])
 def test_no_label_gives_every_parameter_an_exact_zero_gradient(kind):
     """A rank with no loss token: loss 0 exactly and a gradient, exactly 0, for the head's weight and bias as well
