@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import base_overrides
 from tests.launch import final_params, launch, max_rel_diff, metric_rows
+from tests.shapes import LONG_PROMPT_PAIRS, preference_rows, write_rows
 
 METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "kl")
 
@@ -46,9 +47,12 @@ def _assert_runs_equal(ref: Path, other: Path, label: str) -> None:
 
 @pytest.mark.parametrize("nproc", [1, 2, 4])
 def test_dpo_first_step_loss_is_ln2(tmp_path, nproc):
-    """Reference = policy at step 0 (frozen copy of the initial model), so every pair's loss is ln 2."""
+    """Reference = policy at step 0 (frozen copy of the initial model), so every pair's loss is ln 2. The pairs
+    have long prompts and short answers (tests/shapes.py): at sp=4, SP ranks 1 and 2 hold no trained token."""
+    data = write_rows(tmp_path / "pairs.json", preference_rows(3, 8, LONG_PROMPT_PAIRS))
     out = tmp_path / f"sp{nproc}"
-    launch(nproc, _overrides(out, sequence_parallel_size=nproc, max_steps=1, finetuning_type="full"))
+    launch(nproc, _overrides(out, dataset=str(data), cutoff_len=256, sequence_parallel_size=nproc, max_steps=1,
+                             finetuning_type="full"))
     first = _steps(out)[0]
     assert abs(first["loss"] - math.log(2)) <= 1e-12, first["loss"]
     assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0

@@ -104,6 +104,16 @@ def fused_head_supported(head: nn.Module) -> bool:
     return type(head) is nn.Linear
 
 
+def zero_through_head(flat_hidden: Tensor, head: nn.Module) -> Tensor:
+    """An exact 0 whose graph reaches every parameter of the decoder and of the head: one position through the
+    head, times 0. A rank (or lockstep blank micro-batch) with no loss token must still give every trainable
+    parameter a gradient, an exactly-zero one: FSDP reduce-scatters only the parameters that got a gradient, so a
+    head left out on one rank makes the ranks' collectives differ (gloo aborts on the size mismatch, NCCL hangs).
+    `hidden.sum() * 0` alone would reach the decoder but not the head."""
+    logits = head(flat_hidden[:1])
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)).sum() * 0.0
+
+
 def chunked_lm_loss(
     hidden: Tensor, labels: Tensor, head: nn.Module, chunk_size: int, fused: bool = True
 ) -> tuple[Tensor, Tensor]:
@@ -118,8 +128,7 @@ def chunked_lm_loss(
     keep = (flat_labels != IGNORE_INDEX).nonzero(as_tuple=True)[0]
     count = torch.tensor(keep.numel(), device=labels.device, dtype=torch.long)
     if keep.numel() == 0:
-        # Keep the graph connected so every rank runs the same backward.
-        return hidden.sum() * 0.0, count
+        return zero_through_head(flat_hidden, head), count
     sel_hidden = flat_hidden.index_select(0, keep)
     sel_labels = flat_labels.index_select(0, keep)
     if fused and torch.is_grad_enabled() and fused_head_supported(head):
@@ -223,10 +232,10 @@ def chunked_sequence_logps(
     flat_ids = sequence_ids.reshape(-1)
     keep = (flat_labels != IGNORE_INDEX).nonzero(as_tuple=True)[0]
     dtype = torch.promote_types(hidden.dtype, torch.float32)
-    sums = hidden.new_zeros(num_sequences, dtype=dtype) + hidden.sum() * 0.0  # connected even with no label
+    sums = hidden.new_zeros(num_sequences, dtype=dtype)
     counts = torch.zeros(num_sequences, dtype=dtype, device=hidden.device)
     if keep.numel() == 0:
-        return sums, counts
+        return sums + zero_through_head(flat_hidden, head).to(dtype), counts
     sel_hidden = flat_hidden.index_select(0, keep)
     sel_labels = flat_labels.index_select(0, keep)
     sel_ids = flat_ids.index_select(0, keep)

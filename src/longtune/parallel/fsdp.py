@@ -85,7 +85,11 @@ def apply_fsdp(root: RootForward, dims: ParallelDims, layers: nn.ModuleList, com
     kwargs = {"mesh": mesh}
     if compute_dtype in (torch.bfloat16, torch.float16):
         # Master weights stay fp32 (the optimizer steps on them); compute in bf16/fp16; reduce grads in fp32.
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        # No cast of forward inputs: the root's inputs carry fp32 values that are not activations (reference
+        # log-prob sums: cast to bf16, DPO's first loss is 0.676, not ln 2). Activations are bf16 anyway: they
+        # start at the embedding, whose weight is gathered in param_dtype.
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32,
+                                                   cast_forward_inputs=False)
     if plan.offload:
         # Pinned host memory needs an accelerator; on a CPU-only run the policy still runs, unpinned.
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=dims.device.type == "cuda")
