@@ -144,11 +144,6 @@ def _resolve_registered(name: str, dataset_dir: Path) -> DatasetSpec:
     return DatasetSpec(name, files, formatting, columns, tags, num_samples, ranking)
 
 
-def read_rows(path: Path, on_bad_row: Callable[[DataError], None] | None = None) -> list[Any]:
-    """All rows of one data file (see `iter_file_rows`)."""
-    return [row for _, row in iter_file_rows(path, on_bad_row)]
-
-
 def iter_file_rows(path: Path, on_bad_row: Callable[[DataError], None] | None = None) -> Iterator[tuple[int, Any]]:
     """(row number, row) of a .jsonl (one object per non-blank line, numbered by its line, so an error names
     the line an editor shows), .csv (header + rows, values as strings), .parquet or .json (a list) file, in file
