@@ -9,7 +9,27 @@ from typing import Literal
 # What a row becomes: "lm" one document (sft, pt), "pairs" prompt + chosen then prompt + rejected (dpo, rm),
 # "kto" prompt + completion then the KL document, with the completion's desirable flag.
 RowKind = Literal["lm", "pairs", "kto"]
-ROW_KINDS: tuple[RowKind, ...] = ("lm", "pairs", "kto")
+# The rows each stage trains on, and whether they are pretraining texts: the data package's only stage knowledge.
+STAGE_ROWS: dict[str, tuple[RowKind, bool]] = {
+    "sft": ("lm", False),
+    "pt": ("lm", True),
+    "dpo": ("pairs", False),
+    "rm": ("pairs", False),
+    "kto": ("kto", False),
+}
+# formats.TASKS: what loading.py parses the rows of each kind as
+TASK_OF_ROWS: dict[RowKind, str] = {"lm": "plain", "pairs": "preference", "kto": "kto"}
+
+
+def stages_of(rows: RowKind) -> list[str]:
+    """The stages that train on rows of this kind, in STAGE_ROWS order."""
+    return [stage for stage, (kind, _) in STAGE_ROWS.items() if kind == rows]
+
+
+def stages_of_task(task: str) -> str:
+    """The stages whose rows are parsed as formats task `task`, for messages: "sft or pt"."""
+    (rows,) = [kind for kind, t in TASK_OF_ROWS.items() if t == task]
+    return " or ".join(stages_of(rows))
 
 
 @dataclass

@@ -3,18 +3,11 @@ is read, and the in-memory load through the pipeline."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from longtune.data.example import DataStats, EncodeSettings, Example, MixSettings
+from longtune.data.example import STAGE_ROWS, DataStats, EncodeSettings, Example, MixSettings, stages_of
 from longtune.data.mixing import check_mix_settings
-from longtune.data.pipeline import (
-    STAGE_ROWS,
-    check_encoding_inputs,
-    load_all,
-    optional_chat_template,
-    split_names,
-    stages_of,
-)
+from longtune.data.pipeline import check_encoding_inputs, load_all, optional_chat_template, split_names
 from longtune.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -22,6 +15,23 @@ if TYPE_CHECKING:
 
 
 def load_examples(
+    datasets: list[str], *, cache_dir: str | None = None, overwrite_cache: bool = False, **options: Any
+) -> tuple[list[Example], DataStats]:
+    """sft/pt examples from `datasets` (max_samples caps each), mixed by `mix_strategy`, and counts of what
+    happened to rows: the keyword form of `examples_from_config` (`options`: the keywords of `lm_inputs`).
+
+    sft: conversations only, assistant turns trained (all tokens with train_on_prompt), over-long rows cut
+    keeping the last response. pt: texts (+eos) and rendered conversations, all trained, cut into pieces.
+    A row is dropped when no label at position >= 1 is trained: position 0 never is a target after the shift.
+    A malformed row raises DataError naming file and row, or with skip_bad_rows is left out and counted.
+    The result is cached under `cache_dir` (default: see cache.default_cache_dir) keyed by every input that
+    shapes it; a second identical call loads it without tokenizing unless `overwrite_cache`.
+    """
+    names, settings, mix = lm_inputs(datasets, **options)
+    return load_all(names, settings, mix, options["tokenizer"], cache_dir=cache_dir, overwrite_cache=overwrite_cache)
+
+
+def lm_inputs(
     datasets: list[str],
     *,
     dataset_dir: str,
@@ -34,40 +44,7 @@ def load_examples(
     mix_strategy: str = "concat",
     interleave_probs: tuple[float, ...] = (),
     seed: int = 42,
-    cache_dir: str | None = None,
-    overwrite_cache: bool = False,
     skip_bad_rows: bool = False,
-) -> tuple[list[Example], DataStats]:
-    """sft/pt examples from `datasets` (max_samples caps each), mixed by `mix_strategy`, and counts of what
-    happened to rows: the keyword form of `examples_from_config`.
-
-    sft: conversations only, assistant turns trained (all tokens with train_on_prompt), over-long rows cut
-    keeping the last response. pt: texts (+eos) and rendered conversations, all trained, cut into pieces.
-    A row is dropped when no label at position >= 1 is trained: position 0 never is a target after the shift.
-    A malformed row raises DataError naming file and row, or with skip_bad_rows is left out and counted.
-    The result is cached under `cache_dir` (default: see cache.default_cache_dir) keyed by every input that
-    shapes it; a second identical call loads it without tokenizing unless `overwrite_cache`.
-    """
-    names, settings, mix = lm_inputs(
-        datasets, dataset_dir=dataset_dir, tokenizer=tokenizer, template=template, stage=stage,
-        cutoff_len=cutoff_len, train_on_prompt=train_on_prompt, max_samples=max_samples,
-        mix=MixSettings(mix_strategy, tuple(interleave_probs), seed), skip_bad_rows=skip_bad_rows,
-    )
-    return load_all(names, settings, mix, tokenizer, cache_dir=cache_dir, overwrite_cache=overwrite_cache)
-
-
-def lm_inputs(
-    datasets: list[str],
-    *,
-    dataset_dir: str,
-    tokenizer,
-    template: str,
-    stage: str,
-    cutoff_len: int,
-    train_on_prompt: bool,
-    max_samples: int | None,
-    mix: MixSettings,
-    skip_bad_rows: bool,
 ) -> tuple[list[str], EncodeSettings, MixSettings]:
     """Dataset names and settings of an sft/pt load, after the checks it needs before any row is read."""
     lm_stages = stages_of("lm")
@@ -77,6 +54,7 @@ def lm_inputs(
     names = split_names(datasets)
     if not names:
         raise ConfigError("dataset: no dataset given")
+    mix = MixSettings(mix_strategy, tuple(interleave_probs), seed)
     check_mix_settings(mix.strategy, mix.interleave_probs, len(names))  # before any tokenizing
     settings = EncodeSettings(
         rows="lm", dataset_dir=dataset_dir, template=template,
@@ -94,12 +72,12 @@ def config_lm_inputs(
     `eval_dataset` concatenated (each example once)."""
     d = cfg.data
     mixed = split == "train"
-    mix = MixSettings(d.mix_strategy, tuple(d.interleave_probs), cfg.train.seed) if mixed else MixSettings(
-        "concat", (), cfg.train.seed)
     return lm_inputs(
         list(d.dataset if mixed else d.eval_dataset), dataset_dir=d.dataset_dir, tokenizer=tokenizer,
         template=d.template, stage=cfg.train.stage, cutoff_len=d.cutoff_len, train_on_prompt=d.train_on_prompt,
-        max_samples=d.max_samples, mix=mix, skip_bad_rows=d.skip_bad_rows,
+        max_samples=d.max_samples, mix_strategy=d.mix_strategy if mixed else "concat",
+        interleave_probs=tuple(d.interleave_probs) if mixed else (), seed=cfg.train.seed,
+        skip_bad_rows=d.skip_bad_rows,
     )
 
 

@@ -38,6 +38,7 @@ from longtune.data.encode import (
 )
 from longtune.data.example import (
     MAX_SKIPPED_EXAMPLES,
+    TASK_OF_ROWS,
     DataStats,
     EncodeSettings,
     Example,
@@ -46,22 +47,11 @@ from longtune.data.example import (
 )
 from longtune.data.formats import KTOSample, PreferencePair
 from longtune.data.loading import ParsedRow, iter_dataset, load_dataset, resolve_dataset
-from longtune.data.mixing import check_mix_settings, mix_examples, mix_streams
+from longtune.data.mixing import mix_examples, mix_streams
 from longtune.data.templates import resolve_chat_template
 from longtune.errors import ConfigError, DataError
 
 ENCODE_BATCH = 1024  # rows tokenized per call of the fast tokenizer
-
-# The rows each stage trains on, and whether they are pretraining texts: the data package's only stage knowledge.
-STAGE_ROWS: dict[str, tuple[RowKind, bool]] = {
-    "sft": ("lm", False),
-    "pt": ("lm", True),
-    "dpo": ("pairs", False),
-    "rm": ("pairs", False),
-    "kto": ("kto", False),
-}
-# formats.TASKS: how loading.py parses the rows of each kind
-_TASK_OF_ROWS: dict[RowKind, str] = {"lm": "plain", "pairs": "preference", "kto": "kto"}
 
 Reader = Callable[..., Iterable[ParsedRow]]  # load_dataset or iter_dataset
 OnBadRow = Callable[[DataError], None] | None  # None: a malformed row raises
@@ -69,10 +59,6 @@ T = TypeVar("T")
 
 
 # ---------------------------------------------------------------- checks and settings
-
-
-def stages_of(rows: RowKind) -> list[str]:
-    return [stage for stage, (kind, _) in STAGE_ROWS.items() if kind == rows]
 
 
 def split_names(datasets: Iterable[str]) -> list[str]:
@@ -174,7 +160,7 @@ def _cache_key(names: list[str], settings: EncodeSettings, mix: MixSettings, tok
     if settings.rows == "lm":
         inputs |= {"stage": "pt" if settings.pretraining else "sft", "train_on_prompt": settings.train_on_prompt}
     else:  # "task" is no key of an lm load: never the same file as an sft/pt cache
-        inputs["task"] = _TASK_OF_ROWS[settings.rows]
+        inputs["task"] = TASK_OF_ROWS[settings.rows]
     return fingerprint(inputs)
 
 
@@ -228,7 +214,7 @@ def dataset_examples(
     """The examples of one dataset, in row order, encoded ENCODE_BATCH rows at a time; counts go into `stats`."""
     on_bad_row = functools.partial(_count_skipped, stats) if settings.skip_bad_rows else None
     rows = read(name, dataset_dir=Path(settings.dataset_dir), max_samples=settings.max_samples,
-                on_bad_row=on_bad_row, task=_TASK_OF_ROWS[settings.rows])
+                on_bad_row=on_bad_row, task=TASK_OF_ROWS[settings.rows])
     if settings.rows == "lm":
         encode_rows, items = _encode_lm_rows, rows
     else:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from longtune.data.example import DataStats, EncodeSettings, Example, MixSettings
+from longtune.data.example import DataStats, EncodeSettings, Example, MixSettings, stages_of
 from longtune.data.mixing import check_mix_settings
-from longtune.data.pipeline import check_encoding_inputs, load_all, split_names, stages_of
+from longtune.data.pipeline import check_encoding_inputs, load_all, split_names
 from longtune.data.templates import resolve_chat_template
 from longtune.errors import ConfigError
 

@@ -10,13 +10,13 @@ import itertools
 import random
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from longtune.data.lm import config_lm_inputs, lm_inputs
-from longtune.data.example import DataStats, Example, MixSettings, RowKind
+from longtune.data.example import STAGE_ROWS, DataStats, Example, RowKind
 from longtune.data.loading import resolve_dataset
 from longtune.data.packing import PackingStats, pack_stream
-from longtune.data.pipeline import STAGE_ROWS, split_names, stream_all
+from longtune.data.pipeline import split_names, stream_all
 from longtune.data.preference import pair_inputs
 
 if TYPE_CHECKING:
@@ -25,33 +25,15 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-def stream_examples(
-    datasets: list[str],
-    *,
-    dataset_dir: str,
-    tokenizer,
-    template: str,
-    stage: str,
-    cutoff_len: int,
-    train_on_prompt: bool = False,
-    max_samples: int | None = None,
-    mix_strategy: str = "concat",
-    interleave_probs: tuple[float, ...] = (),
-    seed: int = 42,
-    skip_bad_rows: bool = False,
-    stats: DataStats | None = None,
-) -> Iterator[Example]:
-    """One pass over `datasets`: the examples `load_examples` returns for the same arguments, in the same order,
-    read ENCODE_BATCH rows at a time. Row counts, tokens and trained tokens accumulate in `stats` as it is read.
+def stream_examples(datasets: list[str], *, stats: DataStats | None = None, **options: Any) -> Iterator[Example]:
+    """One pass over `datasets`: the examples `load_examples` returns for the same `options` (the keywords of
+    `lm_inputs`), in the same order, read ENCODE_BATCH rows at a time. Row counts, tokens and trained tokens
+    accumulate in `stats` as it is read.
 
     Names, settings and the tokenizer are checked now; files are opened when the stream reaches them.
     """
-    names, settings, mix = lm_inputs(
-        datasets, dataset_dir=dataset_dir, tokenizer=tokenizer, template=template, stage=stage,
-        cutoff_len=cutoff_len, train_on_prompt=train_on_prompt, max_samples=max_samples,
-        mix=MixSettings(mix_strategy, tuple(interleave_probs), seed), skip_bad_rows=skip_bad_rows,
-    )
-    return stream_all(names, settings, mix, tokenizer, stats if stats is not None else DataStats.empty())
+    names, settings, mix = lm_inputs(datasets, **options)
+    return stream_all(names, settings, mix, options["tokenizer"], stats if stats is not None else DataStats.empty())
 
 
 def stream_from_config(
