@@ -95,6 +95,18 @@ def test_streamed_pairs_equal_load_pair_examples(tok, tmp_path, mix):
     assert fields(first_epoch(cfg, tok)) == fields(in_memory[2:])
 
 
+def test_row_kind_given_by_the_caller_equals_the_stage_default(tok, tmp_path):
+    """`rows=` (what a stage passes) reads what cfg's stage implies, and rows the stage cannot train are refused."""
+    a = write_jsonl(tmp_path / "a.jsonl", pair_rows(7, seed=5))
+    cfg = config(tmp_path, str(a), "rm", buffer_size=1, cutoff_len=80)
+    in_memory, _ = load_pair_examples(cfg, tok)
+    epoch = list(training_stream(cfg, tok, epoch=0, stats=DataStats(0, 0, 0, 0, 0, 0),
+                                 packing_stats=PackingStats(0, 0, 0, 80), rows="pairs"))
+    assert fields(epoch) == fields(first_epoch(cfg, tok)) == fields(in_memory)
+    with pytest.raises(ConfigError, match=r"stage: kto data is for stage kto, got 'rm'"):
+        stream_from_config(cfg, tok, rows="kto")
+
+
 @pytest.mark.parametrize("mix", ["concat", "interleave_under", "interleave_over"])
 def test_streamed_kto_equals_load_kto_examples_with_kl_wrap_around(tok, tmp_path, mix):
     a_rows, b_rows = kto_rows(9, seed=3), kto_rows(5, seed=4)

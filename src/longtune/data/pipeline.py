@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -308,13 +308,11 @@ def _encode_lm_rows(
             for item, (ids, offsets) in zip(rendered, tokenized, strict=True)]
 
 
+@dataclass(frozen=True)
 class _RenderedRow:
-    __slots__ = ("text", "spans", "plain_text")
-
-    def __init__(self, text: str, spans: list[tuple[int, int]] | None, plain_text: bool) -> None:
-        self.text = text
-        self.spans = spans  # assistant character spans (sft); None: every token trained (pt)
-        self.plain_text = plain_text  # a pretraining text: the tokenizer's own special tokens, then eos
+    text: str
+    spans: list[tuple[int, int]] | None  # assistant character spans (sft); None: every token trained (pt)
+    plain_text: bool  # a pretraining text: the tokenizer's own special tokens, then eos
 
 
 def _render_lm_row(row: ParsedRow, tokenizer, settings: EncodeSettings) -> _RenderedRow:
