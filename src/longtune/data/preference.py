@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from longtune.data.example import DataStats, EncodeSettings, Example, MixSettings, stages_of
+from longtune.data.example import TASK_OF_ROWS, DataStats, EncodeSettings, Example, MixSettings, stages_of
 from longtune.data.mixing import check_mix_settings
 from longtune.data.pipeline import check_encoding_inputs, load_all, split_names
 from longtune.data.templates import resolve_chat_template
@@ -20,8 +20,6 @@ from longtune.errors import ConfigError
 
 if TYPE_CHECKING:
     from longtune.config import Config
-
-_ROWS_NAME = {"pairs": "preference", "kto": "kto"}  # how errors name the data of each row kind
 
 
 def load_pair_examples(
@@ -49,7 +47,7 @@ def pair_inputs(
     load needs (stage, cutoff, fast tokenizer, mix settings, chat template), before any row is read."""
     stages = stages_of(rows)
     if cfg.train.stage not in stages:
-        raise ConfigError(f"stage: {_ROWS_NAME[rows]} data is for stage {' or '.join(stages)}, "
+        raise ConfigError(f"stage: {TASK_OF_ROWS[rows]} data is for stage {' or '.join(stages)}, "
                           f"got '{cfg.train.stage}'")
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
