@@ -54,13 +54,13 @@ def stream_from_config(
 
 
 def arrange_epoch(
-    examples: Iterable, cfg: Config, *, epoch: int, packing_stats: PackingStats
-) -> Iterator:
+    examples: Iterable[Example], cfg: Config, *, epoch: int, packing_stats: PackingStats
+) -> Iterator[Example]:
     """One epoch of training examples from one pass of the stream: past the first `held_out_count` (held out for
     evaluation), packed in windows of `packing_buffer` documents when packing (sft, pt), then shuffled by a buffer
     of `buffer_size` seeded with seed + epoch. Packing first, then shuffling rows, is the in-memory order too."""
     d = cfg.data
-    stream: Iterator = itertools.islice(examples, held_out_count(cfg), None)
+    stream: Iterator[Example] = itertools.islice(examples, held_out_count(cfg), None)
     if cfg.packing:
         stream = pack_stream(stream, d.cutoff_len, d.packing_buffer, packing_stats)
     return buffer_shuffle(stream, d.buffer_size, seed=cfg.train.seed + epoch)
