@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import longtune.data as data_module
+import longtune.data.pipeline as data_module
 from longtune.data import load_examples
 from longtune.models.builtin import load_builtin_tokenizer
 

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from longtune.config import load_config
+from longtune.data import Example
 from longtune.data.collate import IGNORE_INDEX, collate, shift_labels
 from longtune.losses.causal_lm import chunked_lm_loss
 from longtune.optim import lr_lambda
@@ -115,12 +116,8 @@ def test_no_label_tokens_gives_zero_and_keeps_graph():
 
 
 def test_collate_shifts_labels_and_pads_right():
-    class Ex:
-        def __init__(self, ids, labels):
-            self.input_ids, self.labels = ids, labels
-
-    a = Ex([5, 6, 7, 8], [IGNORE_INDEX, IGNORE_INDEX, 7, 8])
-    b = Ex([9, 10], [9, 10])
+    a = Example([5, 6, 7, 8], [IGNORE_INDEX, IGNORE_INDEX, 7, 8])
+    b = Example([9, 10], [9, 10])
     batch = collate([a, b], pad_token_id=0)
     assert batch.input_ids.tolist() == [[5, 6, 7, 8], [9, 10, 0, 0]]
     # position t predicts token t+1

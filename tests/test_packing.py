@@ -10,7 +10,7 @@ import pytest
 
 from longtune.data import Example
 from longtune.data.collate import PAD_DOCUMENT, collate
-from longtune.data.packing import PackedExample, best_fit_decreasing, pack_examples
+from longtune.data.packing import best_fit_decreasing, pack_examples
 
 IGNORE = -100
 
@@ -85,7 +85,7 @@ def test_collate_packed_row_restarts_positions_and_shifts_within_documents():
     # Three documents of 3, 2 and 4 tokens; unshifted labels mark which tokens are trained.
     ids = [11, 12, 13, 21, 22, 31, 32, 33, 34]
     labels = [IGNORE, 12, 13, IGNORE, 22, IGNORE, IGNORE, 33, 34]
-    packed = PackedExample(ids, labels, [3, 2, 4])
+    packed = Example(ids, labels, [3, 2, 4])
     plain = Example([41, 42, 43], [IGNORE, 42, 43])
     batch = collate([packed, plain], pad_token_id=0)
     assert batch.packed and batch.num_rows == 2

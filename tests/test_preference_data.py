@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from longtune.config import load_config
-from longtune.data import load_examples
-from longtune.data.preference import KTOExample, PairExample, load_kto_examples, load_pair_examples
+from longtune.data import Example, load_examples
+from longtune.data.preference import load_kto_examples, load_pair_examples
 from longtune.errors import ConfigError, DataError
 from longtune.models.builtin import load_builtin_tokenizer
 
@@ -98,7 +98,7 @@ def test_alpaca_pair_exact(tok, tmp_path):
         ("<|im_start|>user\nFirst?<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n", False),  # history: never trained
         PROMPT,
     ]
-    assert isinstance(ex, PairExample)
+    assert isinstance(ex, Example) and ex.desirable is None  # a pair row
     assert (ex.input_ids, ex.labels, ex.doc_lengths) == pair_expected(tok, prompt, "42", "41")
     assert sum(ex.doc_lengths) == len(ex.input_ids) == len(ex.labels)
     assert [trained_spans(tok, *doc) for doc in documents(ex)] == [["42<|im_end|>\n"], ["41<|im_end|>\n"]]
@@ -167,7 +167,7 @@ def test_kto_sharegpt_exact_and_kl_pairing(tok, tmp_path):
     examples, stats = load_kto_examples(config(tmp_path, write(tmp_path, rows), stage="kto"), tok)
     assert len(examples) == 3 and stats.kept == 3
     for i, ex in enumerate(examples):
-        assert isinstance(ex, KTOExample)
+        assert isinstance(ex, Example) and ex.desirable is not None  # a KTO row
         prompt = [(f"<|im_start|>user\nQuestion {i}?<|im_end|>\n<|im_start|>assistant\n", False)]
         # the KL document: this prompt with the completion of the next example, wrapping around
         want = pair_expected(tok, prompt, answers[i], answers[(i + 1) % 3])

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-import longtune.data as data_mod
+import longtune.data.pipeline as data_mod
 import longtune.data.loading as loading_mod
 import longtune.data.streaming as streaming_mod
 import longtune.trainer as trainer_mod

@@ -13,9 +13,9 @@ import pytest
 
 import longtune.trainer as trainer_mod
 from longtune.config import load_config
-from longtune.data import DataStats
+from longtune.data import DataStats, Example
 from longtune.data.packing import PackingStats
-from longtune.data.preference import KTOExample, PairExample, load_kto_examples, load_pair_examples
+from longtune.data.preference import load_kto_examples, load_pair_examples
 from longtune.data.streaming import stream_from_config, training_stream
 from longtune.errors import ConfigError, DataError
 from longtune.models.builtin import load_builtin_tokenizer
@@ -86,13 +86,25 @@ def test_streamed_pairs_equal_load_pair_examples(tok, tmp_path, mix):
                  val_size=2, cutoff_len=80)
     in_memory, stats = load_pair_examples(cfg, tok)
     assert 0 < stats.truncated < stats.rows and len(in_memory) >= 8  # some rows are cut: truncation is compared
-    assert all(isinstance(e, PairExample) for e in in_memory)
+    assert all(isinstance(e, Example) and e.desirable is None for e in in_memory)  # pair rows
     stream, stream_stats = streamed(cfg, tok)
     assert fields(stream) == fields(in_memory)
     if mix == "interleave_under":  # interleave_over reads a dataset again after it wrapped: more rows read
         assert stream_stats == stats
     # the trainer's epoch: buffer_size 1 keeps the order, val_size holds out the head
     assert fields(first_epoch(cfg, tok)) == fields(in_memory[2:])
+
+
+def test_row_kind_given_by_the_caller_equals_the_stage_default(tok, tmp_path):
+    """`rows=` (what a stage passes) reads what cfg's stage implies, and rows the stage cannot train are refused."""
+    a = write_jsonl(tmp_path / "a.jsonl", pair_rows(7, seed=5))
+    cfg = config(tmp_path, str(a), "rm", buffer_size=1, cutoff_len=80)
+    in_memory, _ = load_pair_examples(cfg, tok)
+    epoch = list(training_stream(cfg, tok, epoch=0, stats=DataStats(0, 0, 0, 0, 0, 0),
+                                 packing_stats=PackingStats(0, 0, 0, 80), rows="pairs"))
+    assert fields(epoch) == fields(first_epoch(cfg, tok)) == fields(in_memory)
+    with pytest.raises(ConfigError, match=r"stage: kto data is for stage kto, got 'rm'"):
+        stream_from_config(cfg, tok, rows="kto")
 
 
 @pytest.mark.parametrize("mix", ["concat", "interleave_under", "interleave_over"])
@@ -103,7 +115,7 @@ def test_streamed_kto_equals_load_kto_examples_with_kl_wrap_around(tok, tmp_path
     probs = {} if mix == "concat" else {"interleave_probs": "0.4,0.6"}
     cfg = config(tmp_path, f"{a},{b}", "kto", mix_strategy=mix, buffer_size=1, cutoff_len=200, **probs)
     in_memory, stats = load_kto_examples(cfg, tok)
-    assert all(isinstance(e, KTOExample) for e in in_memory)
+    assert all(isinstance(e, Example) and e.desirable is not None for e in in_memory)  # KTO rows
     assert {e.desirable for e in in_memory} == {True, False}
     stream, stream_stats = streamed(cfg, tok)
     assert fields(stream) == fields(in_memory)

@@ -186,14 +186,12 @@ def _random_rows(case: BenchCase, vocab: int):
 
     g = torch.Generator().manual_seed(1234)
     tokens = torch.randint(1, vocab, (case.length,), generator=g).tolist()
+    from longtune.data import Example
+
     if case.stage == "sft":
-        from types import SimpleNamespace
-
-        return SimpleNamespace(input_ids=tokens, labels=list(tokens)), [case.length]
-    from longtune.data.preference import PairExample
-
+        return Example(input_ids=tokens, labels=list(tokens)), [case.length]
     half = case.length // 2
-    return PairExample(input_ids=tokens[: 2 * half], labels=tokens[: 2 * half], doc_lengths=[half, half]), [half, half]
+    return Example(input_ids=tokens[: 2 * half], labels=tokens[: 2 * half], doc_lengths=[half, half]), [half, half]
 
 
 def _ours_step_fn(case: BenchCase, model, config, row, device):

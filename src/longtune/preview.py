@@ -85,7 +85,7 @@ def preview_stream(cfg, tokenizer, *, num: int, color: bool) -> str:
     from longtune.data.packing import PackingStats, pack_stream
     from longtune.data.streaming import stream_from_config, whole_file_notices
 
-    stats = DataStats(0, 0, 0, 0, 0, 0)
+    stats = DataStats.empty()
     read = list(itertools.islice(stream_from_config(cfg, tokenizer, stats), max(num, cfg.data.buffer_size)))
     packing = None
     if cfg.packing and read:

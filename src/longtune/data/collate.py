@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from longtune.data.encode import IGNORE_INDEX
+from longtune.data.example import Example
+
 PAD_DOCUMENT = -1
 
 
@@ -26,8 +28,8 @@ class Batch:
         return int((self.labels != IGNORE_INDEX).sum())
 
 
-def document_lengths(example) -> list[int]:
-    return list(getattr(example, "doc_lengths", None) or [len(example.input_ids)])
+def document_lengths(example: Example) -> list[int]:
+    return list(example.doc_lengths or [len(example.input_ids)])
 
 
 def shift_labels(labels: list[int]) -> list[int]:
@@ -35,7 +37,7 @@ def shift_labels(labels: list[int]) -> list[int]:
     return labels[1:] + [IGNORE_INDEX]
 
 
-def shifted_document_labels(example) -> list[int]:
+def shifted_document_labels(example: Example) -> list[int]:
     """Shift within each document, so a document's last position never predicts the next document's first token."""
     out: list[int] = []
     start = 0
@@ -45,11 +47,11 @@ def shifted_document_labels(example) -> list[int]:
     return out
 
 
-def loss_token_count(example) -> int:
+def loss_token_count(example: Example) -> int:
     return sum(1 for y in shifted_document_labels(example) if y != IGNORE_INDEX)
 
 
-def collate(examples, pad_token_id: int) -> Batch:
+def collate(examples: list[Example], pad_token_id: int) -> Batch:
     """Right-pad to the longest example of this micro-batch (never to cutoff_len).
 
     Padding needs no attention mask: attention is causal (and document-aware for packed rows), so real tokens

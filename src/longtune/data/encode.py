@@ -98,16 +98,6 @@ def conversation_labels(
     return EncodedConversation(list(input_ids), labels.tolist(), response_start)
 
 
-def encode_conversation(
-    conversation: Conversation, tokenizer, chat_template: str, *, train_on_prompt: bool, where: str
-) -> EncodedConversation:
-    """Token ids of the rendered conversation; labels keep exactly the assistant spans (or all, train_on_prompt)."""
-    text, spans = assistant_char_spans(conversation, tokenizer, chat_template, where)
-    ((input_ids, offsets),) = tokenize_batch(tokenizer, [text], add_special_tokens=False, with_offsets=True)
-    assert offsets is not None
-    return conversation_labels(input_ids, offsets, spans, train_on_prompt=train_on_prompt)
-
-
 def with_eos(ids: list[int], tokenizer) -> list[int]:
     """`ids` ending with eos (appended unless the tokenizer already put it there)."""
     eos = tokenizer.eos_token_id
@@ -143,3 +133,28 @@ def truncate_conversation(
 def split_into_pieces(input_ids: list[int], cutoff_len: int) -> list[list[int]]:
     """Consecutive pieces of at most cutoff_len tokens (pretraining loses no text to truncation)."""
     return [input_ids[i : i + cutoff_len] for i in range(0, len(input_ids), cutoff_len)]
+
+
+def truncate_documents(
+    documents: list[EncodedConversation], cutoff_len: int
+) -> tuple[list[tuple[list[int], list[int]]], bool]:
+    """(ids, labels) of documents that share one prompt, each cut to at most cutoff_len tokens; whether any was cut.
+
+    The rule of truncate_conversation applied to the longest reply: the prompt keeps
+    max(cutoff_len - longest reply, min(prompt, cutoff_len // 2)) tokens, its start and end (it loses its
+    middle), so every reply fits whole whenever that is possible; replies are then cut from the right to the room
+    left. All documents keep the same prompt tokens, so their log-probs compare replies to the same context.
+    """
+    prompt_len = max(d.response_start for d in documents)
+    reply_len = max(len(d.input_ids) - d.response_start for d in documents)
+    if prompt_len + reply_len <= cutoff_len:
+        return [(d.input_ids, d.labels) for d in documents], False
+    prompt_keep = max(cutoff_len - reply_len, min(prompt_len, cutoff_len // 2))
+    reply_keep = cutoff_len - prompt_keep
+    out = []
+    for d in documents:
+        p = d.response_start
+        # A prompt with an empty reply, cut to prompt_keep tokens: truncate_conversation's head + tail cut.
+        ids, labels = truncate_conversation(d.input_ids[:p], d.labels[:p], p, prompt_keep)
+        out.append((ids + d.input_ids[p : p + reply_keep], labels + d.labels[p : p + reply_keep]))
+    return out, True

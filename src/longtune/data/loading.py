@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from longtune.data.conversation import Conversation, TextDocument
+from longtune.data.example import stages_of_task
 from longtune.data.formats import (
     KTOSample,
     PreferencePair,
@@ -44,7 +45,6 @@ PARQUET_BATCH_ROWS = 1024  # rows decoded per parquet record batch: the most a p
 _INFO_KEYS = {
     "file_name", "formatting", "columns", "tags", "num_samples", "ranking", "split", "load_from", "subset", "folder"
 }
-_TASK_STAGES = {"plain": "sft or pt", "preference": "dpo or rm", "kto": "kto"}
 _HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
 
 
@@ -142,11 +142,6 @@ def _resolve_registered(name: str, dataset_dir: Path) -> DatasetSpec:
     if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
         raise DataError(f"{where}: 'num_samples' must be a positive integer, got {num_samples!r}")
     return DatasetSpec(name, files, formatting, columns, tags, num_samples, ranking)
-
-
-def read_rows(path: Path, on_bad_row: Callable[[DataError], None] | None = None) -> list[Any]:
-    """All rows of one data file (see `iter_file_rows`)."""
-    return [row for _, row in iter_file_rows(path, on_bad_row)]
 
 
 def iter_file_rows(path: Path, on_bad_row: Callable[[DataError], None] | None = None) -> Iterator[tuple[int, Any]]:
@@ -347,8 +342,8 @@ def _checked_spec(name: str, dataset_dir: str | Path, task: str) -> DatasetSpec:
     spec = resolve_dataset(name, dataset_dir)
     if spec.ranking and task != "preference":
         raise DataError(
-            f"{Path(dataset_dir) / DATASET_INFO} entry '{name}': ranking (preference) datasets need stage dpo or rm, "
-            f"not {_TASK_STAGES[task]}"
+            f"{Path(dataset_dir) / DATASET_INFO} entry '{name}': ranking (preference) datasets need stage "
+            f"{stages_of_task('preference')}, not {stages_of_task(task)}"
         )
     return spec
 
@@ -376,7 +371,7 @@ def _row_format(spec: DatasetSpec, first: tuple[Path, int, Any], kind: str, task
             raise DataError(
                 f"{path} row {number}: the rows hold {found} data (their keys include the "
                 f"{'chosen/rejected' if found == 'preference' else 'kto_tag'} columns); use stage "
-                f"{_TASK_STAGES[found]}"
+                f"{stages_of_task(found)}"
             )
     return make_row_format(kind, spec.columns, spec.tags, task=task, where=f"dataset '{spec.name}'")
 

@@ -1,7 +1,7 @@
 """Best-fit-decreasing packing of examples into rows of `cutoff_len` tokens.
 
-A packed row remembers its document lengths; collate turns them into per-document position ids and document ids,
-and shifts labels within each document, so that no token attends to, or predicts, another document.
+A packed row is an Example with its document lengths; collate turns them into per-document position ids and
+document ids, and shifts labels within each document, so that no token attends to, or predicts, another document.
 `pack_stream` packs a stream window by window (streaming), with the same packer.
 """
 
@@ -10,14 +10,9 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-
-@dataclass
-class PackedExample:
-    input_ids: list[int]
-    labels: list[int]  # NOT shifted; documents concatenated
-    doc_lengths: list[int] = field(default_factory=list)
+from longtune.data.example import Example
 
 
 @dataclass
@@ -54,8 +49,8 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return [sorted(b) for b in bins]
 
 
-def pack_examples(examples: list, capacity: int) -> tuple[list[PackedExample], PackingStats]:
-    """Pack examples (objects with input_ids/labels) into rows of at most `capacity` tokens; documents keep
+def pack_examples(examples: list[Example], capacity: int) -> tuple[list[Example], PackingStats]:
+    """Pack single-document examples into rows of at most `capacity` tokens; documents keep
     their original relative order inside a row, and rows are ordered by their first document."""
     lengths = [len(e.input_ids) for e in examples]
     bins = sorted(best_fit_decreasing(lengths, capacity), key=lambda b: b[0])
@@ -66,11 +61,13 @@ def pack_examples(examples: list, capacity: int) -> tuple[list[PackedExample], P
         for i in b:
             ids.extend(examples[i].input_ids)
             labels.extend(examples[i].labels)
-        rows.append(PackedExample(ids, labels, [lengths[i] for i in b]))
+        rows.append(Example(ids, labels, [lengths[i] for i in b]))
     return rows, PackingStats(documents=len(examples), rows=len(rows), tokens=sum(lengths), capacity=capacity)
 
 
-def pack_stream(examples: Iterable, capacity: int, window: int, stats: PackingStats) -> Iterator[PackedExample]:
+def pack_stream(
+    examples: Iterable[Example], capacity: int, window: int, stats: PackingStats
+) -> Iterator[Example]:
     """`pack_examples` over consecutive windows of `window` documents: at most one window is held at a time, and
     every document lands in exactly one row. `stats` accumulates over the windows packed so far."""
     if window < 1:
