@@ -88,14 +88,6 @@ class ParallelDims:
     def sp_group(self):
         return self.mesh["sp"].get_group() if self.mesh is not None and self.sp > 1 else None  # type: ignore[index]
 
-    @property
-    def dp_group(self):
-        return self.mesh["dp"].get_group() if self.mesh is not None and self.dp > 1 else None  # type: ignore[index]
-
-    def sp_global_ranks(self) -> list[int]:
-        start = self.dp_rank * self.sp
-        return list(range(start, start + self.sp))
-
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """In-place sum over every rank (a no-op on one process)."""
         if self.world_size > 1:
