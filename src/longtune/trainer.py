@@ -250,14 +250,9 @@ def load_split(cfg: Config, tokenizer: Any, split: str):
 def load_datasets(cfg: Config, tokenizer: Any, dims: ParallelDims, log: Callable[[str], None]) -> tuple[list, list]:
     """Train and eval examples. The main rank tokenizes first (and fills the cache); the others then read it."""
     d = cfg.data
-    if not dims.is_main:
-        dims.barrier()
-    try:
+    with dims.main_rank_first():
         train, stats = load_split(cfg, tokenizer, "train")
         evals = load_split(cfg, tokenizer, "eval")[0] if d.eval_dataset else []
-    finally:
-        if dims.is_main:
-            dims.barrier()
     log(
         f"data: {stats.rows} rows -> {len(train)} examples ({stats.truncated} truncated, {stats.dropped} dropped, "
         f"{stats.skipped} skipped), {stats.tokens} tokens, {stats.trained_tokens} trained"
@@ -303,13 +298,8 @@ def load_streaming(
     steps = StreamedSteps(open_epoch, per_step, t.max_steps)
     evals: list = []
     if d.eval_dataset:
-        if not dims.is_main:  # the main rank tokenizes the eval set first and fills the cache
-            dims.barrier()
-        try:
+        with dims.main_rank_first():  # the main rank tokenizes the eval set first and fills the cache
             evals = load_split(cfg, tokenizer, "eval")[0]
-        finally:
-            if dims.is_main:
-                dims.barrier()
     else:
         evals = held_out_examples(cfg, tokenizer)  # the first val_size examples of the stream, if any
     log(

@@ -7,7 +7,9 @@ sp divides the GPUs per node, so the SP collectives stay on the fast links.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -97,6 +99,18 @@ class ParallelDims:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
+
+    @contextlib.contextmanager
+    def main_rank_first(self) -> Iterator[None]:
+        """The main rank runs the block first (say, tokenizes and fills the data cache), the others wait for it and
+        then run the block themselves (reading what it wrote). Collective: every rank enters it."""
+        if not self.is_main:
+            self.barrier()
+        try:
+            yield
+        finally:
+            if self.is_main:
+                self.barrier()
 
 
 @dataclass(frozen=True)
