@@ -15,7 +15,7 @@ import torch
 
 from longtune.bench import LiveTensorBytes
 from longtune.parallel.attention import SPContext, sp_attention
-from longtune.parallel.attention.common import visibility_mask
+from longtune.parallel.attention.math_kernel import visibility_mask
 from longtune.parallel.attention.kernels import fused_block_backward, fused_block_forward
 
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from longtune.parallel.attention.common import (
+from longtune.parallel.attention.blockwise import AttentionParams, block_backward, block_forward
+from longtune.parallel.attention.math_kernel import (
+    BlockTokens,
     attention_block,
     attention_block_backward,
-    block_backward,
-    block_forward,
     merge_partials,
     visibility_mask,
 )
@@ -40,19 +40,19 @@ def test_fused_block_equals_reference_block_cpu_float64(case):
     docs = _docs(lengths, "cpu").expand(b, -1)
     q_doc, k_docs = docs[:, t:], [docs[:, :t], docs[:, t:]]
     window = 4 if case == "window" else None
-    parts = [attention_block(q, k, v, q_index, ki, q_doc, kd, 0.3, window)
+    parts = [attention_block(q, k, v, BlockTokens(q_index, ki, q_doc, kd), 0.3, window)
              for k, v, ki, kd in zip(keys, values, k_indices, k_docs)]
     out, lse = merge_partials(parts[0][0], parts[0][1], parts[1][0], parts[1][1])
     dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
     for k, v, ki, kd in zip(keys, values, k_indices, k_docs):
         mask = visibility_mask(q_index, ki, q_doc, kd, window).unsqueeze(1)
-        ref_out, ref_lse = attention_block(q, k, v, q_index, ki, q_doc, kd, 0.3, window)
+        ref_out, ref_lse = attention_block(q, k, v, BlockTokens(q_index, ki, q_doc, kd), 0.3, window)
         got_out, got_lse = fused_block_forward(q, k, v, mask, 0.3)
         assert (got_out - ref_out).abs().max() <= 1e-12
         finite = torch.isfinite(ref_lse)
         assert torch.equal(finite, torch.isfinite(got_lse))
         assert (got_lse[finite] - ref_lse[finite]).abs().max() <= 1e-12
-        ref_grads = attention_block_backward(dout, q, k, v, out, lse, q_index, ki, q_doc, kd, 0.3, window)
+        ref_grads = attention_block_backward(dout, q, k, v, out, lse, BlockTokens(q_index, ki, q_doc, kd), 0.3, window)
         got_grads = fused_block_backward(dout, q, k, v, out, lse, mask, 0.3)
         for ref, got in zip(ref_grads, got_grads):
             assert (ref - got).abs().max() <= 1e-12
@@ -93,12 +93,13 @@ def test_zigzag_blocks_merged_equal_unsplit_kernel(device, dtype, packed):
         o = torch.zeros(b, h, len(qs), d, device=device, dtype=torch.float32)
         lse = torch.full((b, h, len(qs)), float("-inf"), device=device)
         for ks in shards:
-            po, pl = block_forward(q[:, :, qs], k[:, :, ks], v[:, :, ks], qi, index[:, ks], qd, docs[:, ks], scale, None)
+            po, pl = block_forward(q[:, :, qs], k[:, :, ks], v[:, :, ks], BlockTokens(qi, index[:, ks], qd, docs[:, ks]),
+                                   AttentionParams(scale))
             o, lse = merge_partials(o, lse, po, pl)
         out[:, :, qs] = o
         for ks in shards:
-            gq, gk, gv = block_backward(dout[:, :, qs], q[:, :, qs], k[:, :, ks], v[:, :, ks], o, lse, qi,
-                                        index[:, ks], qd, docs[:, ks], scale, None)
+            gq, gk, gv = block_backward(dout[:, :, qs], q[:, :, qs], k[:, :, ks], v[:, :, ks], o, lse,
+                                        BlockTokens(qi, index[:, ks], qd, docs[:, ks]), AttentionParams(scale))
             dq[:, :, qs] += gq
             dk[:, :, ks] += gk
             dv[:, :, ks] += gv
@@ -131,7 +132,7 @@ def test_zigzag_blocks_merged_equal_unsplit_kernel(device, dtype, packed):
 @pytest.mark.parametrize("window", [None, 3])
 def test_block_plan_kinds_agree_with_elementwise_masks(seed, window):
     """The planner classifies piece pairs from O(T) summaries; every classification must match the mask."""
-    from longtune.parallel.attention.common import plan_blocks
+    from longtune.parallel.attention.planner import plan_blocks
 
     g = torch.Generator().manual_seed(seed)
     sp = 2 + seed % 3
@@ -147,7 +148,7 @@ def test_block_plan_kinds_agree_with_elementwise_masks(seed, window):
             qi = local_token_index(t, sp, q_rank).expand(2, -1)
             ki = local_token_index(t, sp, k_rank).expand(2, -1)
             qd, kd = docs.gather(1, qi), docs.gather(1, ki)
-            plan = plan_blocks(qi, ki, qd, kd, window, 2, 2)
+            plan = plan_blocks(BlockTokens(qi, ki, qd, kd), window, 2, 2)
             full_mask = visibility_mask(qi, ki, qd, kd, window)
             covered = torch.zeros(full_mask.shape, dtype=torch.long)
             for block in plan.blocks:
@@ -165,12 +166,12 @@ def test_block_plan_kinds_agree_with_elementwise_masks(seed, window):
 
 
 def _zigzag_plan(docs: torch.Tensor, sp: int, q_rank: int, k_rank: int):
-    from longtune.parallel.attention.common import plan_blocks
+    from longtune.parallel.attention.planner import plan_blocks
 
     t = docs.shape[-1]
     qi = local_token_index(t, sp, q_rank).expand(docs.shape[0], -1)
     ki = local_token_index(t, sp, k_rank).expand(docs.shape[0], -1)
-    return plan_blocks(qi, ki, docs.gather(1, qi), docs.gather(1, ki), None, 2, 2)
+    return plan_blocks(BlockTokens(qi, ki, docs.gather(1, qi), docs.gather(1, ki)), None, 2, 2)
 
 
 def test_packed_rows_of_long_documents_need_no_mask():
@@ -306,7 +307,7 @@ def test_sliding_window_plan_builds_no_row_sized_mask(sp):
     """A long document under a sliding window: blocks outside the window are skipped, blocks inside it need no
     mask, and only tiles on the window's edge get one, each at most tile x tile (tile = the window here), in
     all O(T * window) elements instead of O(T^2)."""
-    from longtune.parallel.attention.common import MIN_WINDOW_TILE, plan_blocks
+    from longtune.parallel.attention.planner import MIN_WINDOW_TILE, plan_blocks
 
     t, window = 8192, 300
     assert window >= MIN_WINDOW_TILE
@@ -317,7 +318,7 @@ def test_sliding_window_plan_builds_no_row_sized_mask(sp):
     for q_rank in range(sp):
         for k_rank in range(sp):
             qi, ki = index[q_rank], index[k_rank]
-            plan = plan_blocks(qi, ki, docs.gather(1, qi), docs.gather(1, ki), window, 2, 2)
+            plan = plan_blocks(BlockTokens(qi, ki, docs.gather(1, qi), docs.gather(1, ki)), window, 2, 2)
             sizes = _mask_elements(plan)
             assert all(size <= window * window for size in sizes), max(sizes)
             total += sum(sizes)
@@ -328,7 +329,7 @@ def test_sliding_window_plan_builds_no_row_sized_mask(sp):
 @pytest.mark.parametrize("sp,window", [(1, 150), (2, 130), (3, 200)])
 def test_windowed_tiles_cover_the_mask_exactly(sp, window):
     """Tiled sliding-window plans (documents long enough to be tiled) cover every visible pair exactly once."""
-    from longtune.parallel.attention.common import plan_blocks
+    from longtune.parallel.attention.planner import plan_blocks
 
     t = 2 * sp * 160
     docs = torch.zeros(2, t, dtype=torch.long)
@@ -339,7 +340,7 @@ def test_windowed_tiles_cover_the_mask_exactly(sp, window):
             qi = local_token_index(t, sp, q_rank).expand(2, -1)
             ki = local_token_index(t, sp, k_rank).expand(2, -1)
             qd, kd = docs.gather(1, qi), docs.gather(1, ki)
-            plan = plan_blocks(qi, ki, qd, kd, window, 2, 2)
+            plan = plan_blocks(BlockTokens(qi, ki, qd, kd), window, 2, 2)
             full_mask = visibility_mask(qi, ki, qd, kd, window)
             covered = torch.zeros(full_mask.shape, dtype=torch.long)
             for block in plan.blocks:

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 from longtune.parallel.attention import (
     ATTENTION_NAME,
+    AttentionParams,
+    BlockTokens,
     SPContext,
     attention_block,
     attention_block_backward,
@@ -252,13 +254,14 @@ def _random_block_inputs(seed: int, tq: int = 12, tk: int = 12):
 
 def test_lse_merge_equals_one_shot_attention():
     q, k, v, index, docs = _random_block_inputs(0)
-    full_out, full_lse = attention_block(q, k, v, index, index, docs, docs, 0.3, None)
+    full_out, full_lse = attention_block(q, k, v, BlockTokens(index, index, docs, docs), 0.3, None)
     # Disjoint, interleaved key subsets; the first subset leaves some queries with no visible key (lse -inf).
     subsets = [torch.tensor([3, 4, 9]), torch.tensor([0, 5, 6, 11]), torch.tensor([1, 2, 7, 8, 10])]
     out = torch.zeros_like(full_out)
     lse = torch.full_like(full_lse, float("-inf"))
     for keys in subsets:
-        part = attention_block(q, k[:, :, keys], v[:, :, keys], index, index[:, keys], docs, docs[:, keys], 0.3, None)
+        part = attention_block(q, k[:, :, keys], v[:, :, keys], BlockTokens(index, index[:, keys], docs, docs[:, keys]),
+                               0.3, None)
         assert not torch.isnan(part[0]).any() and torch.isneginf(part[1]).any()
         out, lse = merge_partials(out, lse, *part)
     assert (out - full_out).abs().max() <= TOLERANCE
@@ -268,10 +271,11 @@ def test_lse_merge_equals_one_shot_attention():
 def test_block_backward_from_lse_matches_autograd():
     q, k, v, index, docs = _random_block_inputs(1)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    out, lse = attention_block(*leaves, index, index, docs, docs, 0.3, 4)
+    out, lse = attention_block(*leaves, BlockTokens(index, index, docs, docs), 0.3, 4)
     dout = torch.randn_like(out)
     out.backward(dout)
-    dq, dk, dv = attention_block_backward(dout, q, k, v, out.detach(), lse.detach(), index, index, docs, docs, 0.3, 4)
+    dq, dk, dv = attention_block_backward(dout, q, k, v, out.detach(), lse.detach(), BlockTokens(index, index, docs, docs),
+                                          0.3, 4)
     for mine, leaf in zip((dq, dk, dv), leaves):
         assert (mine - leaf.grad).abs().max() <= TOLERANCE
 
@@ -280,7 +284,7 @@ def test_query_without_visible_key_gives_zero_and_no_nan():
     q, k, v, index, docs = _random_block_inputs(2)
     later = index + 100  # every key is in the future of every query
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    out, lse = attention_block(*leaves, index, later, docs, docs, 0.3, None)
+    out, lse = attention_block(*leaves, BlockTokens(index, later, docs, docs), 0.3, None)
     out.sum().backward()
     assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
     assert all(torch.isfinite(leaf.grad).all() for leaf in leaves)
@@ -370,7 +374,7 @@ def test_attention_reads_only_its_plan_no_device_values(dtype):
     built (once per batch, for each window); then every mode's forward and backward runs on meta tensors
     (bf16: the CUDA kernel path, float64: the math path) without planning again."""
     from longtune.parallel.attention import AttentionPlans
-    from longtune.parallel.attention.common import blockwise_backward, blockwise_forward
+    from longtune.parallel.attention.blockwise import Gradients, blockwise_backward, blockwise_forward
 
     sp, t, heads, kv_heads, dim, windows = 4, 512, 4, 2, 16, (None, 40)
     row_docs = torch.tensor([[0] * 200 + [1] * 290 + [PAD_DOCUMENT] * 22, [0] * 512])
@@ -394,13 +398,14 @@ def test_attention_reads_only_its_plan_no_device_values(dtype):
         plans = AttentionPlans(mode, 1, ulysses_size, rank_index, rank_docs, meta, windows)
         for window in windows:
             for step in plans.steps(window):
-                tq, tk = step.q_index.shape[-1], step.k_index.shape[-1]
+                tq, tk = step.tokens.q_index.shape[-1], step.tokens.k_index.shape[-1]
                 q = torch.empty(2, heads, tq, dim, dtype=dtype, device=meta)
                 k = torch.empty(2, kv_heads, tk, dim, dtype=dtype, device=meta)
-                out, lse = blockwise_forward(q, k, k, step, dim**-0.5, window)
+                params = AttentionParams(dim**-0.5, window)
+                out, lse = blockwise_forward(q, k, k, step, params)
                 wide = torch.promote_types(dtype, torch.float32)
                 grads = [torch.zeros(x.shape, dtype=wide, device=meta) for x in (q, k, k)]
-                blockwise_backward(torch.empty_like(q), q, k, k, out, lse, step, dim**-0.5, window, *grads)
+                blockwise_backward(torch.empty_like(q), q, k, k, out, lse, step, params, Gradients(*grads))
         assert plans.builds == len(windows), mode
 
 
@@ -498,8 +503,6 @@ def test_context_copies_keep_their_plans():
 def test_math_kernel_follows_the_same_blocks(window):
     """attention_kernel: math runs the planned blocks through the reference kernel (block-sized masks only):
     same output and gradients as the whole-row reference, float64, packed rows, windows tiled or not."""
-    from longtune.parallel.attention.kernels import kernel_preference, set_kernel_preference
-
     gen = torch.Generator().manual_seed(8)
     t = 600
     docs = torch.tensor([[0] * 350 + [1] * 240 + [PAD_DOCUMENT] * 10, [0] * 600])
@@ -507,17 +510,12 @@ def test_math_kernel_follows_the_same_blocks(window):
     q = torch.randn(2, 4, t, 8, generator=gen, dtype=torch.float64)
     k, v = (torch.randn(2, 2, t, 8, generator=gen, dtype=torch.float64) for _ in range(2))
     ctx = SPContext(mode="zigzag_ring", group=None, sp_size=1, sp_rank=0, seq_index=index, doc_ids=docs,
-                    windows=(window,))
+                    windows=(window,), kernel="math")
     mine = [x.clone().requires_grad_() for x in (q, k, v)]
     ref = [x.clone().requires_grad_() for x in (q, k, v)]
-    before = kernel_preference()
-    set_kernel_preference("math")
-    try:
-        out, _ = sp_attention_forward(None, *mine, None, scaling=0.3, sliding_window=window, sp_context=ctx)
-        dout = torch.randn(out.shape, generator=gen, dtype=torch.float64)
-        out.backward(dout)
-    finally:
-        set_kernel_preference(before)
+    out, _ = sp_attention_forward(None, *mine, None, scaling=0.3, sliding_window=window, sp_context=ctx)
+    dout = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    out.backward(dout)
     want = reference_attention(*ref, index, docs, 0.3, window).transpose(1, 2)
     want.backward(dout)
     assert (out - want).abs().max() <= TOLERANCE

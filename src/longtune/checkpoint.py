@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from longtune.errors import ConfigError, storage_error
+from longtune.io import replace_dir
 from longtune.models.loader import is_peft_model
 from longtune.parallel.fsdp import RootForward, full_state_dict, is_fsdp, load_full_state_dict
 from longtune.parallel.mesh import ParallelDims
@@ -164,9 +165,7 @@ def save_checkpoint(
                 json.dump(asdict(manifest), fh, indent=1)
                 fh.flush()
                 os.fsync(fh.fileno())
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            replace_dir(tmp, final)
         dims.barrier()
     except BaseException as exc:
         if dims.is_main:

@@ -9,7 +9,7 @@ import traceback
 from pathlib import Path
 
 from longtune import __version__
-from longtune.errors import LongtuneError, storage_error
+from longtune.errors import ConfigError, LongtuneError, storage_error
 from longtune.bench import add_bench_parser
 from longtune.estimate import add_estimate_parser
 from longtune.preview import add_data_parser
@@ -30,10 +30,18 @@ Config keys: {CONFIG_DOC}.
 """
 
 
-def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
-    if items and "=" not in items[0]:
-        return items[0], items[1:]
-    return None, items
+def split_config_args(command: str, items: list[str], required: bool = True) -> tuple[str | None, list[str]]:
+    """`[CONFIG.yaml] [key=value ...]` of a command (train, data, estimate): the YAML path (None when the first
+    argument is already an override) and the overrides, each checked to be key=value. `required`: at least one
+    of them must be given."""
+    rest = list(items)
+    config_path = rest.pop(0) if rest and "=" not in rest[0] else None
+    if required and config_path is None and not rest:
+        raise ConfigError(f"{command}: give a CONFIG.yaml and/or key=value overrides (see longtune {command} --help)")
+    for item in rest:
+        if "=" not in item:
+            raise ConfigError(f"{command}: '{item}' is not key=value (only the first argument may be a YAML file)")
+    return config_path, rest
 
 
 ERROR_DIR_ENV = "LONGTUNE_ERROR_DIR"  # set by `--nproc`: ranks leave their one-line error there for the launcher
@@ -86,12 +94,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from longtune.config import load_config
     from longtune.trainer import train
 
-    config_path, overrides = _split_config_and_overrides(args.config_and_overrides)
-    if config_path is None and not overrides:
-        raise LongtuneError("train: give a CONFIG.yaml and/or key=value overrides (see longtune train --help)")
-    for item in overrides:
-        if "=" not in item:
-            raise LongtuneError(f"train: '{item}' is not key=value (only the first argument may be a YAML file)")
+    config_path, overrides = split_config_args("train", args.config_and_overrides)
     if args.nproc is not None and "RANK" not in os.environ:
         from longtune.parallel.mesh import check_degrees
         from longtune.trainer import preflight

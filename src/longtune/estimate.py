@@ -567,15 +567,13 @@ RUN_ONLY_PLACEHOLDERS = {"dataset": "builtin:sft_demo", "output_dir": "estimate-
 def estimate_config(config_path: str | None, overrides: list[str], model: str | None):
     """The Config of `config_path` + overrides, without demanding the keys only a run needs (dataset,
     output_dir; model_name_or_path when --model gives the shape)."""
-    import yaml
-
-    from longtune.config import load_config, parse_override
+    from longtune.config import load_config, parse_override, read_yaml_file
 
     given: set[str] = {parse_override(item)[0] for item in overrides}
     if config_path is not None:
         try:
-            loaded = yaml.safe_load(open(config_path).read()) or {}
-        except (OSError, yaml.YAMLError):
+            loaded = read_yaml_file(config_path) or {}
+        except (ConfigError, OSError):
             loaded = {}  # load_config reports the problem in its own words
         if isinstance(loaded, dict):
             given |= set(loaded)
@@ -589,14 +587,12 @@ def estimate_config(config_path: str | None, overrides: list[str], model: str | 
 def cmd_estimate(args: argparse.Namespace) -> int:
     from longtune.models.loader import load_model_config
 
-    items = list(args.config_and_overrides)
-    config_path = items.pop(0) if items and "=" not in items[0] else None
+    from longtune.cli import split_config_args
+
+    config_path, items = split_config_args("estimate", args.config_and_overrides, required=False)
     if config_path is None and not items and args.model is None:
         raise ConfigError("estimate: give --model NAME|config.json, a CONFIG.yaml and/or key=value overrides "
                           "(see longtune estimate --help)")
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"estimate: '{item}' is not key=value (only the first argument may be a YAML file)")
     if args.gpus < 1:
         raise ConfigError(f"estimate: --gpus must be >= 1, got {args.gpus}")
     cfg = estimate_config(config_path, items, args.model)

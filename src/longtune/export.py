@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from longtune.errors import ConfigError
+from longtune.io import atomic_dir
 from longtune.models.builtin import build_builtin_model, is_builtin_model
 
 # Written into every export: the only folders `--overwrite` replaces are ones that hold it.
@@ -89,11 +90,7 @@ def export_model(source: str | Path, out: str | Path, merge_lora: bool = False, 
     dst = Path(out)
     check_export_target(src, dst, overwrite)
     is_adapter = (src / "adapter_config.json").is_file()
-    tmp = dst.parent / f".tmp-export-{dst.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(dst, f".tmp-export-{dst.name}") as tmp:
         if is_adapter and merge_lora:
             from peft import PeftModel
 
@@ -113,10 +110,4 @@ def export_model(source: str | Path, out: str | Path, merge_lora: bool = False, 
                 if f.is_file() and f.name not in TRAINING_FILES and f.name != EXPORT_MARKER:
                     shutil.copy2(f, tmp / f.name)
         (tmp / EXPORT_MARKER).write_text(json.dumps({"source": str(src.resolve())}) + "\n")
-        if dst.exists():
-            shutil.rmtree(dst)
-        tmp.replace(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from longtune.errors import LongtuneError
+from longtune.io import atomic_write_text
 
 STATUS_DIR = ".longtune-ranks"
 
@@ -64,11 +65,7 @@ class RankStatus:
         if self.dir is None:
             return
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            path = self.dir / f"rank-{self.rank}.json"
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(record))
-            os.replace(tmp, path)
+            atomic_write_text(self.dir / f"rank-{self.rank}.json", json.dumps(record))
         except OSError:
             pass  # a status file is a diagnosis aid; never let it fail the run
 

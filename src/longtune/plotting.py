@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from longtune.io import atomic_open
+
 
 def plot_loss(metrics_path: Path, png_path: Path) -> None:
     import matplotlib
@@ -26,7 +28,6 @@ def plot_loss(metrics_path: Path, png_path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = Path(png_path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_open(png_path, "wb") as fh:
+        fig.savefig(fh, dpi=110, format="png")
     plt.close(fig)
-    tmp.replace(png_path)

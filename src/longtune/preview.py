@@ -52,13 +52,9 @@ def cmd_data(args: argparse.Namespace) -> int:
     from longtune.errors import ConfigError
     from longtune.models.loader import load_tokenizer
 
-    items = list(args.config_and_overrides)
-    config_path = items.pop(0) if items and "=" not in items[0] else None
-    if config_path is None and not items:
-        raise ConfigError("data: give a CONFIG.yaml and/or key=value overrides (see longtune data --help)")
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"data: '{item}' is not key=value (only the first argument may be a YAML file)")
+    from longtune.cli import split_config_args
+
+    config_path, items = split_config_args("data", args.config_and_overrides)
     if args.num < 0:
         raise ConfigError(f"data: --num must be >= 0, got {args.num}")
     if args.skip_bad_rows:

@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from longtune.config import Config
+from longtune.io import atomic_open
 from longtune.models.loader import is_peft_model, load_model
 from longtune.parallel.fsdp import RootForward, ShardingPlan, apply_fsdp
 from longtune.parallel.mesh import ParallelDims
@@ -129,11 +129,8 @@ def precompute_table(reference: LiveReference, stage, examples: list, run_batch:
 
 
 def save_table(table: Tensor, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    torch.save(table, tmp)
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as fh:
+        torch.save(table, fh)
 
 
 def load_table(path: Path, rows: int, docs_per_row: int) -> Tensor | None:

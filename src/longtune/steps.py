@@ -46,11 +46,6 @@ class StepPlan:
         order = torch.randperm(self.num_examples, generator=torch.Generator().manual_seed(self.seed + epoch))
         return order[index * self.per_step : (index + 1) * self.per_step].tolist()
 
-    def micro_batches(self, step: int, dp_rank: int = 0) -> list[list[int]]:
-        per_rank = self.batch_size * self.grad_accum
-        mine = self.step_examples(step)[dp_rank * per_rank : (dp_rank + 1) * per_rank]
-        return [mine[i : i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
-
 
 def plan_steps(num_examples: int, t: TrainConfig, dp: int = 1) -> StepPlan:
     args = (num_examples, t.per_device_train_batch_size, t.gradient_accumulation_steps, dp, t.seed)

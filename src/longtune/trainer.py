@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import resource
 import shutil
@@ -44,6 +43,7 @@ from longtune.data.collate import IGNORE_INDEX, Batch, collate, loss_token_count
 from longtune.data.packing import PackingStats, pack_examples
 from longtune.errors import ConfigError, DataError, LongtuneError
 from longtune.faults import STATUS_DIR, RankStatus, is_peer_failure
+from longtune.io import atomic_dir, atomic_write_text
 from longtune.models.loader import (
     DTYPES,
     apply_finetuning,
@@ -231,9 +231,7 @@ def prepare_output_dir(cfg: Config, resume: Path | None) -> None:
     if cfg.train.report_to == "tensorboard":
         written.add("runs")
     record = out / RUN_RECORD
-    tmp = record.with_name(record.name + ".tmp")
-    tmp.write_text(json.dumps({"written": sorted(ours | written)}))
-    os.replace(tmp, record)
+    atomic_write_text(record, json.dumps({"written": sorted(ours | written)}))
 
 
 def load_split(cfg: Config, tokenizer: Any, split: str):
@@ -252,14 +250,9 @@ def load_split(cfg: Config, tokenizer: Any, split: str):
 def load_datasets(cfg: Config, tokenizer: Any, dims: ParallelDims, log: Callable[[str], None]) -> tuple[list, list]:
     """Train and eval examples. The main rank tokenizes first (and fills the cache); the others then read it."""
     d = cfg.data
-    if not dims.is_main:
-        dims.barrier()
-    try:
+    with dims.main_rank_first():
         train, stats = load_split(cfg, tokenizer, "train")
         evals = load_split(cfg, tokenizer, "eval")[0] if d.eval_dataset else []
-    finally:
-        if dims.is_main:
-            dims.barrier()
     log(
         f"data: {stats.rows} rows -> {len(train)} examples ({stats.truncated} truncated, {stats.dropped} dropped, "
         f"{stats.skipped} skipped), {stats.tokens} tokens, {stats.trained_tokens} trained"
@@ -305,13 +298,8 @@ def load_streaming(
     steps = StreamedSteps(open_epoch, per_step, t.max_steps)
     evals: list = []
     if d.eval_dataset:
-        if not dims.is_main:  # the main rank tokenizes the eval set first and fills the cache
-            dims.barrier()
-        try:
+        with dims.main_rank_first():  # the main rank tokenizes the eval set first and fills the cache
             evals = load_split(cfg, tokenizer, "eval")[0]
-        finally:
-            if dims.is_main:
-                dims.barrier()
     else:
         evals = held_out_examples(cfg, tokenizer)  # the first val_size examples of the stream, if any
     log(
@@ -339,12 +327,7 @@ class MetricsLog:
         if resume_step is not None and path.exists():
             self.rows = [r for r in self._read_rows(path, log) if r["step"] <= resume_step]
             # Never rewrite in place: a kill mid-write would leave the history truncated.
-            tmp = path.with_name(f".{path.name}.tmp")
-            with open(tmp, "w") as fh:
-                fh.write("".join(json.dumps(r) + "\n" for r in self.rows))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.rows))
         elif path.exists():
             path.unlink()
         self.writer = None
@@ -747,13 +730,8 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None], status: 
     final_dir = out / "final"
     state = full_state_dict(root)
     if dims.is_main:
-        tmp = out / ".tmp-final"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        save_model_dir(model, tokenizer, tmp, state_dict=state)
-        if final_dir.exists():
-            shutil.rmtree(final_dir)
-        tmp.replace(final_dir)
+        with atomic_dir(final_dir, ".tmp-final") as tmp:
+            save_model_dir(model, tokenizer, tmp, state_dict=state)
         if t.plot_loss:
             from longtune.plotting import plot_loss
 

@@ -13,7 +13,6 @@ import hashlib
 import itertools
 import json
 import os
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from longtune.data.encode import IGNORE_INDEX
+from longtune.io import atomic_open
 
 CACHE_VERSION = 1  # bump when encoding, truncation or the file layout change what a key maps to
 # Files up to this size are fingerprinted by content: file timestamps tick in jiffies on Linux, so a file rewritten
@@ -103,21 +103,14 @@ def save_cached(path: Path, examples: list, stats: dict[str, Any]) -> bool:
     offsets = np.zeros(len(examples) + 1, dtype=np.int64)
     np.cumsum([len(e.input_ids) for e in examples], out=offsets[1:])
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(
-                    f,
-                    input_ids=ids.astype(np.int32),
-                    trained=trained,
-                    offsets=offsets,
-                    stats=np.array(json.dumps({"cache_version": CACHE_VERSION, **stats})),
-                )
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_open(path, "wb") as f:
+            np.savez(
+                f,
+                input_ids=ids.astype(np.int32),
+                trained=trained,
+                offsets=offsets,
+                stats=np.array(json.dumps({"cache_version": CACHE_VERSION, **stats})),
+            )
     except OSError as exc:
         warnings.warn(f"data cache: could not write {path} ({exc}); continuing without it", stacklevel=2)
         return False

@@ -8,10 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from longtune.data.encode import IGNORE_INDEX
+from longtune.constants import IGNORE_INDEX, PAD_DOCUMENT
 from longtune.data.example import Example
-
-PAD_DOCUMENT = -1
 
 
 @dataclass

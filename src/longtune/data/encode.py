@@ -12,10 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 from jinja2 import TemplateError
 
+from longtune.constants import IGNORE_INDEX
 from longtune.data.conversation import Conversation
 from longtune.errors import ConfigError, DataError
-
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from longtune.constants import IGNORE_INDEX
 
 
 def _chunk_loss_sum(hidden: Tensor, targets: Tensor, head: nn.Module) -> Tensor:

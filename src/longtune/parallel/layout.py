@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100
-PAD_DOCUMENT = -1
+from longtune.constants import IGNORE_INDEX, PAD_DOCUMENT
 
 
 def zigzag_chunk_ids(sp_size: int, sp_rank: int) -> tuple[int, int]:

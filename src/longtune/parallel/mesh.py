@@ -7,7 +7,9 @@ sp divides the GPUs per node, so the SP collectives stay on the fast links.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -88,14 +90,6 @@ class ParallelDims:
     def sp_group(self):
         return self.mesh["sp"].get_group() if self.mesh is not None and self.sp > 1 else None  # type: ignore[index]
 
-    @property
-    def dp_group(self):
-        return self.mesh["dp"].get_group() if self.mesh is not None and self.dp > 1 else None  # type: ignore[index]
-
-    def sp_global_ranks(self) -> list[int]:
-        start = self.dp_rank * self.sp
-        return list(range(start, start + self.sp))
-
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """In-place sum over every rank (a no-op on one process)."""
         if self.world_size > 1:
@@ -105,6 +99,18 @@ class ParallelDims:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
+
+    @contextlib.contextmanager
+    def main_rank_first(self) -> Iterator[None]:
+        """The main rank runs the block first (say, tokenizes and fills the data cache), the others wait for it and
+        then run the block themselves (reading what it wrote). Collective: every rank enters it."""
+        if not self.is_main:
+            self.barrier()
+        try:
+            yield
+        finally:
+            if self.is_main:
+                self.barrier()
 
 
 @dataclass(frozen=True)

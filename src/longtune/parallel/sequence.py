@@ -126,10 +126,7 @@ class SequenceParallel:
         from longtune.parallel.attention import ATTENTION_NAME, register_sp_attention
         from longtune.models.loader import unwrap_base
 
-        from longtune.parallel.attention.kernels import set_kernel_preference
-
         register_sp_attention()
-        set_kernel_preference(self.kernel)
         if self.dims.is_main:
             device = self.dims.device.type
             fused = {"cuda": "PyTorch flash / memory-efficient SDPA kernels with log-sum-exp",
@@ -190,6 +187,7 @@ class SequenceParallel:
             ring_size=dims.sp // self.ulysses_size,
             row_doc_ids=padded_docs.cpu(),
             windows=self.windows,
+            kernel=self.kernel,
         )
         cut = lambda x, pad: shard_tensor(x, dims.sp, dims.sp_rank, pad).to(device)  # noqa: E731
         return ModelInputs(

@@ -9,14 +9,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from longtune.constants import IGNORE_INDEX
 from longtune.losses.preference import bradley_terry_loss
 from longtune.models.loader import unwrap_base
 from longtune.parallel.collectives import all_reduce_sum
 from longtune.parallel.sequence import ModelInputs
 from longtune.stages.base import StageOutput, final_hidden_states, metric_vector
 from longtune.stages.preference import split_pairs
-
-IGNORE_INDEX = -100
 
 
 class RewardStage:

@@ -1,5 +1,9 @@
 """Sequence-parallel attention registered with transformers' `AttentionInterface` as "longtune_sp".
 
+Layout of this package: context.py (SPContext, hybrid groups), planner.py (which kernel calls each step makes),
+math_kernel.py (reference block kernel, LSE merge), kernels.py (fused SDPA kernels), blockwise.py (a step's
+blocks through a kernel), local.py / ring.py / ulysses.py / llama3.py / hybrid.py (one autograd path per mode).
+
 The model stays an untouched HF model: the caller registers the function, sets
 `config._attn_implementation = ATTENTION_NAME` and passes `sp_context=SPContext(...)` to the model's forward;
 transformers hands that keyword to every attention layer.
@@ -10,22 +14,26 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from longtune.parallel.attention.common import (
+from longtune.parallel.attention.blockwise import AttentionParams
+from longtune.parallel.attention.context import (
     SP_MODES,
-    AttentionPlans,
-    LocalBlockAttention,
     SPContext,
-    attention_block,
-    attention_block_backward,
     check_ulysses_heads,
     choose_ulysses_size,
     hybrid_group_ranks,
     make_hybrid_groups,
-    merge_partials,
-    reference_attention,
 )
 from longtune.parallel.attention.hybrid import hybrid_attention
 from longtune.parallel.attention.llama3 import llama3_attention
+from longtune.parallel.attention.local import LocalBlockAttention
+from longtune.parallel.attention.math_kernel import (
+    BlockTokens,
+    attention_block,
+    attention_block_backward,
+    merge_partials,
+    reference_attention,
+)
+from longtune.parallel.attention.planner import AttentionPlans
 from longtune.parallel.attention.ring import ring_attention
 from longtune.parallel.attention.ulysses import ulysses_attention
 
@@ -33,7 +41,9 @@ ATTENTION_NAME = "longtune_sp"
 
 __all__ = [
     "ATTENTION_NAME",
+    "AttentionParams",
     "AttentionPlans",
+    "BlockTokens",
     "SP_MODES",
     "SPContext",
     "attention_block",
@@ -63,15 +73,16 @@ def sp_attention(
         )
     # Planned when the batch was prepared: reading the plan costs no device -> host synchronisation.
     steps = ctx.plans.steps(sliding_window)
+    params = AttentionParams(scaling, sliding_window, ctx.kernel)
     if ctx.sp_size == 1:
-        return LocalBlockAttention.apply(q, k, v, steps[0], scaling, sliding_window)
+        return LocalBlockAttention.apply(q, k, v, steps[0], params)
     if ctx.mode == "zigzag_ring":
-        return ring_attention(q, k, v, steps, ctx.group, scaling, sliding_window)
+        return ring_attention(q, k, v, steps, ctx.group, params)
     if ctx.mode == "ulysses":
-        return ulysses_attention(q, k, v, steps[0], ctx.group, scaling, sliding_window)
+        return ulysses_attention(q, k, v, steps[0], ctx.group, params)
     if ctx.mode == "llama3":
-        return llama3_attention(q, k, v, steps[0], ctx.group, scaling, sliding_window)
-    return hybrid_attention(q, k, v, steps, ctx.ulysses_group, ctx.ring_group, scaling, sliding_window)
+        return llama3_attention(q, k, v, steps[0], ctx.group, params)
+    return hybrid_attention(q, k, v, steps, ctx.ulysses_group, ctx.ring_group, params)
 
 
 def to_compute_dtype(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -9,16 +9,17 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import Tensor
 
-from longtune.parallel.attention.common import StepPlan
+from longtune.parallel.attention.blockwise import AttentionParams
+from longtune.parallel.attention.planner import StepPlan
 from longtune.parallel.attention.ring import ring_attention
 from longtune.parallel.attention.ulysses import HeadsToSeq, scatter_heads
 
 
 def hybrid_attention(
     q: Tensor, k: Tensor, v: Tensor, steps: list[StepPlan], ulysses_group: dist.ProcessGroup,
-    ring_group: dist.ProcessGroup, scaling: float, sliding_window: int | None,
+    ring_group: dist.ProcessGroup, params: AttentionParams,
 ) -> Tensor:
     """[B, Hq, T_local, D] output of this rank's tokens, all heads. `steps` plans the ring over the groups."""
     q, k, v = scatter_heads(q, k, v, ulysses_group, "ulysses_size")
-    out = ring_attention(q, k, v, steps, ring_group, scaling, sliding_window)
+    out = ring_attention(q, k, v, steps, ring_group, params)
     return HeadsToSeq.apply(out, ulysses_group)

@@ -1,6 +1,6 @@
 """Fused per-block attention kernels with log-sum-exp, for the SP modes' blockwise forward and backward.
 
-The pure-PyTorch block (`common.attention_block`) materialises [Tq, Tk] scores in fp32 or wider; it is the
+The pure-PyTorch block (`math_kernel.attention_block`) materialises [Tq, Tk] scores in fp32 or wider; it is the
 reference and the fallback. The fused kernels are PyTorch's own SDPA kernels called through their aten ops,
 because only those return the log-sum-exp (needed to merge ring partials) and accept an external output and
 log-sum-exp in backward (needed to recompute one block against the *final* softmax of its queries):
@@ -16,29 +16,18 @@ lse -inf, as in the reference kernel.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
+from longtune.parallel.attention.math_kernel import reduce_kv_heads, repeat_kv_heads
+
+# Config `attention_kernel`, carried per call in SPContext / AttentionParams.
 KERNEL_CHOICES = ("auto", "fused", "math")
-_preference = os.environ.get("LONGTUNE_ATTENTION_KERNEL", "auto")
 
 
-def set_kernel_preference(choice: str) -> None:
-    """`auto`/`fused`: fused kernels where the device and dtype allow; `math`: always the reference kernel."""
-    global _preference
-    if choice not in KERNEL_CHOICES:
-        raise ValueError(f"attention kernel must be one of {KERNEL_CHOICES}, got {choice!r}")
-    _preference = choice
-
-
-def kernel_preference() -> str:
-    return _preference
-
-
-def fused_enabled(q: Tensor) -> bool:
-    if _preference == "math":
+def fused_enabled(q: Tensor, kernel: str) -> bool:
+    """Whether blocks of q go to a fused kernel: `auto`/`fused` where the device and dtype allow; `math` never."""
+    if kernel == "math":
         return False
     if q.is_cuda or q.is_meta:  # meta tensors stand in for CUDA ones in tests (see _gpu_path)
         return q.dtype in (torch.float16, torch.bfloat16, torch.float32)
@@ -67,18 +56,6 @@ def _bias(mask: Tensor, dtype: torch.dtype, align: int = 1) -> Tensor:
     bias = torch.full((*visible.shape[:-1], width), float("-inf"), dtype=dtype, device=mask.device)
     bias[..., :tk].masked_fill_(visible, 0.0)
     return bias[..., :tk]
-
-
-def _expand_heads(k: Tensor, v: Tensor, num_heads: int) -> tuple[Tensor, Tensor]:
-    rep = num_heads // k.shape[1]
-    if rep == 1:
-        return k, v
-    return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-
-
-def _reduce_heads(x: Tensor, num_kv_heads: int) -> Tensor:
-    b, h, t, d = x.shape
-    return x if h == num_kv_heads else x.view(b, num_kv_heads, h // num_kv_heads, t, d).sum(2)
 
 
 def _gpu_path(q: Tensor) -> bool:
@@ -145,7 +122,7 @@ def fused_block_forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, sc
 
     `kind` 'full' or 'causal' (square, top-left aligned) needs no mask; otherwise mask [B, 1, Tq, Tk] is used."""
     wide = torch.promote_types(q.dtype, torch.float32)
-    k, v = (x.to(q.dtype).contiguous() for x in _expand_heads(k, v, q.shape[1]))
+    k, v = (x.to(q.dtype).contiguous() for x in (repeat_kv_heads(k, q.shape[1]), repeat_kv_heads(v, q.shape[1])))
     q = q.contiguous()
     kind, has_key = _kind_and_keys(mask, kind, q)
     tq, d = q.shape[2], q.shape[3]
@@ -175,11 +152,11 @@ def fused_block_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Tensor | None, scaling: float,
     kind: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Block gradients against the final out/lse of its queries (see common.attention_block_backward)."""
+    """Block gradients against the final out/lse of its queries (see math_kernel.attention_block_backward)."""
     wide = torch.promote_types(q.dtype, torch.float32)
     num_kv = k.shape[1]
     # The backward kernels assume q, out and grad_out share one memory layout: make all of them contiguous.
-    k, v = (x.to(q.dtype).contiguous() for x in _expand_heads(k, v, q.shape[1]))
+    k, v = (x.to(q.dtype).contiguous() for x in (repeat_kv_heads(k, q.shape[1]), repeat_kv_heads(v, q.shape[1])))
     q = q.contiguous()
     kind, has_key = _kind_and_keys(mask, kind, q)
     # Queries that see no key of this block were opened fully in the bias (see _bias); give them lse +inf so
@@ -209,4 +186,4 @@ def fused_block_backward(
             dout_c, q, k, v, out_c, lse_in, 0.0, kind == "causal",
             attn_mask=bias, scale=scaling,
         )
-    return dq.to(wide), _reduce_heads(dk.to(wide), num_kv), _reduce_heads(dv.to(wide), num_kv)
+    return dq.to(wide), reduce_kv_heads(dk.to(wide), num_kv), reduce_kv_heads(dv.to(wide), num_kv)

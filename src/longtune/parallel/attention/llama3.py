@@ -8,7 +8,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from longtune.parallel.attention.common import StepPlan, blockwise_backward, blockwise_forward, compute_dtype
+from longtune.parallel.attention.blockwise import AttentionParams, Gradients, blockwise_backward, blockwise_forward
+from longtune.parallel.attention.math_kernel import compute_dtype
+from longtune.parallel.attention.planner import StepPlan
 
 
 def _all_gather_tokens(x: Tensor, group: dist.ProcessGroup) -> Tensor:
@@ -25,11 +27,11 @@ class Llama3Attention(torch.autograd.Function):
     or wider, like the ring's dK/dV, so the sum over ranks is not rounded to bf16."""
 
     @staticmethod
-    def forward(ctx, q, k, v, step, scaling, sliding_window, group):
+    def forward(ctx, q, k, v, step, params, group):
         kv = _all_gather_tokens(torch.stack([k, v]), group)
-        out, lse = blockwise_forward(q, kv[0], kv[1], step, scaling, sliding_window)
+        out, lse = blockwise_forward(q, kv[0], kv[1], step, params)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.step, ctx.scaling, ctx.sliding_window, ctx.group = step, scaling, sliding_window, group
+        ctx.step, ctx.params, ctx.group = step, params, group
         return out.to(q.dtype)
 
     @staticmethod
@@ -41,18 +43,16 @@ class Llama3Attention(torch.autograd.Function):
         kv = _all_gather_tokens(torch.stack([k, v]), group)
         dq = torch.zeros_like(q, dtype=dtype)
         dkv = torch.zeros_like(kv, dtype=dtype)
-        blockwise_backward(dout, q, kv[0], kv[1], out, lse, ctx.step, ctx.scaling, ctx.sliding_window,
-                           dq, dkv[0], dkv[1])
+        blockwise_backward(dout, q, kv[0], kv[1], out, lse, ctx.step, ctx.params, Gradients(dq, dkv[0], dkv[1]))
         slices = [part.contiguous() for part in dkv.chunk(n, dim=-2)]
         mine = torch.empty_like(slices[0])
         # The list form: reduce_scatter_tensor warns as deprecated in torch 2.13; this works on every version/backend.
         dist.reduce_scatter(mine, slices, group=group)
-        return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype), None, None, None, None
+        return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype), None, None, None
 
 
 def llama3_attention(
-    q: Tensor, k: Tensor, v: Tensor, step: StepPlan, group: dist.ProcessGroup, scaling: float,
-    sliding_window: int | None,
+    q: Tensor, k: Tensor, v: Tensor, step: StepPlan, group: dist.ProcessGroup, params: AttentionParams
 ) -> Tensor:
     """[B, Hq, T_local, D]: this rank's two zigzag chunks attend to the 2n chunks of the whole row."""
-    return Llama3Attention.apply(q, k, v, step, scaling, sliding_window, group)
+    return Llama3Attention.apply(q, k, v, step, params, group)

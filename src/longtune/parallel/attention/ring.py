@@ -12,13 +12,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from longtune.parallel.attention.common import (
-    StepPlan,
-    blockwise_backward,
-    blockwise_forward,
-    compute_dtype,
-    merge_partials,
-)
+from longtune.parallel.attention.blockwise import AttentionParams, Gradients, blockwise_backward, blockwise_forward
+from longtune.parallel.attention.math_kernel import compute_dtype, merge_partials
+from longtune.parallel.attention.planner import StepPlan
 
 
 class _RingPass:
@@ -43,7 +39,7 @@ class ZigzagRingAttention(torch.autograd.Function):
     """q, k, v [B, H, T, D] (k/v may have fewer heads); `steps[s]` plans the key block held at ring step s."""
 
     @staticmethod
-    def forward(ctx, q, k, v, steps, scaling, sliding_window, group):
+    def forward(ctx, q, k, v, steps, params, group):
         size = dist.get_world_size(group)
         dtype = compute_dtype(q.dtype)
         kv = torch.stack([k, v]).contiguous()
@@ -53,12 +49,12 @@ class ZigzagRingAttention(torch.autograd.Function):
         for step in range(size):
             exchange = _RingPass([kv], group) if step + 1 < size else None
             if steps[step].plan.blocks:
-                part_out, part_lse = blockwise_forward(q, kv[0], kv[1], steps[step], scaling, sliding_window)
+                part_out, part_lse = blockwise_forward(q, kv[0], kv[1], steps[step], params)
                 out, lse = merge_partials(out, lse, part_out, part_lse)
             if exchange is not None:
                 (kv,) = exchange.wait()
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scaling, ctx.sliding_window, ctx.group, ctx.steps = scaling, sliding_window, group, steps
+        ctx.params, ctx.group, ctx.steps = params, group, steps
         return out.to(q.dtype)
 
     @staticmethod
@@ -76,18 +72,17 @@ class ZigzagRingAttention(torch.autograd.Function):
         for step in range(size):
             exchange = _RingPass([kv], group) if step + 1 < size else None
             if steps[step].plan.blocks:
-                blockwise_backward(dout, q, kv[0], kv[1], out, lse, steps[step], ctx.scaling, ctx.sliding_window,
-                                   dq, dkv[0], dkv[1])
+                blockwise_backward(dout, q, kv[0], kv[1], out, lse, steps[step], ctx.params,
+                                   Gradients(dq, dkv[0], dkv[1]))
             if exchange is not None:
                 (kv,) = exchange.wait()
             if size > 1:
                 (dkv,) = _RingPass([dkv], group).wait()
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
 
 
 def ring_attention(
-    q: Tensor, k: Tensor, v: Tensor, steps: list[StepPlan], group: dist.ProcessGroup, scaling: float,
-    sliding_window: int | None,
+    q: Tensor, k: Tensor, v: Tensor, steps: list[StepPlan], group: dist.ProcessGroup, params: AttentionParams
 ) -> Tensor:
     """Attention of this rank's queries on the whole row held by `group`; [B, Hq, T_local, D]."""
-    return ZigzagRingAttention.apply(q, k, v, steps, scaling, sliding_window, group)
+    return ZigzagRingAttention.apply(q, k, v, steps, params, group)

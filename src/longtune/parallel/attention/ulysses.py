@@ -13,12 +13,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from longtune.parallel.attention.common import (
-    LocalBlockAttention,
-    StepPlan,
-    check_ulysses_heads,
-    repeat_kv_heads,
-)
+from longtune.parallel.attention.blockwise import AttentionParams
+from longtune.parallel.attention.context import check_ulysses_heads
+from longtune.parallel.attention.local import LocalBlockAttention
+from longtune.parallel.attention.math_kernel import repeat_kv_heads
+from longtune.parallel.attention.planner import StepPlan
 
 
 def _seq_to_heads(x: Tensor, group: dist.ProcessGroup) -> Tensor:
@@ -86,10 +85,9 @@ def scatter_heads(
 
 
 def ulysses_attention(
-    q: Tensor, k: Tensor, v: Tensor, step: StepPlan, group: dist.ProcessGroup, scaling: float,
-    sliding_window: int | None,
+    q: Tensor, k: Tensor, v: Tensor, step: StepPlan, group: dist.ProcessGroup, params: AttentionParams
 ) -> Tensor:
     """[B, Hq, T_local, D] output of this rank's tokens, all heads."""
     q, k, v = scatter_heads(q, k, v, group)
-    out = LocalBlockAttention.apply(q, k, v, step, scaling, sliding_window)
+    out = LocalBlockAttention.apply(q, k, v, step, params)
     return HeadsToSeq.apply(out, group)
