@@ -10,15 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import longtune.trainer as trainer_mod
 from longtune.config import load_config
 from longtune.trainer import train
 from tests.conftest import base_overrides
+from tests.launch import crash_after_save
 
 
-def _run(data: Path, out: Path, **kw):
+def _run(data: Path, out: Path, callbacks=None, **kw):
     cfg = load_config(None, base_overrides(data, out, **kw))
-    return train(cfg, log=lambda _: None)
+    return train(cfg, log=lambda _: None, callbacks=callbacks)
 
 
 def _losses(result) -> list[float]:
@@ -78,23 +78,13 @@ def test_step_loss_equals_token_weighted_hf_loss(alpaca_file, tmp_path):
     assert abs(res.metrics[0]["loss"] - total / count) <= 1e-12 * (total / count)
 
 
-def test_resume_continues_exactly(alpaca_file, tmp_path, monkeypatch):
+def test_resume_continues_exactly(alpaca_file, tmp_path):
     kw = dict(max_steps=6, save_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2)
     full = _losses(_run(alpaca_file, tmp_path / "full", **kw))
 
-    real_save = trainer_mod.save_checkpoint
-
-    def save_then_crash(out, step, *args, **kwargs):
-        path = real_save(out, step, *args, **kwargs)
-        if step == 3:
-            raise KeyboardInterrupt("simulated kill after step 3")
-        return path
-
-    monkeypatch.setattr(trainer_mod, "save_checkpoint", save_then_crash)
     out = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
-        _run(alpaca_file, out, **kw)
-    monkeypatch.setattr(trainer_mod, "save_checkpoint", real_save)
+        _run(alpaca_file, out, callbacks=crash_after_save(3), **kw)
 
     # A later checkpoint that was left half-written (no optimizer file, manifest lies) must be ignored, as must
     # an interrupted temp dir.

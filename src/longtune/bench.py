@@ -200,26 +200,24 @@ def _ours_step_fn(case: BenchCase, model, config, row, device):
     """Our path, as the trainer builds it: SequenceParallel.prepare, RootForward + stage loss with chunked head."""
     import torch
 
-    from longtune.config import ParallelConfig, PreferenceConfig, TrainConfig
+    from longtune.config import Config, DataConfig, ModelConfig, ParallelConfig, PreferenceConfig, TrainConfig
     from longtune.data.collate import collate
     from longtune.optim import build_optimizer
-    from longtune.parallel.fsdp import RootForward
+    from longtune.parallel.fsdp import ShardingPlan
     from longtune.parallel.mesh import ParallelDims
+    from longtune.parallel.parallelize import ModelRecipe, parallelize
     from longtune.parallel.sequence import SequenceParallel
-    from longtune.stages.lm import LMStage
+    from longtune.stages import build_stage
 
     quiet = lambda _: None  # noqa: E731
+    cfg = Config(ModelConfig(), DataConfig(), TrainConfig(stage=case.stage), ParallelConfig(), PreferenceConfig())
+    stage = build_stage(cfg)
+    normaliser = stage.normaliser(row)
     dims = ParallelDims(dp=1, sp=1, rank=0, device=device)
-    sequence = SequenceParallel(dims, ParallelConfig(), config, packed=case.stage == "dpo", log=quiet)
-    sequence.apply(model, quiet)
-    root = RootForward(model)
+    sequence = SequenceParallel(dims, cfg.parallel, config, packed=stage.docs_per_row > 1, log=quiet)
+    # fp32 master weights, no FSDP; the caller enabled HF checkpointing for both implementations alike
+    root = parallelize(model, ModelRecipe(torch.float32, ShardingPlan(enabled=False)), dims, sequence, quiet).root
     root.train()
-    if case.stage == "sft":
-        stage, normaliser = LMStage("sft"), len(row.input_ids) - 1
-    else:
-        from longtune.stages.preference import PreferenceStage
-
-        stage, normaliser = PreferenceStage(PreferenceConfig()), 1
     inputs = sequence.prepare(collate([row], pad_token_id=0), 0, device)
     if stage.uses_reference:  # reference log-probs precomputed (as with precompute_ref_log_probs): no model
         inputs.reference = torch.zeros(inputs.num_sequences, device=device)
