@@ -99,6 +99,21 @@ def test_resume_continues_exactly(alpaca_file, tmp_path):
     assert _losses(resumed)[3:] == full[3:]
 
 
+def test_callbacks_see_every_step_and_every_checkpoint(alpaca_file, tmp_path):
+    """The loop's public hooks: on_step_end for every step (logged or not), on_save with each checkpoint."""
+    from longtune.trainer import TrainCallbacks
+
+    steps, saves = [], []
+    callbacks = TrainCallbacks(on_step_end=lambda step, row: steps.append((step, row["loss"])),
+                               on_save=lambda step, path: saves.append((step, path.name, path.is_dir())))
+    res = _run(alpaca_file, tmp_path / "hooks", callbacks=callbacks, max_steps=4, logging_steps=3, save_steps=2)
+    assert [s for s, _ in steps] == [1, 2, 3, 4]
+    logged = {r["step"]: r["loss"] for r in res.metrics if "loss" in r}
+    assert sorted(logged) == [1, 3, 4]
+    assert all(loss == logged[s] for s, loss in steps if s in logged)
+    assert saves == [(2, "checkpoint-2", True), (4, "checkpoint-4", True)]
+
+
 def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
     return {k for k in before if not torch.equal(before[k], after[k])}
 

@@ -184,9 +184,11 @@ def _random_rows(case: BenchCase, vocab: int):
     """SFT: one row of `length` random tokens, all trained. DPO: one pair row, two documents of length/2."""
     import torch
 
+    from longtune.stages import stage_class
+
     g = torch.Generator().manual_seed(1234)
     tokens = torch.randint(1, vocab, (case.length,), generator=g).tolist()
-    if case.stage == "sft":
+    if stage_class(case.stage).docs_per_row == 1:
         from types import SimpleNamespace
 
         return SimpleNamespace(input_ids=tokens, labels=list(tokens)), [case.length]

@@ -18,8 +18,8 @@ from longtune.errors import DataError
 @dataclass(frozen=True)
 class StepPlan:
     """Which examples each optimizer step uses: a seeded permutation per epoch, cut into steps of
-    batch * GA * dp examples (the last step of an epoch may be smaller). Data-parallel rank d takes the d-th
-    slice of batch * GA, cut into micro-batches of `batch`. Every rank can list the whole step, so the step's
+    batch * GA * dp examples (the last step of an epoch may be smaller); `StepData.micro_batches` gives each
+    data-parallel rank its slice. Every rank can list the whole step, so the step's
     global loss-token count needs no communication."""
 
     num_examples: int
@@ -45,11 +45,6 @@ class StepPlan:
         epoch, index = divmod(step, self.steps_per_epoch)
         order = torch.randperm(self.num_examples, generator=torch.Generator().manual_seed(self.seed + epoch))
         return order[index * self.per_step : (index + 1) * self.per_step].tolist()
-
-    def micro_batches(self, step: int, dp_rank: int = 0) -> list[list[int]]:
-        per_rank = self.batch_size * self.grad_accum
-        mine = self.step_examples(step)[dp_rank * per_rank : (dp_rank + 1) * per_rank]
-        return [mine[i : i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
 
 
 def plan_steps(num_examples: int, t: TrainConfig, dp: int = 1) -> StepPlan:
