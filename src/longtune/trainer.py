@@ -37,7 +37,7 @@ from longtune.parallel.parallelize import LOW_PRECISION, ModelRecipe, ParallelMo
 from longtune.parallel.sequence import SequenceParallel
 from longtune.reference import build_live_reference, precompute_references
 from longtune.run_dir import Checkpointer, check_output_dir, check_resume_settings, prepare_output_dir, run_settings
-from longtune.stages import build_stage
+from longtune.stages import Stage, build_stage
 from longtune.steps import PlannedSteps, StepData, StreamedSteps
 from longtune.training_data import TrainingData, setup_data
 
@@ -83,6 +83,39 @@ def train(cfg: Config, log: Callable[[str], None] = print, callbacks: TrainCallb
         raise
     finally:
         shutdown_parallel(dims)
+
+
+@dataclass
+class RunPlan:
+    """What the checks before any weight loads settle."""
+
+    resume: Path | None  # the verified checkpoint to resume from
+    sharding: ShardingPlan
+    settings: dict[str, Any]  # what checkpoints record about this run
+    dtype: torch.dtype
+    model_config: Any
+    stage: Stage
+    sequence: SequenceParallel
+
+
+def setup_run(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> RunPlan:
+    """Everything that can be checked without weights, first (output_dir, resume settings, dtype, SP degree vs
+    heads); then the main rank prepares output_dir."""
+    resume = check_output_dir(cfg, dims, log)
+    p = cfg.parallel
+    sharding = plan_from_config(p.fsdp, p.offload_params, p.deepspeed, dims.world_size, log)
+    settings = run_settings(cfg, dims, sharding.enabled)
+    if resume is not None:
+        check_resume_settings(resume, settings, log)
+    dtype = compute_dtype(cfg, dims.device)
+    model_config = load_model_config(cfg.model)
+    stage = build_stage(cfg)
+    # Rows of several documents (pairs, KTO's KL document) need document-aware attention even at sp=1.
+    sequence = SequenceParallel(dims, p, model_config, packed=cfg.packing or stage.docs_per_row > 1, log=log)
+    if dims.is_main:
+        prepare_output_dir(cfg, resume)
+    dims.barrier()
+    return RunPlan(resume, sharding, settings, dtype, model_config, stage, sequence)
 
 
 def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
@@ -233,48 +266,43 @@ def train_step(parts: RunParts, cfg: Config, data: StepData, opt: Optimization, 
     return StepResult(loss, grad_norm, lr, step_tokens, input_tokens, step_metrics)
 
 
+def training_row(step: int, step_data: StepData, result: StepResult, elapsed: float, dims: ParallelDims,
+                 data: TrainingData) -> dict[str, Any]:
+    """The metrics.jsonl row of a training step."""
+    return {"step": step, "epoch": round(step_data.epoch, 4), "loss": result.loss, "grad_norm": result.grad_norm,
+            "lr": result.lr, "tokens": result.tokens, "input_tokens": result.input_tokens,
+            "tokens_per_s": result.input_tokens / elapsed, "peak_mem_gib": round(peak_memory_gib(dims.device), 4),
+            **data.packing_metrics(), **result.metrics}
+
+
 def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None], status: RankStatus | None = None,
            callbacks: TrainCallbacks | None = None) -> RunResult:
-    t = cfg.train
+    t, out = cfg.train, Path(cfg.train.output_dir or "")
     callbacks = callbacks or TrainCallbacks()
     status = status or RankStatus(None, dims.rank, 1, t.ddp_timeout)
 
-    # Checks before anything heavy: output_dir and resume, sharding, dtype, SP degree vs heads.
+    # Checks before anything heavy (output_dir, resume, sharding, dtype, SP degree vs heads); the run directory.
     status.phase("checking output_dir and resume")
-    out = Path(t.output_dir or "")
-    resume = check_output_dir(cfg, dims, log)
-    sharding = plan_from_config(cfg.parallel.fsdp, cfg.parallel.offload_params, cfg.parallel.deepspeed,
-                                dims.world_size, log)
-    settings = run_settings(cfg, dims, sharding.enabled)
-    if resume is not None:
-        check_resume_settings(resume, settings, log)
-    dtype = compute_dtype(cfg, dims.device)
-    model_config = load_model_config(cfg.model)
-    stage = build_stage(cfg)
-    # Rows of several documents (pairs, KTO's KL document) need document-aware attention even at sp=1.
-    packed = cfg.packing or stage.docs_per_row > 1
-    sequence = SequenceParallel(dims, cfg.parallel, model_config, packed=packed, log=log)
-    if dims.is_main:
-        prepare_output_dir(cfg, resume)
-    dims.barrier()
+    run = setup_run(cfg, dims, log)
+    stage, sequence, sharding, dtype, resume = run.stage, run.sequence, run.sharding, run.dtype, run.resume
     set_seed(t.seed)
 
     # Tokenizer, data, model, reference, optimizer.
     status.phase("loading the tokenizer, data and model")
     tokenizer = load_tokenizer(cfg.model)
-    check_vocabulary(tokenizer, model_config)
+    check_vocabulary(tokenizer, run.model_config)
     data = setup_data(cfg, stage, tokenizer, dims, log)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     recipe = ModelRecipe.for_training(cfg, dtype, sharding)
     policy, neftune = setup_model(cfg, recipe, stage, sequence, dims, log)
     autocast = dtype if dtype in LOW_PRECISION and not sharding.enabled else None
-    parts = RunParts(policy.root, dims, sequence, stage, pad_id, neftune, int(model_config.hidden_size), autocast,
-                     forward_context=policy.forward_context)
+    parts = RunParts(policy.root, dims, sequence, stage, pad_id, neftune, int(run.model_config.hidden_size),
+                     autocast, forward_context=policy.forward_context)
     eval_reference = setup_reference(cfg, parts, policy, recipe, data, sequence, log)
     opt, (start_step, tokens_seen) = setup_optimizer(cfg, policy, sharding, dims, data.steps, resume, log)
     metrics = open_metrics(cfg, dims, resume, start_step, log)
     evaluator = Evaluator(parts, data.eval_examples, cfg, eval_reference)
-    checkpointer = Checkpointer(cfg, dims, policy.root, tokenizer, opt.optimizer, opt.scheduler, settings,
+    checkpointer = Checkpointer(cfg, dims, policy.root, tokenizer, opt.optimizer, opt.scheduler, run.settings,
                                 on_save=callbacks.on_save)
     log_banner(cfg, data, policy, dtype, sharding, dims, log)
 
@@ -291,11 +319,7 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None], status: 
             tokens_seen += result.tokens
             progress.update(1)
             progress.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{result.input_tokens / elapsed:.0f}")
-            row = {"step": step, "epoch": round(step_data.epoch, 4), "loss": result.loss,
-                   "grad_norm": result.grad_norm, "lr": result.lr, "tokens": result.tokens,
-                   "input_tokens": result.input_tokens, "tokens_per_s": result.input_tokens / elapsed,
-                   "peak_mem_gib": round(peak_memory_gib(dims.device), 4), **data.packing_metrics(),
-                   **result.metrics}
+            row = training_row(step, step_data, result, elapsed, dims, data)
 
             # Once in a while: log, evaluate, save.
             if metrics is not None and metrics.should_log(step, total_steps):
