@@ -353,7 +353,7 @@ def test_first_step_loss_equals_direct_computation(tok, rows_file, tmp_path):
     examples, _ = load_examples([str(rows_file)], dataset_dir=".", tokenizer=tok, template="chatml", stage="sft",
                                 cutoff_len=96)
     model = build_builtin_model("builtin:tiny", dtype=torch.float64)
-    model.config._attn_implementation = "sdpa"
+    model.set_attn_implementation("sdpa")
     total, count = 0.0, 0
     with torch.no_grad():
         for e in examples[:4]:

@@ -64,7 +64,7 @@ def test_step_loss_equals_token_weighted_hf_loss(alpaca_file, tmp_path):
     examples, _ = load_examples([str(alpaca_file)], dataset_dir=".", tokenizer=tok, template="chatml", stage="sft",
                                 cutoff_len=96)
     model = build_builtin_model("builtin:tiny", dtype=torch.float64)
-    model.config._attn_implementation = "sdpa"  # float64 throughout (eager softmaxes in fp32)
+    model.set_attn_implementation("sdpa")  # float64 throughout (eager softmaxes in fp32)
     total, count = 0.0, 0
     with torch.no_grad():
         for e in examples:
