@@ -37,3 +37,15 @@ def final_params(out: Path) -> dict[str, torch.Tensor]:
 def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30)) for k in a)
+
+
+def crash_after_save(step: int):
+    """Loop callbacks that stop the run with KeyboardInterrupt once checkpoint-`step` is written (a kill right
+    after a save), through the trainer's public hook."""
+    from longtune.trainer import TrainCallbacks
+
+    def on_save(saved_step: int, path: Path) -> None:
+        if saved_step == step:
+            raise KeyboardInterrupt(f"simulated kill after step {step}")
+
+    return TrainCallbacks(on_save=on_save)

@@ -117,7 +117,7 @@ def test_torn_metrics_line_resumes_exactly_and_the_file_is_replaced_not_rewritte
 
 
 def test_metrics_rewrite_drops_rows_after_the_checkpoint_and_keeps_the_rest(tmp_path):
-    from longtune.trainer import MetricsLog
+    from longtune.metrics import MetricsLog
 
     path = tmp_path / "metrics.jsonl"
     rows = [{"step": s, "loss": 1.0 / s} for s in range(1, 6)]
@@ -185,7 +185,7 @@ def _fake_checkpoint(out: Path, step: int) -> Path:
 
 
 def test_save_total_limit_holds_after_a_crash_between_save_and_rotation(tmp_path):
-    from longtune.trainer import prepare_output_dir
+    from longtune.run_dir import prepare_output_dir
 
     out = tmp_path / "o"
     ckpts = [_fake_checkpoint(out, s) for s in (1, 2, 3)]  # limit 2, but the crash came before the rotation

@@ -23,7 +23,7 @@ def test_document_losses_in_packed_row_equal_losses_alone(alpaca_file):
     assert any(len(r.doc_lengths) >= 2 for r in rows), "test needs rows with several documents"
 
     model = build_builtin_model("builtin:tiny", dtype=torch.float64)
-    model.config._attn_implementation = "sdpa"  # float64 throughout (eager softmaxes in fp32)
+    model.set_attn_implementation("sdpa")  # float64 throughout (eager softmaxes in fp32)
     alone = {}
     with torch.no_grad():
         for i, e in enumerate(examples):

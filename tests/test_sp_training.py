@@ -73,13 +73,13 @@ def test_pt_parity_and_llama(saved_models, tmp_path):
 
 
 def test_impossible_sp_degree_fails_before_loading(alpaca_file, tmp_path, capsys, monkeypatch):
-    import longtune.trainer as trainer_mod
+    import longtune.parallel.parallelize as parallelize_mod
     from longtune.cli import main
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("weights were loaded before the SP settings were checked")
 
-    monkeypatch.setattr(trainer_mod, "load_model", must_not_load)
+    monkeypatch.setattr(parallelize_mod, "load_model", must_not_load)
     rc = main(["train", *base_overrides(alpaca_file, tmp_path / "x", sequence_parallel_size=2)])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1

@@ -18,7 +18,6 @@ import torch
 import longtune.data.pipeline as data_mod
 import longtune.data.loading as loading_mod
 import longtune.data.streaming as streaming_mod
-import longtune.trainer as trainer_mod
 from longtune.config import load_config
 from longtune.data import DataStats, Example, load_examples
 from longtune.data.collate import collate
@@ -29,7 +28,7 @@ from longtune.errors import ConfigError, DataError
 from longtune.models.builtin import load_builtin_tokenizer
 from longtune.trainer import train
 from tests.conftest import base_overrides
-from tests.launch import final_params, launch, max_rel_diff, metric_rows
+from tests.launch import crash_after_save, final_params, launch, max_rel_diff, metric_rows
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 
@@ -331,8 +330,8 @@ def test_stream_holds_at_most_a_buffer_and_a_batch(tok, tmp_path, monkeypatch):
 # ---------------------------------------------------------------- (e) training from a stream
 
 
-def run(data: Path, out: Path, **kw):
-    return train(load_config(None, base_overrides(data, out, **kw)), log=lambda _: None)
+def run(data: Path, out: Path, callbacks=None, **kw):
+    return train(load_config(None, base_overrides(data, out, **kw)), log=lambda _: None, callbacks=callbacks)
 
 
 def losses(result) -> list[float]:
@@ -354,7 +353,7 @@ def test_first_step_loss_equals_direct_computation(tok, rows_file, tmp_path):
     examples, _ = load_examples([str(rows_file)], dataset_dir=".", tokenizer=tok, template="chatml", stage="sft",
                                 cutoff_len=96)
     model = build_builtin_model("builtin:tiny", dtype=torch.float64)
-    model.config._attn_implementation = "sdpa"
+    model.set_attn_implementation("sdpa")
     total, count = 0.0, 0
     with torch.no_grad():
         for e in examples[:4]:
@@ -366,7 +365,7 @@ def test_first_step_loss_equals_direct_computation(tok, rows_file, tmp_path):
     assert abs(res.metrics[0]["loss"] - total / count) <= 1e-12 * (total / count)
 
 
-def test_resume_replays_the_stream_exactly(rows_file, tmp_path, monkeypatch):
+def test_resume_replays_the_stream_exactly(rows_file, tmp_path):
     """6 steps per pass over the 21 training examples (3 held out for eval): 8 steps cross into the second,
     reshuffled pass. A run killed after step 4 and resumed gives the uninterrupted run's losses and weights."""
     kw = dict(streaming=True, buffer_size=5, per_device_train_batch_size=2, gradient_accumulation_steps=2,
@@ -377,18 +376,8 @@ def test_resume_replays_the_stream_exactly(rows_file, tmp_path, monkeypatch):
     assert [r["input_tokens"] > 0 for r in train_rows] == [True] * 8
     assert len([r for r in full.metrics if "eval_loss" in r]) == 2
 
-    real_save = trainer_mod.save_checkpoint
-
-    def save_then_crash(out, step, *args, **kwargs):
-        path = real_save(out, step, *args, **kwargs)
-        if step == 4:
-            raise KeyboardInterrupt("simulated kill after step 4")
-        return path
-
-    monkeypatch.setattr(trainer_mod, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        run(rows_file, tmp_path / "cut", **kw)
-    monkeypatch.setattr(trainer_mod, "save_checkpoint", real_save)
+        run(rows_file, tmp_path / "cut", callbacks=crash_after_save(4), **kw)
     resumed = run(rows_file, tmp_path / "cut", resume_from_checkpoint=True, **kw)
     rows = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in rows if "loss" in r] == losses(full)  # bit-exact in float64

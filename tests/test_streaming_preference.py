@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-import longtune.trainer as trainer_mod
 from longtune.config import load_config
 from longtune.data import DataStats, Example
 from longtune.data.packing import PackingStats
@@ -21,7 +20,7 @@ from longtune.errors import ConfigError, DataError
 from longtune.models.builtin import load_builtin_tokenizer
 from longtune.trainer import train
 from tests.conftest import base_overrides
-from tests.launch import final_params, max_rel_diff
+from tests.launch import crash_after_save, final_params, max_rel_diff
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 IGNORE = -100
@@ -153,8 +152,8 @@ def test_pair_row_error_names_file_and_row(tok, tmp_path):
 # ---------------------------------------------------------------- (b)-(d) training from a stream
 
 
-def run(data: Path, out: Path, **kw):
-    return train(load_config(None, base_overrides(data, out, **kw)), log=lambda _: None)
+def run(data: Path, out: Path, callbacks=None, **kw):
+    return train(load_config(None, base_overrides(data, out, **kw)), log=lambda _: None, callbacks=callbacks)
 
 
 def losses(result) -> list[float]:
@@ -188,7 +187,7 @@ def test_streamed_dpo_starts_at_ln2_and_equals_in_memory(pairs_file, tmp_path):
     assert max_rel_diff(final_params(tmp_path / "stream"), final_params(tmp_path / "memory")) <= 1e-9
 
 
-def test_streamed_dpo_resume_replays_exactly(pairs_file, tmp_path, monkeypatch):
+def test_streamed_dpo_resume_replays_exactly(pairs_file, tmp_path):
     """4 training pairs a pass (2 held out), 2 steps a pass: step 4 ends the second, reshuffled pass. A run killed
     after step 2 and resumed gives the uninterrupted run's losses, eval losses and weights."""
     kw = dict(DPO, streaming=True, buffer_size=3, per_device_train_batch_size=1, max_steps=4, save_steps=2,
@@ -196,18 +195,8 @@ def test_streamed_dpo_resume_replays_exactly(pairs_file, tmp_path, monkeypatch):
     full = run(pairs_file, tmp_path / "full", **kw)
     assert [r["epoch"] for r in full.metrics if "loss" in r] == [0, 1, 1, 2]
 
-    real_save = trainer_mod.save_checkpoint
-
-    def save_then_crash(out, step, *args, **kwargs):
-        path = real_save(out, step, *args, **kwargs)
-        if step == 2:
-            raise KeyboardInterrupt("simulated kill after step 2")
-        return path
-
-    monkeypatch.setattr(trainer_mod, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        run(pairs_file, tmp_path / "cut", **kw)
-    monkeypatch.setattr(trainer_mod, "save_checkpoint", real_save)
+        run(pairs_file, tmp_path / "cut", callbacks=crash_after_save(2), **kw)
     resumed = run(pairs_file, tmp_path / "cut", resume_from_checkpoint=True, **kw)
     rows = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in rows if "loss" in r] == losses(full)

@@ -10,15 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import longtune.trainer as trainer_mod
 from longtune.config import load_config
 from longtune.trainer import train
 from tests.conftest import base_overrides
+from tests.launch import crash_after_save
 
 
-def _run(data: Path, out: Path, **kw):
+def _run(data: Path, out: Path, callbacks=None, **kw):
     cfg = load_config(None, base_overrides(data, out, **kw))
-    return train(cfg, log=lambda _: None)
+    return train(cfg, log=lambda _: None, callbacks=callbacks)
 
 
 def _losses(result) -> list[float]:
@@ -64,7 +64,7 @@ def test_step_loss_equals_token_weighted_hf_loss(alpaca_file, tmp_path):
     examples, _ = load_examples([str(alpaca_file)], dataset_dir=".", tokenizer=tok, template="chatml", stage="sft",
                                 cutoff_len=96)
     model = build_builtin_model("builtin:tiny", dtype=torch.float64)
-    model.config._attn_implementation = "sdpa"  # float64 throughout (eager softmaxes in fp32)
+    model.set_attn_implementation("sdpa")  # float64 throughout (eager softmaxes in fp32)
     total, count = 0.0, 0
     with torch.no_grad():
         for e in examples:
@@ -78,23 +78,13 @@ def test_step_loss_equals_token_weighted_hf_loss(alpaca_file, tmp_path):
     assert abs(res.metrics[0]["loss"] - total / count) <= 1e-12 * (total / count)
 
 
-def test_resume_continues_exactly(alpaca_file, tmp_path, monkeypatch):
+def test_resume_continues_exactly(alpaca_file, tmp_path):
     kw = dict(max_steps=6, save_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2)
     full = _losses(_run(alpaca_file, tmp_path / "full", **kw))
 
-    real_save = trainer_mod.save_checkpoint
-
-    def save_then_crash(out, step, *args, **kwargs):
-        path = real_save(out, step, *args, **kwargs)
-        if step == 3:
-            raise KeyboardInterrupt("simulated kill after step 3")
-        return path
-
-    monkeypatch.setattr(trainer_mod, "save_checkpoint", save_then_crash)
     out = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
-        _run(alpaca_file, out, **kw)
-    monkeypatch.setattr(trainer_mod, "save_checkpoint", real_save)
+        _run(alpaca_file, out, callbacks=crash_after_save(3), **kw)
 
     # A later checkpoint that was left half-written (no optimizer file, manifest lies) must be ignored, as must
     # an interrupted temp dir.
@@ -107,6 +97,21 @@ def test_resume_continues_exactly(alpaca_file, tmp_path, monkeypatch):
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in rows if "loss" in r] == full  # bit-exact in float64 on CPU
     assert _losses(resumed)[3:] == full[3:]
+
+
+def test_callbacks_see_every_step_and_every_checkpoint(alpaca_file, tmp_path):
+    """The loop's public hooks: on_step_end for every step (logged or not), on_save with each checkpoint."""
+    from longtune.trainer import TrainCallbacks
+
+    steps, saves = [], []
+    callbacks = TrainCallbacks(on_step_end=lambda step, row: steps.append((step, row["loss"])),
+                               on_save=lambda step, path: saves.append((step, path.name, path.is_dir())))
+    res = _run(alpaca_file, tmp_path / "hooks", callbacks=callbacks, max_steps=4, logging_steps=3, save_steps=2)
+    assert [s for s, _ in steps] == [1, 2, 3, 4]
+    logged = {r["step"]: r["loss"] for r in res.metrics if "loss" in r}
+    assert sorted(logged) == [1, 3, 4]
+    assert all(loss == logged[s] for s, loss in steps if s in logged)
+    assert saves == [(2, "checkpoint-2", True), (4, "checkpoint-4", True)]
 
 
 def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:

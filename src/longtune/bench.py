@@ -184,11 +184,13 @@ def _random_rows(case: BenchCase, vocab: int):
     """SFT: one row of `length` random tokens, all trained. DPO: one pair row, two documents of length/2."""
     import torch
 
+    from longtune.stages import stage_class
+
     g = torch.Generator().manual_seed(1234)
     tokens = torch.randint(1, vocab, (case.length,), generator=g).tolist()
     from longtune.data import Example
 
-    if case.stage == "sft":
+    if stage_class(case.stage).docs_per_row == 1:
         return Example(input_ids=tokens, labels=list(tokens)), [case.length]
     half = case.length // 2
     return Example(input_ids=tokens[: 2 * half], labels=tokens[: 2 * half], doc_lengths=[half, half]), [half, half]
@@ -198,26 +200,24 @@ def _ours_step_fn(case: BenchCase, model, config, row, device):
     """Our path, as the trainer builds it: SequenceParallel.prepare, RootForward + stage loss with chunked head."""
     import torch
 
-    from longtune.config import ParallelConfig, PreferenceConfig, TrainConfig
+    from longtune.config import Config, DataConfig, ModelConfig, ParallelConfig, PreferenceConfig, TrainConfig
     from longtune.data.collate import collate
     from longtune.optim import build_optimizer
-    from longtune.parallel.fsdp import RootForward
+    from longtune.parallel.fsdp import ShardingPlan
     from longtune.parallel.mesh import ParallelDims
+    from longtune.parallel.parallelize import ModelRecipe, parallelize
     from longtune.parallel.sequence import SequenceParallel
-    from longtune.stages.lm import LMStage
+    from longtune.stages import build_stage
 
     quiet = lambda _: None  # noqa: E731
+    cfg = Config(ModelConfig(), DataConfig(), TrainConfig(stage=case.stage), ParallelConfig(), PreferenceConfig())
+    stage = build_stage(cfg)
+    normaliser = stage.normaliser(row)
     dims = ParallelDims(dp=1, sp=1, rank=0, device=device)
-    sequence = SequenceParallel(dims, ParallelConfig(), config, packed=case.stage == "dpo", log=quiet)
-    sequence.apply(model, quiet)
-    root = RootForward(model)
+    sequence = SequenceParallel(dims, cfg.parallel, config, packed=stage.docs_per_row > 1, log=quiet)
+    # fp32 master weights, no FSDP; the caller enabled HF checkpointing for both implementations alike
+    root = parallelize(model, ModelRecipe(torch.float32, ShardingPlan(enabled=False)), dims, sequence, quiet).root
     root.train()
-    if case.stage == "sft":
-        stage, normaliser = LMStage("sft"), len(row.input_ids) - 1
-    else:
-        from longtune.stages.preference import PreferenceStage
-
-        stage, normaliser = PreferenceStage(PreferenceConfig()), 1
     inputs = sequence.prepare(collate([row], pad_token_id=0), 0, device)
     if stage.uses_reference:  # reference log-probs precomputed (as with precompute_ref_log_probs): no model
         inputs.reference = torch.zeros(inputs.num_sequences, device=device)

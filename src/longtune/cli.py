@@ -97,7 +97,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config_path, overrides = split_config_args("train", args.config_and_overrides)
     if args.nproc is not None and "RANK" not in os.environ:
         from longtune.parallel.mesh import check_degrees
-        from longtune.trainer import preflight
+        from longtune.run_dir import preflight
 
         cfg = load_config(config_path, overrides)  # fail fast and once, before N processes start
         check_degrees(args.nproc, cfg.parallel.sequence_parallel_size)

@@ -302,7 +302,11 @@ class Config:
     @property
     def packing(self) -> bool:
         """`packing` as given, else on for pretraining (as LLaMA-Factory)."""
-        return bool(self.data.packing) if self.data.packing is not None else self.train.stage == "pt"
+        from longtune.stages import stage_class
+
+        if self.data.packing is not None:
+            return bool(self.data.packing)
+        return stage_class(self.train.stage).packs_by_default
 
     @property
     def compute_dtype(self) -> str:
@@ -505,8 +509,11 @@ def validate(cfg: Config, source: str, sources: dict[str, str] | None = None) ->
         fail("eval_steps", f"must be > 0, got {t.eval_steps}")
     if t.save_total_limit is not None and t.save_total_limit <= 0:
         fail("save_total_limit", f"must be > 0, got {t.save_total_limit}")
+    from longtune.stages import stage_class
+
+    stage = stage_class(t.stage)
     pref = cfg.preference
-    if t.stage in ("dpo", "kto") and pref.pref_beta <= 0:
+    if stage.needs_pref_beta and pref.pref_beta <= 0:
         fail("pref_beta", f"must be > 0, got {pref.pref_beta}")
     if not 0.0 <= pref.dpo_label_smoothing < 0.5:
         fail("dpo_label_smoothing", f"must be in [0, 0.5), got {pref.dpo_label_smoothing}")
@@ -527,7 +534,7 @@ def validate(cfg: Config, source: str, sources: dict[str, str] | None = None) ->
         if cfg.preference.precompute_ref_log_probs:
             fail("precompute_ref_log_probs", "cannot be used with streaming: true (reference tables are indexed "
                                              "by example over the whole dataset)")
-    if d.packing and t.stage in ("dpo", "kto", "rm"):
+    if d.packing and stage.docs_per_row > 1:
         fail("packing", f"stage {t.stage} already packs each pair into one row; remove packing")
     if p.sequence_parallel_size < 1:
         fail("sequence_parallel_size", f"must be >= 1, got {p.sequence_parallel_size}")

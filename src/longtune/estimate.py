@@ -359,14 +359,15 @@ def setup_from_config(cfg, shape: ModelShape, gpus: int, tokens: int | None = No
         n = abs(m.freeze_trainable_layers)
         trainable = n * shape.layer_params
     fsdp = p.fsdp if p.fsdp is not None else (gpus > 1 or p.offload_params)
-    pairs = t.stage in ("dpo", "kto", "rm")
-    # dpo/kto keep a frozen copy of the model unless LoRA (adapters off) or precomputed log-probs replace it;
-    # ORPO and SimPO use no reference at all.
-    reference_free = t.stage == "dpo" and cfg.preference.pref_loss in ("orpo", "simpo")
-    live_reference = (t.stage in ("dpo", "kto") and not reference_free and m.finetuning_type != "lora"
+    from longtune.stages import build_stage
+
+    stage = build_stage(cfg)
+    # A stage with a reference keeps a frozen copy of the model unless LoRA (adapters off) or precomputed
+    # log-probs replace it (reference-free losses such as ORPO and SimPO use none).
+    live_reference = (stage.uses_reference and m.finetuning_type != "lora"
                       and not cfg.preference.precompute_ref_log_probs)
     return TrainSetup(
-        tokens=tokens or cfg.data.cutoff_len * (2 if pairs else 1),
+        tokens=tokens or cfg.data.cutoff_len * stage.docs_per_row,
         batch_size=t.per_device_train_batch_size,
         sp=sp or p.sequence_parallel_size,
         world_size=gpus,
@@ -378,7 +379,7 @@ def setup_from_config(cfg, shape: ModelShape, gpus: int, tokens: int | None = No
         tiled_mlp_tokens=t.tiled_mlp_tokens,
         loss_chunk_size=t.loss_chunk_size,
         math_attention=p.attention_kernel == "math",
-        sp_attention=cfg.packing or pairs,
+        sp_attention=cfg.packing or stage.docs_per_row > 1,
         offload_params=p.offload_params,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         gradient_sync_every_micro_batch=p.gradient_sync_every_micro_batch,
@@ -607,8 +608,10 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     if args.gpus % setup.sp:
         raise ConfigError(f"key 'sequence_parallel_size': {setup.sp} does not divide --gpus {args.gpus}")
     if args.max_length:
-        pairs = cfg.train.stage in ("dpo", "kto", "rm")
-        print(format_max_length(shape, setup, budget, docs_per_row=2 if pairs else 1))
+        from longtune.stages import stage_class
+
+        docs_per_row = stage_class(cfg.train.stage).docs_per_row
+        print(format_max_length(shape, setup, budget, docs_per_row=docs_per_row))
     else:
         print(format_estimate(shape, setup, budget))
     return 0

@@ -48,7 +48,7 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
 
 def cmd_data(args: argparse.Namespace) -> int:
     from longtune.config import load_config
-    from longtune.trainer import load_split
+    from longtune.stages import build_stage
     from longtune.errors import ConfigError
     from longtune.models.loader import load_tokenizer
 
@@ -65,7 +65,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     if cfg.data.streaming:
         print(preview_stream(cfg, tokenizer, num=args.num, color=color))
         return 0
-    examples, stats = load_split(cfg, tokenizer, "train")  # the stage's own shape (pairs for dpo/rm/kto)
+    # the examples in the stage's own shape (pairs for dpo/rm, example + KL document for kto)
+    examples, stats = build_stage(cfg).load_examples(cfg, tokenizer, "train")
     print(format_samples(examples, tokenizer, num=args.num, color=color))
     print(format_statistics(examples, stats, packing_capacity=cfg.data.cutoff_len if cfg.packing else None))
     return 0

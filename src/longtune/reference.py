@@ -14,17 +14,23 @@ import contextlib
 import hashlib
 import json
 import os
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from longtune.config import Config
+from longtune.data.collate import collate
+from longtune.forward import RunParts, blank_like
 from longtune.io import atomic_open
-from longtune.models.loader import is_peft_model, load_model
-from longtune.parallel.fsdp import RootForward, ShardingPlan, apply_fsdp
+from longtune.models.loader import is_peft_model
+from longtune.parallel.fsdp import RootForward
 from longtune.parallel.mesh import ParallelDims
+from longtune.parallel.parallelize import ModelRecipe, ParallelModel, build_model
+from longtune.parallel.sequence import SequenceParallel
 
 
 class LiveReference:
@@ -59,35 +65,64 @@ class PrecomputedReference:
         return out.to(inputs.input_ids.device)
 
 
-def build_live_reference(cfg: Config, root: RootForward, dims: ParallelDims, dtype: torch.dtype,
-                         sharding: ShardingPlan, layers_of: Callable[[nn.Module], nn.ModuleList],
-                         apply_sequence: Callable[[nn.Module], None], log=print) -> LiveReference:
-    if cfg.preference.ref_model is None and is_peft_model(root.model):
+def build_live_reference(cfg: Config, policy: ParallelModel, recipe: ModelRecipe, dims: ParallelDims,
+                         sequence: SequenceParallel, log: Callable[[str], None] = print) -> LiveReference:
+    """The reference for a run whose stage uses one and does not precompute it (or that precomputes from it)."""
+    if cfg.preference.ref_model is None and is_peft_model(policy.model):
         log("reference: the base model with LoRA adapters disabled")
-        return LiveReference(root, disable_adapters=True)
+        return LiveReference(policy.root, disable_adapters=True)
     if cfg.preference.ref_model is not None:
-        from dataclasses import replace
-
         log(f"reference: {cfg.preference.ref_model} (frozen)")
-        ref_model = load_model(replace(cfg.model, model_name_or_path=cfg.preference.ref_model), dtype)
+        model_cfg = replace(cfg.model, model_name_or_path=cfg.preference.ref_model)
     else:
         # The initial weights, loaded again: the policy may already be sharded (and is about to change).
         log("reference: a frozen copy of the initial model")
-        ref_model = load_model(cfg.model, dtype)
-    for p in ref_model.parameters():
-        p.requires_grad_(False)
-    apply_sequence(ref_model)
-    ref_root = RootForward(ref_model)
-    if sharding.enabled:
-        if dtype in (torch.bfloat16, torch.float16):
-            for p in ref_model.parameters():
-                p.data = p.data.float()
-        apply_fsdp(ref_root, dims, layers_of(ref_model), dtype, sharding)
-        if not sharding.offload:
-            ref_root.to(dims.device)
-    else:
-        ref_root.to(dims.device)
-    return LiveReference(ref_root, disable_adapters=False)
+        model_cfg = cfg.model
+    frozen = ModelRecipe(recipe.dtype, recipe.sharding)  # no finetuning, tiling or checkpointing: never trained
+    reference = build_model(model_cfg, "causal", frozen, dims, sequence, lambda _: None, frozen=True)
+    return LiveReference(reference.root, disable_adapters=False)
+
+
+def precompute_references(parts: RunParts, cfg: Config, train_examples: list, eval_examples: list,
+                          log: Callable[[str], None] = print) -> tuple[PrecomputedReference, PrecomputedReference | None]:
+    """One pass of the live reference (`parts.reference`) over all examples, cached on disk. The caller then
+    replaces the live reference with these tables, which drops the last reference to a frozen copy."""
+    dims, live, docs_per_row = parts.dims, parts.reference, parts.stage.docs_per_row
+    tables: list[Tensor | None] = []
+    for examples in (train_examples, eval_examples):
+        if not examples:
+            tables.append(None)
+            continue
+        path = cache_path(reference_fingerprint(cfg, examples), cfg.data.data_cache_dir)
+        table = load_table(path, len(examples), docs_per_row)
+        hit = table is not None
+        if dims.world_size > 1:
+            import torch.distributed as dist
+
+            flags = torch.tensor([1.0 if hit else 0.0], device=dims.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)  # use the cache only if every rank can read it
+            hit = bool(flags.item())
+        if not hit:
+            started = time.perf_counter()
+
+            def run(reference, ids, examples=examples):
+                rows = [examples[i] for i in ids] or [blank_like(examples[0])]
+                batch = collate(rows, parts.pad_id)
+                inputs = parts.sequence.prepare(batch, parts.pad_id, dims.device)
+                return reference(parts.stage, inputs, cfg.train.loss_chunk_size, ids)
+
+            table = precompute_table(live, examples, run, dims, cfg.train.per_device_train_batch_size,
+                                     docs_per_row)
+            if dims.is_main:
+                save_table(table, path)
+            log(f"reference log-probs: computed for {len(examples)} examples in "
+                f"{time.perf_counter() - started:.1f}s, cached at {path}")
+        else:
+            log(f"reference log-probs: {len(examples)} examples from cache {path}")
+        tables.append(table)
+    train_table, eval_table = tables
+    assert train_table is not None
+    return PrecomputedReference(train_table), (PrecomputedReference(eval_table) if eval_table is not None else None)
 
 
 def reference_fingerprint(cfg: Config, examples: list) -> str:
@@ -109,14 +144,11 @@ def cache_path(fingerprint: str, cache_dir: str | None) -> Path:
     return root / "ref_logps" / f"{fingerprint}.pt"
 
 
-def precompute_table(reference: LiveReference, stage, examples: list, run_batch: Callable, dims: ParallelDims,
+def precompute_table(reference: LiveReference, examples: list, run_batch: Callable, dims: ParallelDims,
                      batch_size: int, docs_per_row: int) -> Tensor:
     """Reference sums for every example: data-parallel ranks split the examples, every step in lockstep."""
     table = torch.zeros(len(examples), docs_per_row, dtype=torch.float64, device=dims.device)
-    mine = list(range(dims.dp_rank, len(examples), dims.dp))
-    rounds = -(-(-(-len(examples) // dims.dp)) // batch_size)
-    for r in range(rounds):
-        ids = mine[r * batch_size : (r + 1) * batch_size]
+    for ids in dims.lockstep_batches(len(examples), batch_size):
         sums = run_batch(reference, ids)  # [num_sequences]
         if ids:
             table[torch.tensor(ids, device=dims.device)] = sums[: len(ids) * docs_per_row].reshape(

@@ -18,8 +18,8 @@ from longtune.errors import DataError
 @dataclass(frozen=True)
 class StepPlan:
     """Which examples each optimizer step uses: a seeded permutation per epoch, cut into steps of
-    batch * GA * dp examples (the last step of an epoch may be smaller). Data-parallel rank d takes the d-th
-    slice of batch * GA, cut into micro-batches of `batch`. Every rank can list the whole step, so the step's
+    batch * GA * dp examples (the last step of an epoch may be smaller); `StepData.micro_batches` gives each
+    data-parallel rank its slice. Every rank can list the whole step, so the step's
     global loss-token count needs no communication."""
 
     num_examples: int

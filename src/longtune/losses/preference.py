@@ -50,20 +50,23 @@ class PreferenceLossOutput:
     chosen_logps: Tensor  # [N], detached policy log-prob sums of the chosen responses
     rejected_logps: Tensor  # [N], detached policy log-prob sums of the rejected responses
 
-    def metrics(self) -> dict[str, float]:
-        """The DPO-family metrics of metrics.jsonl, each a mean over the N pairs of this call.
-
-        To merge several calls (micro-batches, dp ranks) exactly, weight each by its number of pairs.
-        """
-        margins = self.chosen_rewards - self.rejected_rewards
+    def metric_sums(self, mask: Tensor | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+        """(sum, count) of each metrics.jsonl metric over the pairs where `mask` is 1 (all by default): the form
+        that merges exactly over micro-batches and ranks. The training stage and `metrics` both use it."""
+        m = torch.ones_like(self.loss) if mask is None else mask
+        n = m.sum()
         return {
-            "rewards/chosen": float(self.chosen_rewards.mean()),
-            "rewards/rejected": float(self.rejected_rewards.mean()),
-            "rewards/margins": float(margins.mean()),
-            "rewards/accuracies": float((self.chosen_rewards > self.rejected_rewards).to(margins.dtype).mean()),
-            "logps/chosen": float(self.chosen_logps.mean()),
-            "logps/rejected": float(self.rejected_logps.mean()),
+            "rewards/chosen": ((self.chosen_rewards * m).sum(), n),
+            "rewards/rejected": ((self.rejected_rewards * m).sum(), n),
+            "rewards/margins": (((self.chosen_rewards - self.rejected_rewards) * m).sum(), n),
+            "rewards/accuracies": (((self.chosen_rewards > self.rejected_rewards).to(m.dtype) * m).sum(), n),
+            "logps/chosen": ((self.chosen_logps * m).sum(), n),
+            "logps/rejected": ((self.rejected_logps * m).sum(), n),
         }
+
+    def metrics(self) -> dict[str, float]:
+        """The DPO-family metrics of metrics.jsonl, each a mean over the N pairs of this call."""
+        return {name: float(total / count) for name, (total, count) in self.metric_sums().items()}
 
 
 def log1mexp(x: Tensor) -> Tensor:
@@ -193,21 +196,49 @@ class KTOLossOutput:
     logps: Tensor  # [N], detached policy log-prob sums
     kl: Tensor  # scalar, the z0 actually used
 
+    def metric_sums(self, valid: Tensor | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+        """(sum, count) of each KTO metric over the examples where `valid` is 1 (all by default), split by the
+        desirable flag; `kl` is the z0 used, counted once. The training stage and `metrics` both use it."""
+        v = torch.ones_like(self.loss) if valid is None else valid
+        good = v * self.desirable.to(v.dtype)
+        bad = v * (~self.desirable).to(v.dtype)
+        one = torch.ones((), dtype=torch.float64, device=self.loss.device)
+        return {
+            "kl": (self.kl * one, one),
+            "rewards/chosen": ((self.rewards * good).sum(), good.sum()),
+            "rewards/rejected": ((self.rewards * bad).sum(), bad.sum()),
+            "logps/chosen": ((self.logps * good).sum(), good.sum()),
+            "logps/rejected": ((self.logps * bad).sum(), bad.sum()),
+        }
+
     def metrics(self) -> dict[str, float]:
         """KTO metrics; a chosen/rejected mean is present only when this call has such examples.
 
         `count/chosen` and `count/rejected` give the weights to merge several calls exactly.
         """
+        sums = self.metric_sums()
         out: dict[str, float] = {"kl": float(self.kl)}
-        for name, mask in (("chosen", self.desirable), ("rejected", ~self.desirable)):
-            n = int(mask.sum())
+        for name in ("chosen", "rejected"):
+            total, n = sums[f"rewards/{name}"]
             out[f"count/{name}"] = float(n)
-            if n:
-                out[f"rewards/{name}"] = float(self.rewards[mask].mean())
-                out[f"logps/{name}"] = float(self.logps[mask].mean())
+            if n > 0:
+                out[f"rewards/{name}"] = float(total / n)
+                out[f"logps/{name}"] = float(sums[f"logps/{name}"][0] / n)
         if "rewards/chosen" in out and "rewards/rejected" in out:
             out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
         return out
+
+
+def kto_kl_sums(policy_kl_sum: Tensor, ref_kl_sum: Tensor, valid: Tensor) -> Tensor:
+    """[sum over valid KL documents of (π − ref), their number] in float64, detached: the form that is summed
+    over data-parallel ranks before `kto_kl_from_sums` divides."""
+    with torch.no_grad():
+        return torch.stack([((policy_kl_sum - ref_kl_sum) * valid).sum(), valid.sum()]).double()
+
+
+def kto_kl_from_sums(sums: Tensor) -> Tensor:
+    """z0 = max(0, mean) from `kto_kl_sums` (possibly summed over ranks); 0 when there is no KL document."""
+    return (sums[0] / sums[1].clamp_min(1)).clamp_min(0)
 
 
 def kto_kl_estimate(policy_kl: SequenceLogps, ref_kl: SequenceLogps) -> Tensor:
@@ -215,11 +246,11 @@ def kto_kl_estimate(policy_kl: SequenceLogps, ref_kl: SequenceLogps) -> Tensor:
 
     The inputs are the log-prob sums of *mismatched* pairs (prompt x_i with completion y_j, j ≠ i; Ethayarajh
     et al. 2024, sec. 4, and TRL), a biased but cheap estimate of KL(π‖ref). With data parallelism the paper
-    and TRL average over the global batch: all-reduce the sum and the number of pairs before dividing, or
-    average the per-rank estimates and clamp again.
+    and TRL average over the global batch: the stage all-reduces `kto_kl_sums` before `kto_kl_from_sums`.
     """
     _check_pairs(policy_kl, ref_kl)
-    return (policy_kl.sum - ref_kl.sum).mean().clamp(min=0.0).detach()
+    valid = torch.ones_like(policy_kl.sum)
+    return kto_kl_from_sums(kto_kl_sums(policy_kl.sum, ref_kl.sum, valid)).to(policy_kl.sum.dtype)
 
 
 def kto_loss(

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from longtune.errors import ConfigError
-from longtune.parallel.mesh import ParallelDims, ensure_process_group
+from longtune.parallel.mesh import ParallelDims
 
 
 class RootForward(nn.Module):
@@ -77,12 +77,9 @@ def plan_from_config(fsdp: bool | None, offload_params: bool, deepspeed: str | N
 def apply_fsdp(root: RootForward, dims: ParallelDims, layers: nn.ModuleList, compute_dtype: torch.dtype,
                plan: ShardingPlan) -> None:
     """fully_shard each decoder layer, then the root (embeddings, norm, head, anything outside the layers)."""
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-    ensure_process_group(dims)
-    mesh = init_device_mesh(dims.device.type, (dims.world_size,), mesh_dim_names=("fsdp",))
-    kwargs = {"mesh": mesh}
+    kwargs = {"mesh": dims.fsdp_mesh()}
     if compute_dtype in (torch.bfloat16, torch.float16):
         # Master weights stay fp32 (the optimizer steps on them); compute in bf16/fp16; reduce grads in fp32.
         # No cast of forward inputs: the root's inputs carry fp32 values that are not activations (reference
@@ -105,6 +102,23 @@ def apply_fsdp(root: RootForward, dims: ParallelDims, layers: nn.ModuleList, com
 def gradient_scale(plan: ShardingPlan, dims: ParallelDims) -> float:
     """Factor on the backward loss that turns FSDP's gradient average over all ranks into their sum."""
     return float(dims.world_size) if plan.enabled else 1.0
+
+
+def all_reduce_gradients(params: list[nn.Parameter], dims: ParallelDims) -> None:
+    """Without FSDP: sum gradients over every rank. Each rank's loss is its share of one global sum (already
+    divided by the step's global token count), so the sum is the gradient of the whole step."""
+    if dims.world_size == 1:
+        return
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = _flatten_dense_tensors(grads)
+    dims.all_reduce_sum(flat)
+    for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        grad.copy_(synced)
 
 
 def is_fsdp(module: nn.Module) -> bool:

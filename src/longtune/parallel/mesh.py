@@ -1,5 +1,6 @@
-"""Who is who: the one object that owns the data-parallel and sequence-parallel degrees, the DeviceMesh and the
-process groups. Everything else receives it explicitly; nothing else computes ranks.
+"""Who is who: the one object that owns the data-parallel and sequence-parallel degrees, the DeviceMeshes and the
+process groups (dp x sp, FSDP's flat mesh, the hybrid SP sub-groups). Everything else receives it explicitly and
+asks it; nothing else computes ranks or creates groups.
 
 Ranks are laid out dp-major: the `sp` consecutive ranks that share one sequence sit on the same node whenever
 sp divides the GPUs per node, so the SP collectives stay on the fast links.
@@ -8,6 +9,7 @@ sp divides the GPUs per node, so the SP collectives stay on the fast links.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -69,6 +71,8 @@ class ParallelDims:
     rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     mesh: object | None = None
+    _fsdp_mesh: object | None = field(default=None, repr=False, compare=False)
+    _hybrid_groups: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def world_size(self) -> int:
@@ -89,6 +93,42 @@ class ParallelDims:
     @property
     def sp_group(self):
         return self.mesh["sp"].get_group() if self.mesh is not None and self.sp > 1 else None  # type: ignore[index]
+
+    def sp_group_ranks(self, dp_rank: int) -> list[int]:
+        """The global ranks of data-parallel replica `dp_rank`'s SP group (dp-major layout)."""
+        return list(range(dp_rank * self.sp, (dp_rank + 1) * self.sp))
+
+    def fsdp_mesh(self):
+        """A 1-D mesh over every rank (FSDP2 shards over dp x sp), built once; starts the one-rank process group
+        that FSDP needs on a single process."""
+        if self._fsdp_mesh is None:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            ensure_process_group(self)
+            self._fsdp_mesh = init_device_mesh(self.device.type, (self.world_size,), mesh_dim_names=("fsdp",))
+        return self._fsdp_mesh
+
+    def hybrid_groups(self, ulysses_size: int) -> tuple[object | None, object | None]:
+        """(ulysses_group, ring_group) of this rank for hybrid SP, built once per Ulysses degree. Every rank
+        creates every SP group's sub-groups, in the same order (`new_group` is collective over the world)."""
+        if ulysses_size not in self._hybrid_groups:
+            from longtune.parallel.attention import make_hybrid_groups
+
+            mine: tuple[object | None, object | None] = (None, None)
+            for dp_rank in range(self.dp):
+                groups = make_hybrid_groups(self.sp_group_ranks(dp_rank), ulysses_size)
+                if dp_rank == self.dp_rank:
+                    mine = groups
+            self._hybrid_groups[ulysses_size] = mine
+        return self._hybrid_groups[ulysses_size]
+
+    def lockstep_batches(self, num_items: int, batch_size: int) -> list[list[int]]:
+        """This rank's share of `num_items` striped over the dp ranks (dp_rank, dp_rank + dp, ...) in batches;
+        every rank gets the same number of batches (trailing ones may be empty: run a blank row) so that all
+        issue the same collectives."""
+        mine = list(range(self.dp_rank, num_items, self.dp))
+        rounds = math.ceil(math.ceil(num_items / self.dp) / batch_size)
+        return [mine[r * batch_size : (r + 1) * batch_size] for r in range(rounds)]
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """In-place sum over every rank (a no-op on one process)."""

@@ -105,14 +105,7 @@ class SequenceParallel:
         self.ulysses_group = None
         self.ring_group = None
         if self.mode == "hybrid":
-            from longtune.parallel.attention import make_hybrid_groups
-
-            # Every rank must create every subgroup, in the same order.
-            for dp_rank in range(dims.dp):
-                ranks = list(range(dp_rank * dims.sp, (dp_rank + 1) * dims.sp))
-                u_group, r_group = make_hybrid_groups(ranks, self.ulysses_size)
-                if dp_rank == dims.dp_rank:
-                    self.ulysses_group, self.ring_group = u_group, r_group
+            self.ulysses_group, self.ring_group = dims.hybrid_groups(self.ulysses_size)
         if dims.sp > 1 and dims.is_main:
             detail = f" (ulysses {self.ulysses_size} x ring {dims.sp // self.ulysses_size})" if self.mode == "hybrid" else ""
             log(f"sequence parallel: sp={dims.sp} dp={dims.dp} mode={self.mode}{detail}, document-aware attention")

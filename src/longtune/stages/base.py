@@ -1,9 +1,10 @@
-"""What every training objective provides to the trainer: a per-rank loss *sum*, the example normaliser that
-the trainer sums over the whole optimizer step, and optional metric (sum, count) pairs."""
+"""What every training objective provides to the trainer (the `Stage` protocol): how its examples load, their
+shape (documents per row, model head), a per-rank loss *sum*, the example normaliser that the trainer sums over
+the whole optimizer step, and optional metric (sum, count) pairs. Shared helpers for sequence-level stages."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -12,6 +13,8 @@ from longtune.models.loader import unwrap_base
 from longtune.parallel.collectives import all_reduce_sum
 from longtune.parallel.sequence import ModelInputs
 
+ModelTask = Literal["causal", "reward"]
+
 
 class StageOutput(NamedTuple):
     """A NamedTuple so that FSDP's root hooks see the tensors (pytree-flattenable)."""
@@ -19,6 +22,60 @@ class StageOutput(NamedTuple):
     loss_sum: Tensor  # this rank's share of the step's loss sum (differentiable)
     count: Tensor  # this rank's share of the normaliser (for eval)
     metrics: Tensor | None = None  # [2 * len(metric_names)]: (sum, count) per metric, rank shares
+
+
+class Stage(Protocol):
+    """One training objective. Class attributes are static facts (config checks them before a stage exists)."""
+
+    name: ClassVar[str]
+    docs_per_row: ClassVar[int]  # 1: one document per row; 2: pairs / example + KL document in one row
+    model_task: ClassVar[ModelTask]  # which head `load_model` puts on the decoder
+    packs_by_default: ClassVar[bool]  # `packing` when the config leaves it unset
+    needs_pref_beta: ClassVar[bool]  # the loss divides by / multiplies with pref_beta (must be > 0)
+    uses_reference: bool  # per instance: a DPO-family loss may be reference-free
+    metric_names: tuple[str, ...]
+
+    def load_examples(self, cfg: Any, tokenizer: Any, split: str) -> tuple[list, Any]:
+        """(examples, DataStats) of one split, in this stage's shape, through the data package."""
+        ...
+
+    def normaliser(self, example: Any) -> int:
+        """What one example adds to the step's divisor (loss tokens, or 1 per pair/example)."""
+        ...
+
+    def row_flags(self, rows: list) -> Tensor | None:
+        """Per-row booleans the loss needs besides the tokens (KTO: desirable), or None."""
+        ...
+
+    def loss(self, model: nn.Module, inputs: ModelInputs, loss_chunk_size: int) -> StageOutput:
+        ...
+
+
+class DocumentStage:
+    """Defaults shared by the stages: no flags, no reference."""
+
+    docs_per_row: ClassVar[int] = 1
+    model_task: ClassVar[ModelTask] = "causal"
+    packs_by_default: ClassVar[bool] = False
+    needs_pref_beta: ClassVar[bool] = False
+    uses_reference = False
+    metric_names: tuple[str, ...] = ()
+
+    def row_flags(self, rows: list) -> Tensor | None:
+        return None
+
+
+def load_pairs(cfg: Any, tokenizer: Any, split: str) -> tuple[list, Any]:
+    """Rows of (prompt + chosen, prompt + rejected): the examples of dpo and rm."""
+    from longtune.data.preference import load_pair_examples
+
+    return load_pair_examples(cfg, tokenizer, split)
+
+
+def split_pairs(values: Tensor) -> tuple[Tensor, Tensor]:
+    """[2N] in (first, second) document order per row -> first [N], second [N] (chosen/rejected; KTO:
+    example/KL document)."""
+    return values[0::2], values[1::2]
 
 
 def final_hidden_states(model: nn.Module, inputs: ModelInputs) -> Tensor:

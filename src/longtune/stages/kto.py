@@ -7,24 +7,36 @@ averaged over every data-parallel rank (each SP rank holds the same sequence val
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from longtune.config import PreferenceConfig
-from longtune.losses.preference import SequenceLogps, kto_loss
+from longtune.config import Config
+from longtune.losses.preference import SequenceLogps, kto_kl_from_sums, kto_kl_sums, kto_loss
 from longtune.parallel.sequence import ModelInputs
-from longtune.stages.base import StageOutput, metric_vector, sequence_logps
-from longtune.stages.preference import split_pairs
+from longtune.stages.base import DocumentStage, StageOutput, metric_vector, sequence_logps, split_pairs
 
 
-class KTOStage:
-    name = "kto"
+class KTOStage(DocumentStage):
+    name: ClassVar[str] = "kto"
+    docs_per_row: ClassVar[int] = 2  # the example and its KL document
+    needs_pref_beta: ClassVar[bool] = True
     uses_reference = True
     metric_names = ("kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
 
-    def __init__(self, cfg: PreferenceConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: Config):
+        self.cfg = cfg.preference
+
+    def load_examples(self, cfg: Any, tokenizer: Any, split: str) -> tuple[list, Any]:
+        from longtune.data.preference import load_kto_examples
+
+        return load_kto_examples(cfg, tokenizer, split)
+
+    def row_flags(self, rows: list) -> Tensor:
+        """Each row's desirable flag (blank lockstep rows: False; the loss masks them anyway)."""
+        return torch.tensor([bool(r.desirable) for r in rows])
 
     def normaliser(self, example) -> int:
         return 1
@@ -42,27 +54,15 @@ class KTOStage:
         target_count = split_pairs(counts)[0]
         valid = (target_count > 0).to(sums.dtype)
         sp = inputs.sp_size
-        with torch.no_grad():
-            kl_stats = torch.stack([((kl_doc - ref_kl) * valid).sum(), valid.sum()]).double() / sp
-            if dist.is_available() and dist.is_initialized():
-                dist.all_reduce(kl_stats)
-            z0 = (kl_stats[0] / kl_stats[1].clamp_min(1)).clamp_min(0).to(sums.dtype)
+        kl_stats = kto_kl_sums(kl_doc, ref_kl, valid) / sp
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(kl_stats)
+        z0 = kto_kl_from_sums(kl_stats).to(sums.dtype)
         safe = target_count.clamp_min(1)
         desirable = inputs.flags.to(torch.bool)
         out = kto_loss(SequenceLogps(target, safe), SequenceLogps(ref_target, safe), desirable, z0,
                        beta=self.cfg.pref_beta, chosen_weight=self.cfg.kto_chosen_weight,
                        undesirable_weight=self.cfg.kto_undesirable_weight)
-        good = valid * desirable.to(valid.dtype)
-        bad = valid * (~desirable).to(valid.dtype)
-        one = torch.ones((), dtype=torch.float64, device=sums.device)
-        metrics = metric_vector(
-            [
-                (z0 * one, one),
-                ((out.rewards * good).sum(), good.sum()),
-                ((out.rewards * bad).sum(), bad.sum()),
-                ((out.logps * good).sum(), good.sum()),
-                ((out.logps * bad).sum(), bad.sum()),
-            ],
-            sp,
-        )
+        metric_sums = out.metric_sums(valid)
+        metrics = metric_vector([metric_sums[name] for name in self.metric_names], sp)
         return StageOutput(loss_sum=(out.loss * valid).sum() / sp, count=valid.sum().detach() / sp, metrics=metrics)

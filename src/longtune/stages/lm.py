@@ -1,7 +1,10 @@
 """Causal-LM objective shared by `sft` and `pt`: the stages differ only in which tokens the data pipeline
-labels (assistant spans vs everything). The normaliser is the number of loss tokens."""
+labels (assistant spans vs everything) and in packing by default (pt). The normaliser is the number of loss
+tokens."""
 
 from __future__ import annotations
+
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -9,15 +12,21 @@ from longtune.data.collate import loss_token_count
 from longtune.losses.causal_lm import chunked_lm_loss
 from longtune.models.loader import unwrap_base
 from longtune.parallel.sequence import ModelInputs
-from longtune.stages.base import StageOutput, final_hidden_states
+from longtune.stages.base import DocumentStage, StageOutput, final_hidden_states
+
+__all__ = ["LMStage", "PretrainStage", "final_hidden_states"]
 
 
-class LMStage:
-    metric_names: tuple[str, ...] = ()
-    uses_reference = False
+class LMStage(DocumentStage):
+    name: ClassVar[str] = "sft"
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, cfg: Any = None):
+        self.cfg = cfg
+
+    def load_examples(self, cfg: Any, tokenizer: Any, split: str) -> tuple[list, Any]:
+        from longtune.data import examples_from_config
+
+        return examples_from_config(cfg, tokenizer, split)
 
     def normaliser(self, example) -> int:
         return loss_token_count(example)
@@ -29,6 +38,6 @@ class LMStage:
         return StageOutput(loss_sum=loss_sum, count=count)
 
 
-def lm_loss(model: nn.Module, inputs: ModelInputs, loss_chunk_size: int) -> StageOutput:
-    """The SFT/PT loss of one batch (kept as a function for tests and benchmarks)."""
-    return LMStage("sft").loss(model, inputs, loss_chunk_size)
+class PretrainStage(LMStage):
+    name: ClassVar[str] = "pt"
+    packs_by_default: ClassVar[bool] = True  # as LLaMA-Factory

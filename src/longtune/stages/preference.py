@@ -8,30 +8,31 @@ computes the same pair losses; each contributes 1/sp of them, which also makes t
 
 from __future__ import annotations
 
-import torch
+from typing import Any, ClassVar
+
 from torch import Tensor, nn
 
-from longtune.config import PreferenceConfig
+from longtune.config import Config
 from longtune.losses.preference import REFERENCE_FREE_LOSS_TYPES, SequenceLogps, dpo_loss, sft_term
 from longtune.parallel.sequence import ModelInputs
-from longtune.stages.base import StageOutput, metric_vector, sequence_logps
+from longtune.stages.base import DocumentStage, StageOutput, load_pairs, metric_vector, sequence_logps, split_pairs
 
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                 "logps/rejected")
 
 
-def split_pairs(values: Tensor) -> tuple[Tensor, Tensor]:
-    """[2N] in (chosen, rejected) order per row -> chosen [N], rejected [N]."""
-    return values[0::2], values[1::2]
-
-
-class PreferenceStage:
-    name = "dpo"
+class PreferenceStage(DocumentStage):
+    name: ClassVar[str] = "dpo"
+    docs_per_row: ClassVar[int] = 2
+    needs_pref_beta: ClassVar[bool] = True
     metric_names = PAIR_METRICS
 
-    def __init__(self, cfg: PreferenceConfig):
-        self.cfg = cfg
-        self.uses_reference = cfg.pref_loss not in REFERENCE_FREE_LOSS_TYPES
+    def __init__(self, cfg: Config):
+        self.cfg = cfg.preference
+        self.uses_reference = self.cfg.pref_loss not in REFERENCE_FREE_LOSS_TYPES
+
+    def load_examples(self, cfg: Any, tokenizer: Any, split: str) -> tuple[list, Any]:
+        return load_pairs(cfg, tokenizer, split)
 
     def normaliser(self, example) -> int:
         return 1  # the loss is a mean over the pairs of the optimizer step
@@ -61,15 +62,6 @@ class PreferenceStage:
         mask = valid.to(per_pair.dtype)
         sp = inputs.sp_size
         n = mask.sum()
-        metrics = metric_vector(
-            [
-                ((out.chosen_rewards * mask).sum(), n),
-                ((out.rejected_rewards * mask).sum(), n),
-                (((out.chosen_rewards - out.rejected_rewards) * mask).sum(), n),
-                (((out.chosen_rewards > out.rejected_rewards).to(mask.dtype) * mask).sum(), n),
-                ((out.chosen_logps * mask).sum(), n),
-                ((out.rejected_logps * mask).sum(), n),
-            ],
-            sp,
-        )
+        sums = out.metric_sums(mask)
+        metrics = metric_vector([sums[name] for name in self.metric_names], sp)
         return StageOutput(loss_sum=(per_pair * mask).sum() / sp, count=n.detach() / sp, metrics=metrics)

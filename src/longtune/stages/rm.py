@@ -6,6 +6,8 @@ per-sequence rewards are summed over the SP group (autograd-aware) before the lo
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 from torch import nn
 
@@ -14,14 +16,21 @@ from longtune.losses.preference import bradley_terry_loss
 from longtune.models.loader import unwrap_base
 from longtune.parallel.collectives import all_reduce_sum
 from longtune.parallel.sequence import ModelInputs
-from longtune.stages.base import StageOutput, final_hidden_states, metric_vector
-from longtune.stages.preference import split_pairs
+from longtune.stages.base import (DocumentStage, ModelTask, StageOutput, final_hidden_states, load_pairs,
+                                  metric_vector, split_pairs)
 
 
-class RewardStage:
-    name = "rm"
-    uses_reference = False
+class RewardStage(DocumentStage):
+    name: ClassVar[str] = "rm"
+    docs_per_row: ClassVar[int] = 2
+    model_task: ClassVar[ModelTask] = "reward"
     metric_names = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+
+    def __init__(self, cfg: Any = None):
+        self.cfg = cfg
+
+    def load_examples(self, cfg: Any, tokenizer: Any, split: str) -> tuple[list, Any]:
+        return load_pairs(cfg, tokenizer, split)
 
     def normaliser(self, example) -> int:
         return 1
