@@ -132,8 +132,6 @@ def test_zigzag_blocks_merged_equal_unsplit_kernel(device, dtype, packed):
 @pytest.mark.parametrize("window", [None, 3])
 def test_block_plan_kinds_agree_with_elementwise_masks(seed, window):
     """The planner classifies piece pairs from O(T) summaries; every classification must match the mask."""
-    from longtune.parallel.attention.planner import plan_blocks
-
     g = torch.Generator().manual_seed(seed)
     sp = 2 + seed % 3
     t = 2 * sp * 6
@@ -143,6 +141,17 @@ def test_block_plan_kinds_agree_with_elementwise_masks(seed, window):
         for c in cuts:
             docs[row, c:] += 1
         docs[row, t - int(torch.randint(0, 5, (1,), generator=g)):] = -1  # padding tail
+    checked_zigzag_plans(docs, sp, window)
+
+
+def checked_zigzag_plans(docs: torch.Tensor, sp: int, window: int | None) -> list:
+    """The plans of every (query rank, key rank) pair of a zigzag layout of `docs`, each checked against the
+    elementwise mask: 'full' and 'causal' blocks are exactly that, masked blocks see something, and the blocks
+    cover every visible (query, key) exactly once and nothing else."""
+    from longtune.parallel.attention.planner import plan_blocks
+
+    t = docs.shape[1]
+    plans = []
     for q_rank in range(sp):
         for k_rank in range(sp):
             qi = local_token_index(t, sp, q_rank).expand(2, -1)
@@ -161,8 +170,9 @@ def test_block_plan_kinds_agree_with_elementwise_masks(seed, window):
                 else:
                     assert block.kind == "masked" and mask.any()
                 covered[rows, qs, ks] += mask.long()
-            # The blocks cover every visible (query, key) exactly once and nothing else.
             assert torch.equal(covered, full_mask.long())
+            plans.append(plan)
+    return plans
 
 
 def _zigzag_plan(docs: torch.Tensor, sp: int, q_rank: int, k_rank: int):
@@ -329,29 +339,9 @@ def test_sliding_window_plan_builds_no_row_sized_mask(sp):
 @pytest.mark.parametrize("sp,window", [(1, 150), (2, 130), (3, 200)])
 def test_windowed_tiles_cover_the_mask_exactly(sp, window):
     """Tiled sliding-window plans (documents long enough to be tiled) cover every visible pair exactly once."""
-    from longtune.parallel.attention.planner import plan_blocks
-
     t = 2 * sp * 160
     docs = torch.zeros(2, t, dtype=torch.long)
     docs[0, 411:] = 1
     docs[1, t - 13:] = -1
-    for q_rank in range(sp):
-        for k_rank in range(sp):
-            qi = local_token_index(t, sp, q_rank).expand(2, -1)
-            ki = local_token_index(t, sp, k_rank).expand(2, -1)
-            qd, kd = docs.gather(1, qi), docs.gather(1, ki)
-            plan = plan_blocks(BlockTokens(qi, ki, qd, kd), window, 2, 2)
-            full_mask = visibility_mask(qi, ki, qd, kd, window)
-            covered = torch.zeros(full_mask.shape, dtype=torch.long)
-            for block in plan.blocks:
-                rows, qs, ks = block.rows, block.q, block.k
-                mask = visibility_mask(qi[rows, qs], ki[rows, ks], qd[rows, qs], kd[rows, ks], window)
-                if block.kind == "full":
-                    assert mask.all()
-                elif block.kind == "causal":
-                    assert torch.equal(mask, torch.ones_like(mask[0]).tril().expand_as(mask))
-                else:
-                    assert mask.any()
-                covered[rows, qs, ks] += mask.long()
-            assert torch.equal(covered, full_mask.long())
-            assert all(size <= max(window, 128) ** 2 for size in _mask_elements(plan))
+    for plan in checked_zigzag_plans(docs, sp, window):
+        assert all(size <= max(window, 128) ** 2 for size in _mask_elements(plan))

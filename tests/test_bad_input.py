@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from longtune.cli import main
 from tests.conftest import base_overrides
+from tests.test_errors import expect_one_line
 
 
 def _write(path: Path, text: str | bytes) -> Path:
@@ -66,7 +66,7 @@ def case_config_not_utf8(tmp, data, ckpt):
 ])
 def test_out_of_range_values_name_the_key(tmp_path, alpaca_file, capsys, key, value, expected):
     cfg = _config_file(tmp_path, alpaca_file, **{key: value})
-    _expect_one_line(capsys, ["train", str(cfg)], rf"^ConfigError: .*run\.yaml: key '{key}' must be {expected}, got")
+    expect_one_line(capsys, ["train", str(cfg)], rf"^ConfigError: .*run\.yaml: key '{key}' must be {expected}, got")
 
 
 def case_file_name_not_a_string(tmp, data, ckpt):
@@ -180,16 +180,6 @@ def case_read_only_output_dir(tmp, data, ckpt):
 CASES = [v for k, v in sorted(globals().items()) if k.startswith("case_")]
 
 
-def _expect_one_line(capsys, argv, pattern):
-    rc = main(argv)
-    captured = capsys.readouterr()
-    lines = [line for line in captured.err.splitlines() if line.strip()]
-    assert rc == 2, captured.err
-    assert len(lines) == 1, captured.err
-    assert "Traceback" not in captured.err
-    assert re.search(pattern, lines[0]), lines[0]
-
-
 @pytest.mark.parametrize("make_case", CASES, ids=[c.__name__[5:] for c in CASES])
 def test_bad_input_is_one_clear_line(make_case, tmp_path, alpaca_file, one_step_checkpoint, capsys):
     if make_case is case_read_only_output_dir:
@@ -202,7 +192,7 @@ def test_bad_input_is_one_clear_line(make_case, tmp_path, alpaca_file, one_step_
             except OSError:
                 pass
     argv, pattern = make_case(tmp_path, alpaca_file, one_step_checkpoint)
-    _expect_one_line(capsys, argv, pattern)
+    expect_one_line(capsys, argv, pattern)
 
 
 def test_debug_still_shows_the_traceback(tmp_path, capsys):

@@ -106,6 +106,11 @@ CASES = [v for k, v in sorted(globals().items()) if k.startswith("case_")]
 @pytest.mark.parametrize("make_case", CASES, ids=[c.__name__[5:] for c in CASES])
 def test_bad_input_is_one_clear_line(make_case, tmp_path, alpaca_file, capsys):
     argv, pattern = make_case(tmp_path, alpaca_file)
+    expect_one_line(capsys, argv, pattern)
+
+
+def expect_one_line(capsys, argv: list[str], pattern: str) -> None:
+    """`longtune ARGV` fails with exit status 2 and exactly one stderr line matching `pattern`, no traceback."""
     rc = main(argv)
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.strip()]
