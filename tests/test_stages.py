@@ -109,3 +109,20 @@ def test_lockstep_batches_cover_every_item_once_in_equal_rounds(num_items, dp, b
     assert all(len(batches) == rounds for batches in per_rank)
     assert all(len(b) <= batch for batches in per_rank for b in batches)
     assert sorted(i for batches in per_rank for b in batches for i in b) == list(range(num_items))
+
+
+def test_data_rows_come_from_the_stage_registry(monkeypatch):
+    """A new stage is one class and one registry line: the data package reads what its rows are from it."""
+    from longtune.data.example import stage_rows, stages_of
+    from longtune.stages import STAGES
+    from longtune.stages.lm import LMStage
+
+    class PairwiseSFT(LMStage):
+        name = "pairwise_sft"
+        rows = "pairs"
+
+    assert stage_rows() == {name: (cls.rows, cls.pretraining) for name, cls in STAGES.items()}
+    assert stage_rows()["pt"] == ("lm", True) and stage_rows()["kto"] == ("kto", False)
+    monkeypatch.setitem(STAGES, "pairwise_sft", PairwiseSFT)
+    assert stage_rows()["pairwise_sft"] == ("pairs", False)
+    assert stages_of("pairs") == ["dpo", "rm", "pairwise_sft"]

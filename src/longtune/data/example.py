@@ -9,21 +9,22 @@ from typing import Literal
 # What a row becomes: "lm" one document (sft, pt), "pairs" prompt + chosen then prompt + rejected (dpo, rm),
 # "kto" prompt + completion then the KL document, with the completion's desirable flag.
 RowKind = Literal["lm", "pairs", "kto"]
-# The rows each stage trains on, and whether they are pretraining texts: the data package's only stage knowledge.
-STAGE_ROWS: dict[str, tuple[RowKind, bool]] = {
-    "sft": ("lm", False),
-    "pt": ("lm", True),
-    "dpo": ("pairs", False),
-    "rm": ("pairs", False),
-    "kto": ("kto", False),
-}
+
+
+def stage_rows() -> dict[str, tuple[RowKind, bool]]:
+    """The rows each registered stage trains on and whether they are pretraining texts, as the stages declare
+    them (`Stage.rows`, `Stage.pretraining`): the data package keeps no stage knowledge of its own."""
+    from longtune.stages import STAGES  # the stages load their data through this package: import when asked
+
+    return {name: (cls.rows, cls.pretraining) for name, cls in STAGES.items()}
+
 # formats.TASKS: what loading.py parses the rows of each kind as
 TASK_OF_ROWS: dict[RowKind, str] = {"lm": "plain", "pairs": "preference", "kto": "kto"}
 
 
 def stages_of(rows: RowKind) -> list[str]:
-    """The stages that train on rows of this kind, in STAGE_ROWS order."""
-    return [stage for stage, (kind, _) in STAGE_ROWS.items() if kind == rows]
+    """The stages that train on rows of this kind, in registry order."""
+    return [stage for stage, (kind, _) in stage_rows().items() if kind == rows]
 
 
 def stages_of_task(task: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
-from longtune.data.example import STAGE_ROWS, DataStats, EncodeSettings, Example, MixSettings, stages_of
+from longtune.data.example import DataStats, EncodeSettings, Example, MixSettings, stage_rows, stages_of
 from longtune.data.mixing import check_mix_settings
 from longtune.data.pipeline import check_encoding_inputs, load_all, optional_chat_template, split_names
 from longtune.errors import ConfigError
@@ -59,7 +59,7 @@ def lm_inputs(
     settings = EncodeSettings(
         rows="lm", dataset_dir=dataset_dir, template=template,
         chat_template=optional_chat_template(template, tokenizer), cutoff_len=cutoff_len,
-        pretraining=STAGE_ROWS[stage][1], train_on_prompt=train_on_prompt, max_samples=max_samples,
+        pretraining=stage_rows()[stage][1], train_on_prompt=train_on_prompt, max_samples=max_samples,
         skip_bad_rows=skip_bad_rows,
     )
     return names, settings, mix

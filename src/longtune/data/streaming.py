@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from longtune.data.lm import config_lm_inputs, lm_inputs
-from longtune.data.example import STAGE_ROWS, DataStats, Example, RowKind
+from longtune.data.example import DataStats, Example, RowKind, stage_rows
 from longtune.data.loading import resolve_dataset
 from longtune.data.packing import PackingStats, pack_stream
 from longtune.data.pipeline import split_names, stream_all
@@ -45,7 +45,7 @@ def stream_from_config(
     KTO KL documents pair within each dataset before mixing, as in memory: row i takes row i + 1's completion and
     a dataset's last row its first row's, so that last example comes out only when the dataset's pass ends.
     """
-    kind = rows or STAGE_ROWS[cfg.train.stage][0]
+    kind = rows or stage_rows()[cfg.train.stage][0]
     if kind == "lm":
         names, settings, mix = config_lm_inputs(cfg, tokenizer, "train")
     else:

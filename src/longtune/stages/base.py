@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Literal, NamedTuple, Protocol
 import torch
 from torch import Tensor, nn
 
+from longtune.data.example import RowKind
 from longtune.models.loader import unwrap_base
 from longtune.parallel.collectives import all_reduce_sum
 from longtune.parallel.sequence import ModelInputs
@@ -32,6 +33,8 @@ class Stage(Protocol):
     model_task: ClassVar[ModelTask]  # which head `load_model` puts on the decoder
     packs_by_default: ClassVar[bool]  # `packing` when the config leaves it unset
     needs_pref_beta: ClassVar[bool]  # the loss divides by / multiplies with pref_beta (must be > 0)
+    rows: ClassVar[RowKind]  # what the data pipeline makes of a dataset row for this stage
+    pretraining: ClassVar[bool]  # plain texts, every token trained (pt)
     uses_reference: bool  # per instance: a DPO-family loss may be reference-free
     metric_names: tuple[str, ...]
 
@@ -58,6 +61,8 @@ class DocumentStage:
     model_task: ClassVar[ModelTask] = "causal"
     packs_by_default: ClassVar[bool] = False
     needs_pref_beta: ClassVar[bool] = False
+    rows: ClassVar[RowKind] = "lm"
+    pretraining: ClassVar[bool] = False
     uses_reference = False
     metric_names: tuple[str, ...] = ()
 

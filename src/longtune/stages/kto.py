@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from longtune.config import Config
+from longtune.data.example import RowKind
 from longtune.losses.preference import SequenceLogps, kto_kl_from_sums, kto_kl_sums, kto_loss
 from longtune.parallel.sequence import ModelInputs
 from longtune.stages.base import DocumentStage, StageOutput, metric_vector, sequence_logps, split_pairs
@@ -22,6 +23,7 @@ from longtune.stages.base import DocumentStage, StageOutput, metric_vector, sequ
 class KTOStage(DocumentStage):
     name: ClassVar[str] = "kto"
     docs_per_row: ClassVar[int] = 2  # the example and its KL document
+    rows: ClassVar[RowKind] = "kto"
     needs_pref_beta: ClassVar[bool] = True
     uses_reference = True
     metric_names = ("kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")

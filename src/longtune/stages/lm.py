@@ -41,3 +41,4 @@ class LMStage(DocumentStage):
 class PretrainStage(LMStage):
     name: ClassVar[str] = "pt"
     packs_by_default: ClassVar[bool] = True  # as LLaMA-Factory
+    pretraining: ClassVar[bool] = True

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from longtune.config import Config
+from longtune.data.example import RowKind
 from longtune.losses.preference import REFERENCE_FREE_LOSS_TYPES, SequenceLogps, dpo_loss, sft_term
 from longtune.parallel.sequence import ModelInputs
 from longtune.stages.base import DocumentStage, StageOutput, load_pairs, metric_vector, sequence_logps, split_pairs
@@ -24,6 +25,7 @@ PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "reward
 class PreferenceStage(DocumentStage):
     name: ClassVar[str] = "dpo"
     docs_per_row: ClassVar[int] = 2
+    rows: ClassVar[RowKind] = "pairs"
     needs_pref_beta: ClassVar[bool] = True
     metric_names = PAIR_METRICS
 

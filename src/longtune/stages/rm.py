@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from longtune.constants import IGNORE_INDEX
+from longtune.data.example import RowKind
 from longtune.losses.preference import bradley_terry_loss
 from longtune.models.loader import unwrap_base
 from longtune.parallel.collectives import all_reduce_sum
@@ -23,6 +24,7 @@ from longtune.stages.base import (DocumentStage, ModelTask, StageOutput, final_h
 class RewardStage(DocumentStage):
     name: ClassVar[str] = "rm"
     docs_per_row: ClassVar[int] = 2
+    rows: ClassVar[RowKind] = "pairs"
     model_task: ClassVar[ModelTask] = "reward"
     metric_names = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
