@@ -95,16 +95,8 @@ def load_reward_model(model_cfg: ModelConfig, dtype: torch.dtype) -> nn.Module:
     path = _check_model_dir(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        try:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                str(path), num_labels=1, dtype=dtype, attn_implementation=attention_implementation(model_cfg, dtype),
-                trust_remote_code=model_cfg.trust_remote_code,
-            )
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"key 'model_name_or_path': cannot load a reward model from '{path}': {exc}".splitlines()[0]) from None
-        except SafetensorError as exc:
-            raise ConfigError(f"key 'model_name_or_path': the weights in '{path}' are unreadable ({exc}); the files "
-                              "are truncated or corrupt, copy them again") from None
+        model = _from_pretrained(AutoModelForSequenceClassification, path, "a reward model", model_cfg, dtype,
+                                 num_labels=1)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model
@@ -123,19 +115,21 @@ def load_model(model_cfg: ModelConfig, dtype: torch.dtype, task: str = "causal")
     from transformers import AutoModelForCausalLM
 
     path = _check_model_dir(name)
+    return _from_pretrained(AutoModelForCausalLM, path, "a causal LM", model_cfg, dtype)
+
+
+def _from_pretrained(auto_class, path: Path, what: str, model_cfg: ModelConfig, dtype: torch.dtype, **extra):
+    """`auto_class.from_pretrained` with the config's attention and trust settings; a folder it cannot load,
+    or truncated/corrupt weights, is one ConfigError naming the folder."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path),
-            dtype=dtype,
-            attn_implementation=attention_implementation(model_cfg, dtype),
-            trust_remote_code=model_cfg.trust_remote_code,
-        )
+        return auto_class.from_pretrained(str(path), dtype=dtype,
+                                          attn_implementation=attention_implementation(model_cfg, dtype),
+                                          trust_remote_code=model_cfg.trust_remote_code, **extra)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"key 'model_name_or_path': cannot load a causal LM from '{path}': {exc}".splitlines()[0]) from None
+        raise ConfigError(f"key 'model_name_or_path': cannot load {what} from '{path}': {exc}".splitlines()[0]) from None
     except SafetensorError as exc:
         raise ConfigError(f"key 'model_name_or_path': the weights in '{path}' are unreadable ({exc}); the files are "
                           "truncated or corrupt, copy them again") from None
-    return model
 
 
 def check_vocabulary(tokenizer, model_config) -> None:
