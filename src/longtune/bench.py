@@ -44,7 +44,6 @@ MODEL_SHAPES: dict[str, dict[str, Any]] = {
                          attention_bias=False),
 }
 STAGES = ("sft", "dpo")
-IMPLS = ("ours", "baseline")
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, in TFLOP/s, matched against
 # torch.cuda.get_device_name() in this order (the first substring found wins, so variants come before their base
 # name). A device not listed has no MFU unless --peak-tflops gives its peak: a guessed peak would be a made-up MFU.

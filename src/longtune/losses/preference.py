@@ -300,7 +300,12 @@ def bradley_terry_loss(reward_chosen: Tensor, reward_rejected: Tensor) -> Tensor
     return -F.logsigmoid(reward_chosen - reward_rejected)
 
 
+def bradley_terry_correct(reward_chosen: Tensor, reward_rejected: Tensor) -> Tensor:
+    """Per pair 1 where the chosen reward is strictly greater, else 0 (ties count as wrong); detached."""
+    dtype = torch.promote_types(reward_chosen.dtype, torch.float32)
+    return (reward_chosen > reward_rejected).to(dtype).detach()
+
+
 def bradley_terry_accuracy(reward_chosen: Tensor, reward_rejected: Tensor) -> Tensor:
     """Fraction of pairs whose chosen reward is strictly greater, a detached scalar (ties count as wrong)."""
-    dtype = torch.promote_types(reward_chosen.dtype, torch.float32)
-    return (reward_chosen > reward_rejected).to(dtype).mean().detach()
+    return bradley_terry_correct(reward_chosen, reward_rejected).mean()

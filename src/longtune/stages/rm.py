@@ -13,7 +13,7 @@ from torch import nn
 
 from longtune.constants import IGNORE_INDEX
 from longtune.data.example import RowKind
-from longtune.losses.preference import bradley_terry_loss
+from longtune.losses.preference import bradley_terry_correct, bradley_terry_loss
 from longtune.models.loader import unwrap_base
 from longtune.parallel.collectives import all_reduce_sum
 from longtune.parallel.sequence import ModelInputs
@@ -66,7 +66,7 @@ class RewardStage(DocumentStage):
                 ((chosen.detach() * valid).sum(), n),
                 ((rejected.detach() * valid).sum(), n),
                 (((chosen - rejected).detach() * valid).sum(), n),
-                (((chosen > rejected).to(dtype) * valid).sum(), n),
+                ((bradley_terry_correct(chosen, rejected).to(dtype) * valid).sum(), n),
             ],
             sp,
         )
