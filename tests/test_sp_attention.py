@@ -58,6 +58,13 @@ SETUPS = [
 ]
 
 
+
+def gather_unsharded(x: torch.Tensor, dim: int, sp: int, group) -> torch.Tensor:
+    """Every SP rank's zigzag shard of `x` gathered and put back in sequence order along `dim`."""
+    parts = [torch.empty_like(x) for _ in range(sp)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return unshard(parts, sp, dim=dim)
+
 def _doc_ids(doc_lengths: list[list[int]]) -> torch.Tensor:
     rows = [torch.cat([torch.full((n,), d) for d, n in enumerate(lengths)]) for lengths in doc_lengths]
     return torch.stack(rows)
@@ -101,9 +108,7 @@ def _max_diffs(mode, sp, sp_rank, group, ulysses_group, ring_group, name, seed) 
     planned_during_attention = ctx.plans.builds - builds
 
     def gathered(x: torch.Tensor, dim: int) -> torch.Tensor:
-        parts = [torch.empty_like(x) for _ in range(sp)]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return unshard(parts, sp, dim=dim)
+        return gather_unsharded(x, dim, sp, group)
 
     got = {"out": gathered(out.detach(), 1)}
     got.update({f"d{n}": gathered(t.grad, 2) for n, t in zip("qkv", local)})
@@ -174,9 +179,7 @@ def _bf16_errors(mode: str, sp_rank: int, group) -> dict[str, float] | None:
     out.backward(dout[:, index])
 
     def gathered(x: torch.Tensor, dim: int) -> torch.Tensor:
-        parts = [torch.empty_like(x) for _ in range(sp)]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return unshard(parts, sp, dim=dim)
+        return gather_unsharded(x, dim, sp, group)
 
     got = {"out": gathered(out.detach(), 1)}
     got.update({f"d{n}": gathered(x.grad, 2) for n, x in zip("qkv", local)})
