@@ -25,11 +25,14 @@ class EncodedConversation:
 
 
 def render_messages(
-    tokenizer, chat_template: str, messages: list[dict[str, str]], add_generation_prompt: bool, where: str
+    tokenizer, chat_template: str, messages: list[dict[str, str]], add_generation_prompt: bool, where: str,
+    tools: list[dict] | None = None,
 ) -> str:
+    """The jinja render of `messages` (template: auto); `tools` go to the template as its `tools` variable."""
     try:
         return tokenizer.apply_chat_template(
-            messages, chat_template=chat_template, add_generation_prompt=add_generation_prompt, tokenize=False
+            messages, chat_template=chat_template, add_generation_prompt=add_generation_prompt, tokenize=False,
+            tools=tools,
         )
     except TemplateError as e:
         raise DataError(f"{where}: the chat template refused this conversation: {e}") from None
@@ -39,19 +42,20 @@ def assistant_char_spans(
     conversation: Conversation, tokenizer, chat_template: str, where: str
 ) -> tuple[str, list[tuple[int, int]]]:
     """The full rendered text and the [start, end) character span of every assistant turn in it."""
-    if not conversation.turns or conversation.turns[-1].role != "assistant":
+    if not conversation.turns or conversation.turns[-1].role not in ("assistant", "function"):
         last = conversation.turns[-1].role if conversation.turns else "none"
         raise DataError(f"{where}: a conversation must end with an assistant turn (its last turn is {last})")
     messages = conversation.messages()
-    full = render_messages(tokenizer, chat_template, messages, False, where)
+    tools = conversation.tool_list()
+    full = render_messages(tokenizer, chat_template, messages, False, where, tools)
     spans = []
     for j, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = render_messages(tokenizer, chat_template, messages[:j], True, where)
+        prompt = render_messages(tokenizer, chat_template, messages[:j], True, where, tools)
         # the last message is an assistant turn whose rendering is `full`: one render fewer per row
         last = j == len(messages) - 1
-        upto = full if last else render_messages(tokenizer, chat_template, messages[: j + 1], False, where)
+        upto = full if last else render_messages(tokenizer, chat_template, messages[: j + 1], False, where, tools)
         if not (upto.startswith(prompt) and full.startswith(upto)):
             raise ConfigError(
                 f"template: the chat template does not render {where} incrementally (rendering message {j} "

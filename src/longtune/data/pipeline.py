@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import functools
 import itertools
+from datetime import datetime
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -27,6 +28,7 @@ from longtune.data.cache import (
 from longtune.data.conversation import Conversation, TextDocument, Turn
 from longtune.data.encode import (
     IGNORE_INDEX,
+    EncodedConversation,
     assistant_char_spans,
     conversation_labels,
     render_messages,
@@ -48,7 +50,17 @@ from longtune.data.example import (
 from longtune.data.formats import KTOSample, PreferencePair
 from longtune.data.loading import ParsedRow, iter_dataset, load_dataset, resolve_dataset
 from longtune.data.mixing import mix_examples, mix_streams
-from longtune.data.templates import resolve_chat_template
+from longtune.data.templates import (
+    ChatTemplate,
+    PieceTokenizer,
+    TemplateOptions,
+    TurnPair,
+    encode_one_turn,
+    encode_turn_pairs,
+    named_template,
+    resolve_chat_template,
+    supervised_ids_and_labels,
+)
 from longtune.errors import ConfigError, DataError
 
 ENCODE_BATCH = 1024  # rows tokenized per call of the fast tokenizer
@@ -150,7 +162,7 @@ def dataset_fingerprint(name: str, dataset_dir: str) -> dict:
 def _cache_key(names: list[str], settings: EncodeSettings, mix: MixSettings, tokenizer) -> str:
     inputs = {
         "datasets": [dataset_fingerprint(name, settings.dataset_dir) for name in names],
-        "template": [settings.template, settings.chat_template],
+        "template": [settings.template, settings.chat_template, _template_options_key(settings)],
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "cutoff_len": settings.cutoff_len,
         "max_samples": settings.max_samples,
@@ -162,6 +174,16 @@ def _cache_key(names: list[str], settings: EncodeSettings, mix: MixSettings, tok
     else:  # "task" is no key of an lm load: never the same file as an sft/pt cache
         inputs["task"] = TASK_OF_ROWS[settings.rows]
     return fingerprint(inputs)
+
+
+def _template_options_key(settings: EncodeSettings) -> dict | None:
+    """The template options that shape a named template's tokens (the date the llama3 tool prompt states)."""
+    if settings.template == "auto":
+        return None
+    options = asdict(settings.template_options)
+    if options["today"] is None and named_template(settings.template, settings.template_options).tool_format == "llama3":
+        options["today"] = datetime.now().strftime("%d %b %Y")
+    return options
 
 
 def _to_cache(path: Path, examples: list[Example], stats: DataStats, rows: RowKind) -> None:
@@ -297,15 +319,103 @@ def _encode_lm_rows(
 ) -> list[tuple[list[Example], bool]]:
     """(examples, truncated) of each rendered row, in order: each row is rendered alone (a bad row fails alone,
     naming its file and row), then all are tokenized in one call per kind."""
-    rendered: list[_RenderedRow] = []
+    named = _NamedEncoder.of(settings, tokenizer)
+    rendered: list[_RenderedRow | EncodedConversation] = []
     for row in rows:
         try:
-            rendered.append(_render_lm_row(row, tokenizer, settings))
+            if named is not None and isinstance(row.item, Conversation):
+                rendered.append(named.lm_row(row, settings))
+            else:
+                rendered.append(_render_lm_row(row, tokenizer, settings))
         except DataError as error:
             _reject(on_bad_row, error)
-    tokenized = _tokenize_rendered(rendered, tokenizer)
-    return [_finish_lm_row(item, ids, offsets, tokenizer, settings)
-            for item, (ids, offsets) in zip(rendered, tokenized, strict=True)]
+    texts = [item for item in rendered if isinstance(item, _RenderedRow)]
+    tokenized = iter(_tokenize_rendered(texts, tokenizer))
+    results = []
+    for item in rendered:
+        if isinstance(item, EncodedConversation):
+            results.append(_finish_encoded_lm_row(item, settings))
+        else:
+            ids, offsets = next(tokenized)
+            results.append(_finish_lm_row(item, ids, offsets, tokenizer, settings))
+    return results
+
+
+class _NamedEncoder:
+    """Encodes rows with a named template (LLaMA-Factory's slot-by-slot tokenization, templates.py)."""
+
+    def __init__(self, template: ChatTemplate, tokenizer):
+        self.template = template
+        self.pieces = PieceTokenizer(tokenizer, template)
+
+    @classmethod
+    def of(cls, settings: EncodeSettings, tokenizer) -> _NamedEncoder | None:
+        if settings.template == "auto":
+            return None
+        return cls(named_template(settings.template, settings.template_options), tokenizer)
+
+    def lm_row(self, row: ParsedRow, settings: EncodeSettings) -> EncodedConversation:
+        """ids and labels of a conversation, as LF's supervised processor makes them (pt: every token trained)."""
+        where = f"{row.source} row {row.row_number}"
+        conversation = row.item
+        messages = _named_messages(conversation, where)
+        if messages[-1][0] not in ("assistant", "function"):
+            raise DataError(f"{where}: a conversation must end with an assistant turn "
+                            f"(its last turn is {conversation.turns[-1].role})")
+        options = settings.template_options
+        pairs = self._pairs(messages, conversation, where, options)
+        if settings.pretraining:
+            ids = [t for pair in pairs for t in pair.prompt + pair.reply]
+            return EncodedConversation(ids, list(ids), 0)
+        ids, labels, response_start = supervised_ids_and_labels(
+            pairs, self.pieces.eos, efficient_eos=self.template.efficient_eos,
+            train_on_prompt=settings.train_on_prompt, mask_history=options.mask_history, ignore_index=IGNORE_INDEX,
+        )
+        return EncodedConversation(ids, labels, response_start)
+
+    def reply_documents(self, prompt: Conversation, replies: tuple[str, str], shared_prompt: bool,
+                        today: str | None, where: str) -> list[EncodedConversation]:
+        """prompt + each reply, as LF's encode_oneturn; pairs (dpo/rm) take the first one's prompt for both."""
+        messages = _named_messages(prompt, where)
+        try:
+            encoded = [encode_one_turn(self.template, self.pieces, messages + [("assistant", reply)], prompt.system,
+                                       prompt.tool_list(), today=today) for reply in replies]
+        except ValueError as e:
+            raise DataError(f"{where}: {e}") from None
+        if shared_prompt:
+            encoded = [TurnPair(encoded[0].prompt, pair.reply) for pair in encoded]
+        return [EncodedConversation(p + r, [IGNORE_INDEX] * len(p) + r, len(p)) for p, r in encoded]
+
+    def _pairs(self, messages: list[tuple[str, str]], conversation: Conversation, where: str,
+               options: TemplateOptions) -> list[TurnPair]:
+        try:
+            return encode_turn_pairs(self.template, self.pieces, messages, conversation.system,
+                                     conversation.tool_list(), mask_history=options.mask_history,
+                                     today=options.today)
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
+        except ValueError as e:  # a tool format that cannot write this call (glm4: one call per turn)
+            raise DataError(f"{where}: {e}") from None
+
+
+# Turn roles as a named template calls them (LF's Role: a tool's answer is an observation)
+_NAMED_ROLES = {"user": "user", "assistant": "assistant", "function": "function", "tool": "observation"}
+
+
+def _named_messages(conversation: Conversation, where: str) -> list[tuple[str, str]]:
+    return [(_NAMED_ROLES[turn.role], turn.content) for turn in conversation.turns]
+
+
+def _finish_encoded_lm_row(row: EncodedConversation, settings: EncodeSettings) -> tuple[list[Example], bool]:
+    """The examples of a row a named template encoded: pt pieces, or the sft row cut as `auto` rows are."""
+    if settings.pretraining:
+        pieces = split_into_pieces(row.input_ids, settings.cutoff_len)
+        return [Example(piece, list(piece)) for piece in pieces], len(pieces) > 1
+    ids, labels = truncate_conversation(row.input_ids, row.labels, row.response_start, settings.cutoff_len)
+    truncated = len(ids) < len(row.input_ids)
+    if all(label == IGNORE_INDEX for label in labels[1:]):
+        return [], truncated
+    return [Example(ids, labels)], truncated
 
 
 @dataclass(frozen=True)
@@ -328,7 +438,7 @@ def _render_lm_row(row: ParsedRow, tokenizer, settings: EncodeSettings) -> _Rend
     # a conversation needs a template: raises the ConfigError here when the tokenizer has none
     chat_template = settings.chat_template or resolve_chat_template(settings.template, tokenizer)
     if settings.pretraining:
-        text = render_messages(tokenizer, chat_template, row.item.messages(), False, where)
+        text = render_messages(tokenizer, chat_template, row.item.messages(), False, where, row.item.tool_list())
         return _RenderedRow(text, None, plain_text=False)
     text, spans = assistant_char_spans(row.item, tokenizer, chat_template, where)
     return _RenderedRow(text, spans, plain_text=False)
@@ -376,6 +486,9 @@ def _encode_pair_rows(
 ) -> list[tuple[list[Example], bool]]:
     """(examples, truncated) of rows with their two replies, in order: prompt + first reply, then prompt + second,
     in one Example; each row is rendered alone, then all are tokenized in one call."""
+    named = _NamedEncoder.of(settings, tokenizer)
+    if named is not None:
+        return _encode_named_pair_rows(rows, named, settings, on_bad_row)
     chat_template = settings.chat_template
     assert chat_template is not None  # resolved before any row is read
     rendered: list[tuple[ParsedRow, list[tuple[str, tuple[int, int]]]]] = []
@@ -396,14 +509,37 @@ def _encode_pair_rows(
             ids, offsets = next(encoded)
             assert offsets is not None
             labelled.append(conversation_labels(ids, offsets, [span], train_on_prompt=False))
-        kept, truncated = truncate_documents(labelled, settings.cutoff_len)
-        # position 0 of a document is never a target after the shift: a reply must train a later token
-        if any(all(label == IGNORE_INDEX for label in labels[1:]) for _, labels in kept):
-            results.append(([], truncated))
+        results.append(_two_document_example(row, labelled, settings))
+    return results
+
+
+def _two_document_example(
+    row: ParsedRow, labelled: list[EncodedConversation], settings: EncodeSettings
+) -> tuple[list[Example], bool]:
+    kept, truncated = truncate_documents(labelled, settings.cutoff_len)
+    # position 0 of a document is never a target after the shift: a reply must train a later token
+    if any(all(label == IGNORE_INDEX for label in labels[1:]) for _, labels in kept):
+        return [], truncated
+    (a, a_labels), (b, b_labels) = kept
+    desirable = row.item.desirable if settings.rows == "kto" else None
+    return [Example(a + b, a_labels + b_labels, [len(a), len(b)], desirable)], truncated
+
+
+def _encode_named_pair_rows(
+    rows: list[tuple[ParsedRow, tuple[str, str]]], named: _NamedEncoder, settings: EncodeSettings,
+    on_bad_row: OnBadRow,
+) -> list[tuple[list[Example], bool]]:
+    results: list[tuple[list[Example], bool]] = []
+    for row, replies in rows:
+        where = f"{row.source} row {row.row_number}"
+        try:
+            documents = named.reply_documents(row.item.prompt, replies, settings.rows == "pairs",
+                                              settings.template_options.today, where)
+        except DataError as error:
+            _reject(on_bad_row, error)
             continue
-        (a, a_labels), (b, b_labels) = kept
-        desirable = row.item.desirable if settings.rows == "kto" else None
-        results.append(([Example(a + b, a_labels + b_labels, [len(a), len(b)], desirable)], truncated))
+        results.append(_two_document_example(row, documents, settings))
+    named.pieces.clear()
     return results
 
 
@@ -411,6 +547,6 @@ def _render_reply(
     prompt: Conversation, reply: str, tokenizer, chat_template: str, where: str
 ) -> tuple[str, tuple[int, int]]:
     """The rendered prompt + reply and the character span of the reply's assistant turn (as SFT locates it)."""
-    conversation = Conversation(prompt.turns + (Turn("assistant", reply),), prompt.system)
+    conversation = replace(prompt, turns=prompt.turns + (Turn("assistant", reply),))
     text, spans = assistant_char_spans(conversation, tokenizer, chat_template, where)
     return text, spans[-1]
