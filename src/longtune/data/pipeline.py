@@ -60,6 +60,8 @@ from longtune.data.templates import (
     named_template,
     resolve_chat_template,
     supervised_ids_and_labels,
+    thinking_messages,
+    turn_pieces,
 )
 from longtune.errors import ConfigError, DataError
 
@@ -320,6 +322,8 @@ def _encode_lm_rows(
     """(examples, truncated) of each rendered row, in order: each row is rendered alone (a bad row fails alone,
     naming its file and row), then all are tokenized in one call per kind."""
     named = _NamedEncoder.of(settings, tokenizer)
+    if named is not None:
+        named.prefetch([row.item for row in rows if isinstance(row.item, Conversation)], settings)
     rendered: list[_RenderedRow | EncodedConversation] = []
     for row in rows:
         try:
@@ -354,6 +358,21 @@ class _NamedEncoder:
             return None
         return cls(named_template(settings.template, settings.template_options), tokenizer)
 
+    def prefetch(self, conversations: list[Conversation], settings: EncodeSettings) -> None:
+        """Tokenize the text pieces of all these conversations in one call of the fast tokenizer (the per-row
+        encoding then finds them); a row that cannot be rendered is skipped here and fails alone later."""
+        options = settings.template_options
+        turns = []
+        for conversation in conversations:
+            messages = thinking_messages(self.template, _named_messages(conversation, ""), one_turn=False,
+                                         mask_history=options.mask_history)
+            try:
+                turns += turn_pieces(self.template, messages, conversation.system, conversation.tool_list(),
+                                     options.today)
+            except (DataError, ValueError, KeyError, TypeError):
+                continue
+        self.pieces.prepare(turns)
+
     def lm_row(self, row: ParsedRow, settings: EncodeSettings) -> EncodedConversation:
         """ids and labels of a conversation, as LF's supervised processor makes them (pt: every token trained)."""
         where = f"{row.source} row {row.row_number}"
@@ -380,8 +399,10 @@ class _NamedEncoder:
         try:
             encoded = [encode_one_turn(self.template, self.pieces, messages + [("assistant", reply)], prompt.system,
                                        prompt.tool_list(), today=today) for reply in replies]
-        except ValueError as e:
+        except DataError as e:
             raise DataError(f"{where}: {e}") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{where}: {self._tool_error(e)}") from None
         if shared_prompt:
             encoded = [TurnPair(encoded[0].prompt, pair.reply) for pair in encoded]
         return [EncodedConversation(p + r, [IGNORE_INDEX] * len(p) + r, len(p)) for p, r in encoded]
@@ -394,8 +415,12 @@ class _NamedEncoder:
                                      today=options.today)
         except DataError as e:
             raise DataError(f"{where}: {e}") from None
-        except ValueError as e:  # a tool format that cannot write this call (glm4: one call per turn)
-            raise DataError(f"{where}: {e}") from None
+        except (ValueError, KeyError, TypeError) as e:  # tools or calls this tool format cannot write
+            raise DataError(f"{where}: {self._tool_error(e)}") from None
+
+    def _tool_error(self, error: Exception) -> str:
+        return (f"the tools or function calls do not fit tool format '{self.template.tool_format}' "
+                f"({type(error).__name__}: {error})")
 
 
 # Turn roles as a named template calls them (LF's Role: a tool's answer is an observation)
