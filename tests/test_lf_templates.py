@@ -239,3 +239,67 @@ def test_openai_messages_with_tool_calls_equal_the_sharegpt_row(tmp_path):
         loaded.append(ex)
     assert loaded[0].input_ids == loaded[1].input_ids and loaded[0].labels == loaded[1].labels
     assert "<tool_response>\none\n</tool_response>\n<tool_response>\ntwo" in tok.decode(loaded[0].input_ids)
+
+
+def test_auto_generation_prompt_is_the_tokenizers_own_render():
+    from longtune.models.builtin import load_builtin_tokenizer
+
+    tok = load_builtin_tokenizer()
+    messages = [{"role": "system", "content": "S."}, {"role": "user", "content": "Hi"}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert render_generation_prompt("auto", tok, messages) == tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(render_generation_prompt("auto", tok, messages)).endswith("<|im_start|>assistant\n")
+
+
+def test_mask_history_with_truncation_keeps_and_trains_only_the_last_turn(tmp_path):
+    """mask_history trains the last reply only; when the row is cut, the history loses its middle and the last
+    turn survives (LF also gives the last turn priority)."""
+    tok = tokenizer_for("qwen")
+    history = []
+    for i in range(6):
+        history += [{"from": "human", "value": f"Question {i}: the quick brown fox jumps over the lazy dog?"},
+                    {"from": "gpt", "value": f"Answer {i}: the sea is wide, the sea is deep."}]
+    rows = [{"conversations": history + [{"from": "human", "value": "Last?"}, {"from": "gpt", "value": "Done."}]}]
+    kwargs = dict(dataset_dir=str(tmp_path), tokenizer=tok, template="qwen", stage="sft",
+                  template_options=TemplateOptions(mask_history=True), cache_dir=str(tmp_path / "c"))
+    (full,), _ = load_examples([write_rows(tmp_path, rows)], cutoff_len=100000, **kwargs)
+    (cut,), stats = load_examples([write_rows(tmp_path, rows)], cutoff_len=80, **kwargs)
+    last = tok("Done.<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    assert [t for t in full.labels if t != IGNORE] == last  # only the last reply is trained
+    assert stats.truncated == 1 and len(cut.input_ids) == 80
+    assert [t for t in cut.labels if t != IGNORE] == last and cut.input_ids[-len(last):] == last
+    assert tok.decode(cut.input_ids).endswith("<|im_start|>user\nLast?<|im_end|>\n<|im_start|>assistant\nDone.<|im_end|>\n")
+
+
+def test_auto_template_honours_mask_history_and_default_system(tmp_path):
+    from longtune.models.builtin import load_builtin_tokenizer
+
+    tok = load_builtin_tokenizer()
+    rows = [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"},
+                               {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Ciao"}]}]
+    kwargs = dict(dataset_dir=str(tmp_path), tokenizer=tok, template="auto", stage="sft", cutoff_len=1000,
+                  cache_dir=str(tmp_path / "c"))
+    (plain,), _ = load_examples([write_rows(tmp_path, rows)], **kwargs)
+    (masked,), _ = load_examples([write_rows(tmp_path, rows)], template_options=TemplateOptions(mask_history=True),
+                                 **kwargs)
+    (system,), _ = load_examples([write_rows(tmp_path, rows)],
+                                 template_options=TemplateOptions(default_system="Be kind."), **kwargs)
+    assert masked.input_ids == plain.input_ids
+    assert tok.decode([t for t in masked.labels if t != IGNORE]) == "Ciao<|im_end|>\n"
+    assert tok.decode([t for t in plain.labels if t != IGNORE]) == "Hello<|im_end|>\nCiao<|im_end|>\n"
+    assert tok.decode(system.input_ids).startswith("<|im_start|>system\nBe kind.<|im_end|>\n")
+
+
+def test_streaming_gives_the_in_memory_examples_for_a_named_template(tmp_path):
+    from longtune.data.streaming import stream_examples
+
+    data = fixture("qwen3")
+    rows = [row for case in data["cases"] if case["stage"] == "sft" and not case["options"] for row in case["rows"]]
+    tok = tokenizer_for("qwen3")
+    kwargs = dict(dataset_dir=str(tmp_path), tokenizer=tok, template="qwen3", stage="sft", cutoff_len=100000,
+                  template_options=TemplateOptions(enable_thinking=False, today=data["today"]))
+    sharegpt = [r for r in rows if "conversations" in r]
+    in_memory, _ = load_examples([write_rows(tmp_path, sharegpt)], cache_dir=str(tmp_path / "c"), **kwargs)
+    streamed = list(stream_examples([write_rows(tmp_path, sharegpt)], **kwargs))
+    assert len(in_memory) == len(sharegpt) > 3
+    assert [(e.input_ids, e.labels) for e in streamed] == [(e.input_ids, e.labels) for e in in_memory]

@@ -100,7 +100,8 @@ class DataConfig:
         False, "Train only the last assistant turn of each conversation (earlier replies become prompt)."
     )
     default_system: str | None = _key(
-        None, "System prompt for rows without one, replacing the named template's default (e.g. qwen's)."
+        None, "System prompt for rows without one: replaces a named template's default (e.g. qwen's); with `auto` "
+        "it is given to the tokenizer's chat template."
     )
     enable_thinking: bool = _key(
         True,
@@ -109,7 +110,7 @@ class DataConfig:
         "thought from the replies).",
     )
     tool_format: str | None = _key(
-        None, "Tool-call format replacing the named template's: default, qwen, llama3, mistral or glm4."
+        None, "Named templates: the tool-call format replacing the template's (default, qwen, llama3, mistral, glm4)."
     )
     cutoff_len: int = _key(2048, "Maximum tokens per example; longer ones are truncated keeping the response.")
     train_on_prompt: bool = _key(False, "Also train on prompt (non-assistant) tokens.")

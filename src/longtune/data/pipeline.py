@@ -164,7 +164,7 @@ def dataset_fingerprint(name: str, dataset_dir: str) -> dict:
 def _cache_key(names: list[str], settings: EncodeSettings, mix: MixSettings, tokenizer) -> str:
     inputs = {
         "datasets": [dataset_fingerprint(name, settings.dataset_dir) for name in names],
-        "template": [settings.template, settings.chat_template, _template_options_key(settings)],
+        "template": _template_key(settings),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "cutoff_len": settings.cutoff_len,
         "max_samples": settings.max_samples,
@@ -178,14 +178,17 @@ def _cache_key(names: list[str], settings: EncodeSettings, mix: MixSettings, tok
     return fingerprint(inputs)
 
 
-def _template_options_key(settings: EncodeSettings) -> dict | None:
-    """The template options that shape a named template's tokens (the date the llama3 tool prompt states)."""
-    if settings.template == "auto":
-        return None
+def _template_key(settings: EncodeSettings) -> list:
+    """The template and the options that shape its tokens (with the date a llama3 tool prompt states); an `auto`
+    load with default options keys as it did before these options existed."""
+    key: list = [settings.template, settings.chat_template]
+    if settings.template == "auto" and settings.template_options == TemplateOptions():
+        return key
     options = asdict(settings.template_options)
-    if options["today"] is None and named_template(settings.template, settings.template_options).tool_format == "llama3":
+    if (options["today"] is None and settings.template != "auto"
+            and named_template(settings.template, settings.template_options).tool_format == "llama3"):
         options["today"] = datetime.now().strftime("%d %b %Y")
-    return options
+    return key + [options]
 
 
 def _to_cache(path: Path, examples: list[Example], stats: DataStats, rows: RowKind) -> None:
@@ -462,11 +465,21 @@ def _render_lm_row(row: ParsedRow, tokenizer, settings: EncodeSettings) -> _Rend
         return _RenderedRow(row.item.text, None, plain_text=True)
     # a conversation needs a template: raises the ConfigError here when the tokenizer has none
     chat_template = settings.chat_template or resolve_chat_template(settings.template, tokenizer)
+    conversation = _with_default_system(row.item, settings)
     if settings.pretraining:
-        text = render_messages(tokenizer, chat_template, row.item.messages(), False, where, row.item.tool_list())
+        text = render_messages(tokenizer, chat_template, conversation.messages(), False, where,
+                               conversation.tool_list())
         return _RenderedRow(text, None, plain_text=False)
-    text, spans = assistant_char_spans(row.item, tokenizer, chat_template, where)
+    text, spans = assistant_char_spans(conversation, tokenizer, chat_template, where)
+    if settings.template_options.mask_history:
+        spans = spans[-1:]
     return _RenderedRow(text, spans, plain_text=False)
+
+
+def _with_default_system(conversation: Conversation, settings: EncodeSettings) -> Conversation:
+    """`auto` rows without a system prompt take `default_system` (a named template applies it itself)."""
+    default = settings.template_options.default_system
+    return conversation if conversation.system is not None or not default else replace(conversation, system=default)
 
 
 def _tokenize_rendered(
@@ -521,7 +534,8 @@ def _encode_pair_rows(
         where = f"{row.source} row {row.row_number}"
         try:
             rendered.append(
-                (row, [_render_reply(row.item.prompt, reply, tokenizer, chat_template, where) for reply in replies])
+                (row, [_render_reply(_with_default_system(row.item.prompt, settings), reply, tokenizer, chat_template,
+                                     where) for reply in replies])
             )
         except DataError as error:
             _reject(on_bad_row, error)
