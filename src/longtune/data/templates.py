@@ -32,6 +32,15 @@ Piece = str | Special
 Slot = tuple[Piece, ...]
 CONTENT = "{{content}}"
 
+# ChatML as a jinja chat_template (Qwen2's layout, no default system): the builtin tokenizer ships it
+# (scripts/train_builtin_tokenizer.py), so `template: auto` on builtin:tiny renders what `chatml` encodes.
+CHATML_JINJA = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
 # ---------------------------------------------------------------- tool formats
 
 
