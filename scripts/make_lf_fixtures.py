@@ -35,7 +35,7 @@ TODAY = "26 Jul 2024"  # the llama3 tool prompt's date in every fixture
 # Every marker the templates below write, as special tokens (LLaMA-Factory adds stop words as special tokens too).
 SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|im_sep|>",
-    "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>",
+    "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>",
     "<s>", "</s>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>",
     "[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|system|>", "<|observation|>", "<|end|>",
     "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
@@ -74,7 +74,6 @@ TOKENS: dict[str, dict[str, str]] = {
     "qwen3_nothink": {"eos_token": "<|endoftext|>"},
     "yi": {"eos_token": "<|endoftext|>"},
 }
-TOKENS["llama3"]["eos_token"] = "<|eot_id|>"  # <|end_of_text|> is not in the small vocab
 
 WEATHER_TOOL = {
     "name": "get_weather",
@@ -166,6 +165,7 @@ KTO_ROWS = [  # two rows: KL pairings i+1 and i-1 (mod 2) coincide
     {"conversations": [turn("human", "Name a colour."), turn("gpt", "Blue.")], "kto_tag": True},
     {"conversations": [turn("human", "2 + 3?"), turn("gpt", "Seven.")], "kto_tag": False, "system": "Be brief."},
 ]
+PT_ROWS = [{"text": "The quick brown fox jumps over the lazy dog."}, {"text": "The sea is wide, the sea is deep."}]
 THINK_DPO = [
     ("dpo_think", {"conversations": [turn("human", "2 + 3?")],
                    "chosen": turn("gpt", "<think>\nAdd.\n</think>\n\n5."), "rejected": turn("gpt", "6.")}, {}),
@@ -211,6 +211,7 @@ def import_llamafactory():
     from llamafactory.data.processor import (
         FeedbackDatasetProcessor,
         PairwiseDatasetProcessor,
+        PretrainDatasetProcessor,
         SupervisedDatasetProcessor,
     )
 
@@ -224,7 +225,7 @@ def import_llamafactory():
     tool_utils.datetime = PinnedDate
     return SimpleNamespace(template=lf_template, DatasetAttr=DatasetAttr, alpaca=AlpacaDatasetConverter,
                            sharegpt=SharegptDatasetConverter, sft=SupervisedDatasetProcessor,
-                           pairs=PairwiseDatasetProcessor, kto=FeedbackDatasetProcessor)
+                           pairs=PairwiseDatasetProcessor, kto=FeedbackDatasetProcessor, pt=PretrainDatasetProcessor)
 
 
 def lf_encode(lf, name: str, stage: str, rows: list[dict], options: dict) -> list[dict]:
@@ -233,7 +234,7 @@ def lf_encode(lf, name: str, stage: str, rows: list[dict], options: dict) -> lis
         template=name, tool_format=options.get("tool_format"), default_system=options.get("default_system"),
         enable_thinking=options.get("enable_thinking", True), preserve_thinking=False,
         train_on_prompt=options.get("train_on_prompt", False), mask_history=options.get("mask_history", False),
-        cutoff_len=100000, media_dir=None,
+        cutoff_len=100000, media_dir=None, packing=False,
     )
     saved = copy.deepcopy(lf.template.TEMPLATES[name])  # get_template_and_fix_tokenizer edits the registered one
     tokenizer = load_tokenizer(name)
@@ -241,7 +242,7 @@ def lf_encode(lf, name: str, stage: str, rows: list[dict], options: dict) -> lis
         template = lf.template.get_template_and_fix_tokenizer(tokenizer, data_args)
         # the text part of multimodal templates (gemma3, qwen2_vl): their plugin wants an image processor
         template.mm_plugin = lf.template.get_mm_plugin(name="base")
-        formatting = "alpaca" if "instruction" in rows[0] else "sharegpt"
+        formatting = "alpaca" if "instruction" in rows[0] or "text" in rows[0] else "sharegpt"
         attr = lf.DatasetAttr("file", "fixture", formatting=formatting, ranking=stage == "dpo", system="system",
                               tools="tools" if formatting == "sharegpt" else None,
                               history="history" if formatting == "alpaca" else None)
@@ -249,18 +250,21 @@ def lf_encode(lf, name: str, stage: str, rows: list[dict], options: dict) -> lis
             attr.chosen, attr.rejected = "chosen", "rejected"
         if stage == "kto":
             attr.kto_tag = "kto_tag"
+        if stage == "pt":  # LF's pretraining rows: the `text` column read as an alpaca prompt
+            attr.prompt, attr.query, attr.response, attr.system = "text", None, None, None
         converter = (lf.alpaca if formatting == "alpaca" else lf.sharegpt)(attr, data_args)
         # a datasets.Dataset gives every column on every row: None where a row has no value
-        columns = ["system", "tools", "chosen", "rejected", "kto_tag", "history", "input"]
+        columns = ["system", "tools", "chosen", "rejected", "kto_tag", "history", "input", "text"]
         converted = [converter({c: None for c in columns} | row) for row in rows]
         batch = {key: [c[key] for c in converted] for key in converted[0]}
-        processor = {"sft": lf.sft, "dpo": lf.pairs, "kto": lf.kto}[stage](template, tokenizer, None, data_args)
+        processor = {"sft": lf.sft, "dpo": lf.pairs, "kto": lf.kto, "pt": lf.pt}[stage](template, tokenizer, None,
+                                                                                      data_args)
         out = processor.preprocess_dataset(batch)
     finally:
         lf.template.TEMPLATES[name] = saved
     keys = {"sft": ["input_ids", "labels"],
             "dpo": ["chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"],
-            "kto": ["input_ids", "labels", "kl_input_ids", "kl_labels", "kto_tags"]}[stage]
+            "kto": ["input_ids", "labels", "kl_input_ids", "kl_labels", "kto_tags"], "pt": ["input_ids"]}[stage]
     assert len(out["input_ids" if stage != "dpo" else "chosen_input_ids"]) == len(rows), "LF dropped a row"
     return [{key: out[key][i] for key in keys} for i in range(len(rows))]
 
@@ -276,6 +280,7 @@ def cases_for(name: str, template) -> list[tuple[str, str, list[dict], dict]]:
         cases += [(case, "dpo", [row], options) for case, row, options in THINK_DPO]
     cases += [(case, "dpo", [row], options) for case, row, options in DPO_CASES]
     cases.append(("kto", "kto", KTO_ROWS, {}))
+    cases.append(("pt", "pt", PT_ROWS, {}))
     return cases
 
 

@@ -53,6 +53,11 @@ def ours(tmp_path: Path, name: str, case: dict, tok, today: str) -> list[dict]:
     """Our ids and labels of a fixture case, in LLaMA-Factory's output shape."""
     dataset = write_rows(tmp_path, case["rows"])
     options = dict(case["options"])
+    if case["stage"] == "pt":
+        examples, _ = load_examples([dataset], dataset_dir=str(tmp_path), tokenizer=tok, template=name, stage="pt",
+                                    cutoff_len=100000, cache_dir=str(tmp_path / "cache"))
+        assert all(ex.labels == ex.input_ids for ex in examples)  # pt trains every token, as LF's collator
+        return [{"input_ids": ex.input_ids} for ex in examples]
     if case["stage"] == "sft":
         train_on_prompt = options.pop("train_on_prompt", False)
         examples, _ = load_examples(
@@ -84,7 +89,7 @@ def with_real_end_of_reply_labels(row: dict, tok) -> dict:
     out = dict(row)
     for ids_key, labels_key in (("input_ids", "labels"), ("kl_input_ids", "kl_labels"),
                                 ("chosen_input_ids", "chosen_labels"), ("rejected_input_ids", "rejected_labels")):
-        if ids_key in row:
+        if labels_key in row:
             out[labels_key] = [t if lab == tok.eos_token_id and t != lab else lab
                                for t, lab in zip(row[ids_key], row[labels_key], strict=True)]
     return out
@@ -121,7 +126,7 @@ def test_glm4_difference_is_only_the_end_of_reply_label():
 def test_fixtures_cover_every_template_and_the_row_kinds():
     for name in TEMPLATES:
         ids = {case["id"] for case in fixture(name)["cases"]}
-        assert {"single", "system", "multi", "multi_mask_history", "tools", "dpo", "kto"} <= ids, name
+        assert {"single", "system", "multi", "multi_mask_history", "tools", "dpo", "kto", "pt"} <= ids, name
         if TEMPLATES[name].reasoning:
             assert {"think_given_off", "think_missing_off", "think_multi_mask_history", "dpo_think_off"} <= ids
 

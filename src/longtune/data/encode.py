@@ -101,9 +101,8 @@ def conversation_labels(
     return EncodedConversation(list(input_ids), labels.tolist(), response_start)
 
 
-def with_eos(ids: list[int], tokenizer) -> list[int]:
-    """`ids` ending with eos (appended unless the tokenizer already put it there)."""
-    eos = tokenizer.eos_token_id
+def with_eos(ids: list[int], eos: int | None) -> list[int]:
+    """`ids` ending with `eos` (appended unless the tokenizer already put it there; nothing when None)."""
     if eos is not None and (not ids or ids[-1] != eos):
         ids.append(eos)
     return ids

@@ -60,6 +60,7 @@ from longtune.data.templates import (
     named_template,
     resolve_chat_template,
     supervised_ids_and_labels,
+    text_eos_id,
     thinking_messages,
     turn_pieces,
 )
@@ -503,7 +504,8 @@ def _finish_lm_row(
 ) -> tuple[list[Example], bool]:
     """The examples of one row (none when it is dropped) and whether it was truncated (or split, for pt)."""
     if row.spans is None:
-        pieces = split_into_pieces(with_eos(ids, tokenizer) if row.plain_text else ids, settings.cutoff_len)
+        eos = text_eos_id(settings.template, tokenizer)
+        pieces = split_into_pieces(with_eos(ids, eos) if row.plain_text else ids, settings.cutoff_len)
         return [Example(piece, list(piece)) for piece in pieces], len(pieces) > 1
     assert offsets is not None
     encoded = conversation_labels(ids, offsets, row.spans, train_on_prompt=settings.train_on_prompt)

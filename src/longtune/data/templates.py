@@ -345,6 +345,18 @@ def eos_token_of(template: ChatTemplate, tokenizer) -> str:
     return tokenizer.eos_token if tokenizer.eos_token_id is not None else "<|endoftext|>"
 
 
+def text_eos_id(template: str, tokenizer) -> int | None:
+    """The eos that ends a pretraining text: the tokenizer's for `auto`; as LF's pretrain processor for a named
+    template, the run's eos (stop_words[0] where the template replaces it), <|end_of_text|> for llama3."""
+    if template == "auto":
+        return tokenizer.eos_token_id
+    token = "<|end_of_text|>" if template == "llama3" else eos_token_of(TEMPLATES[template], tokenizer)
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        return tokenizer.eos_token_id
+    return token_id
+
+
 def stop_token_ids(template: ChatTemplate, tokenizer) -> list[int]:
     """Ids that end a generated reply: the eos in use and every stop word."""
     ids = {tokenizer.convert_tokens_to_ids(eos_token_of(template, tokenizer))}
