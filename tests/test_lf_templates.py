@@ -167,7 +167,8 @@ def test_generation_prompt_is_the_training_prompt(tmp_path):
 
 def test_stop_tokens_and_replaced_eos():
     tok = tokenizer_for("llama3")
-    ids = stop_token_ids(named_template("llama3"), tok)
+    ids = stop_token_ids("llama3", tok)
+    assert stop_token_ids(named_template("llama3"), tok) == ids
     assert ids == sorted(tok.convert_tokens_to_ids(["<|eot_id|>", "<|eom_id|>"]))
 
 

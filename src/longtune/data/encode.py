@@ -1,6 +1,7 @@
 """Tokenize rendered conversations and texts into input ids and (unshifted) labels with exact loss masks.
 
-A trained span is found by rendering, not by guessing token patterns: for each assistant turn i, the text
+This is the `template: auto` path (named templates encode slot by slot, templates.py) and the truncation rules
+both share. A trained span is found by rendering, not by guessing token patterns: for each assistant turn i, the text
 between render(messages[:i], add_generation_prompt=True) and render(messages[:i+1]) is what the model must
 produce, end-of-turn marker included. The full render is tokenized once; tokens inside a span are trained.
 """

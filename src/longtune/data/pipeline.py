@@ -362,14 +362,14 @@ class _NamedEncoder:
             return None
         return cls(named_template(settings.template, settings.template_options), tokenizer)
 
-    def prefetch(self, conversations: list[Conversation], settings: EncodeSettings) -> None:
+    def prefetch(self, conversations: list[Conversation], settings: EncodeSettings, *, one_turn: bool = False) -> None:
         """Tokenize the text pieces of all these conversations in one call of the fast tokenizer (the per-row
         encoding then finds them); a row that cannot be rendered is skipped here and fails alone later."""
         options = settings.template_options
         turns = []
         for conversation in conversations:
-            messages = thinking_messages(self.template, _named_messages(conversation, ""), one_turn=False,
-                                         mask_history=options.mask_history)
+            messages = thinking_messages(self.template, _named_messages(conversation, ""), one_turn=one_turn,
+                                         mask_history=options.mask_history and not one_turn)
             try:
                 turns += turn_pieces(self.template, messages, conversation.system, conversation.tool_list(),
                                      options.today)
@@ -570,6 +570,8 @@ def _encode_named_pair_rows(
     rows: list[tuple[ParsedRow, tuple[str, str]]], named: _NamedEncoder, settings: EncodeSettings,
     on_bad_row: OnBadRow,
 ) -> list[tuple[list[Example], bool]]:
+    named.prefetch([replace(row.item.prompt, turns=row.item.prompt.turns + (Turn("assistant", reply),))
+                    for row, replies in rows for reply in replies], settings, one_turn=True)
     results: list[tuple[list[Example], bool]] = []
     for row, replies in rows:
         where = f"{row.source} row {row.row_number}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -151,8 +151,8 @@ def _qwen_calls(calls: list[FunctionCall]) -> str:
 class ToolFormat(NamedTuple):
     """How a model family is told its tools (appended to the system prompt) and how its calls are written."""
 
-    tool_prompt: Any  # (tools, today) -> str
-    function_calls: Any  # (list[FunctionCall]) -> str
+    tool_prompt: Callable[[list[dict], str], str]  # (tools, today's date) -> text
+    function_calls: Callable[[list[FunctionCall]], str]
 
 
 TOOL_FORMATS: dict[str, ToolFormat] = {
@@ -357,8 +357,12 @@ def text_eos_id(template: str, tokenizer) -> int | None:
     return token_id
 
 
-def stop_token_ids(template: ChatTemplate, tokenizer) -> list[int]:
-    """Ids that end a generated reply: the eos in use and every stop word."""
+def stop_token_ids(template: str | ChatTemplate, tokenizer) -> list[int]:
+    """Ids that end a generated reply: the eos in use and every stop word (`auto`: the tokenizer's eos)."""
+    if template == "auto":
+        return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if isinstance(template, str):
+        template = named_template(template)
     ids = {tokenizer.convert_tokens_to_ids(eos_token_of(template, tokenizer))}
     ids.update(tokenizer.convert_tokens_to_ids(word) for word in template.stop_words)
     return sorted(i for i in ids if i is not None)
