@@ -309,3 +309,19 @@ def test_streaming_gives_the_in_memory_examples_for_a_named_template(tmp_path):
     streamed = list(stream_examples([write_rows(tmp_path, sharegpt)], **kwargs))
     assert len(in_memory) == len(sharegpt) > 3
     assert [(e.input_ids, e.labels) for e in streamed] == [(e.input_ids, e.labels) for e in in_memory]
+
+
+def test_template_keys_reach_the_sft_load_through_the_config(tmp_path):
+    from longtune.data.lm import examples_from_config
+
+    tok = tokenizer_for("qwen")
+    rows = [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"},
+                               {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Ciao"}]}]
+    values = {"model_name_or_path": "builtin:tiny", "dataset": write_rows(tmp_path, rows),
+              "dataset_dir": str(tmp_path), "template": "qwen", "stage": "sft", "cutoff_len": 1000,
+              "output_dir": str(tmp_path / "run"), "data_cache_dir": str(tmp_path / "c"),
+              "mask_history": "true", "default_system": "Be kind."}
+    cfg = load_config(None, [f"{k}={v}" for k, v in values.items()])
+    (ex,), _ = examples_from_config(cfg, tok)
+    assert tok.decode(ex.input_ids).startswith("<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi")
+    assert tok.decode([t for t in ex.labels if t != IGNORE]) == "Ciao<|im_end|>\n"
