@@ -160,6 +160,8 @@ DPO_CASES = [
     ("dpo", {"conversations": [turn("human", "Hello."), turn("gpt", "Hi!"), turn("human", "2 + 3?")],
              "chosen": turn("gpt", "5."), "rejected": turn("gpt", "It is 6, I think."), "system": "Be brief."}, {}),
     ("dpo_alpaca", {"instruction": "Name a colour.", "input": "", "chosen": "Blue.", "rejected": "Seven."}, {}),
+    ("dpo_function_call", {"conversations": [turn("human", "Weather in Paris?")], "tools": TOOLS,
+                           "chosen": turn("function_call", CALL), "rejected": turn("gpt", "I cannot know.")}, {}),
 ]
 KTO_ROWS = [  # two rows: KL pairings i+1 and i-1 (mod 2) coincide
     {"conversations": [turn("human", "Name a colour."), turn("gpt", "Blue.")], "kto_tag": True},

@@ -5,6 +5,7 @@ its ids and labels exactly; plus the deliberate differences (docs/templates.md) 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ from transformers import AutoTokenizer
 
 from longtune.config import load_config
 from longtune.data import load_examples
-from longtune.data.preference import load_kto_examples, load_pair_examples
+from longtune.data.pipeline import load_all
+from longtune.data.preference import pair_inputs
 from longtune.data.templates import (
     TEMPLATES,
     TemplateOptions,
@@ -67,8 +69,10 @@ def ours(tmp_path: Path, name: str, case: dict, tok, today: str) -> list[dict]:
         )
         return [{"input_ids": ex.input_ids, "labels": ex.labels} for ex in examples]
     cfg = pair_config(tmp_path, dataset, name, case["stage"], options)
-    load = load_pair_examples if case["stage"] == "dpo" else load_kto_examples
-    examples, _ = load(cfg, tok)
+    names, settings, mix = pair_inputs(cfg, tok, "train", "pairs" if case["stage"] == "dpo" else "kto")
+    # the keys come from the config; the date a llama3 tool prompt states is pinned to the fixture's
+    settings = replace(settings, template_options=replace(settings.template_options, today=today))
+    examples, _ = load_all(names, settings, mix, tok, cache_dir=str(tmp_path / "cache"), overwrite_cache=True)
     out = []
     for ex in examples:
         a = ex.doc_lengths[0]

@@ -86,8 +86,8 @@ class PreferencePair:
     """A prompt (ending with a user or tool turn) and two candidate replies to it, the chosen one preferred."""
 
     prompt: Conversation
-    chosen: str
-    rejected: str
+    chosen: Turn  # an assistant reply, or a function call (role "function")
+    rejected: Turn
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ class KTOSample:
     """A prompt (ending with a user or tool turn), one reply to it, and whether that reply is desirable."""
 
     prompt: Conversation
-    completion: str
+    completion: Turn  # an assistant reply, or a function call (role "function")
     desirable: bool
 
 
@@ -208,15 +208,15 @@ def _parse_kto(row: Mapping, fmt: RowFormat, where: str) -> KTOSample:
     if fmt.kind == "alpaca":
         conversation = _parse_alpaca(row, fmt.columns, where)
         prompt = replace(conversation, turns=conversation.turns[:-1])
-        return KTOSample(prompt, conversation.turns[-1].content, tag)
+        return KTOSample(prompt, conversation.turns[-1], tag)
     conversation = _parse_chat(row, fmt, where)
-    if conversation.turns[-1].role != "assistant":
+    if conversation.turns[-1].role not in ("assistant", "function"):
         raise DataError(
             f"{where}: a KTO conversation must end with the assistant's completion "
             f"(its last turn is {conversation.turns[-1].role})"
         )
     prompt = _chat_prompt(replace(conversation, turns=conversation.turns[:-1]), fmt.columns["messages"], where)
-    return KTOSample(prompt, conversation.turns[-1].content, tag)
+    return KTOSample(prompt, conversation.turns[-1], tag)
 
 
 def _chat_prompt(prompt: Conversation, field_name: str, where: str) -> Conversation:
@@ -229,9 +229,9 @@ def _chat_prompt(prompt: Conversation, field_name: str, where: str) -> Conversat
     return prompt
 
 
-def _response(row: Mapping, fmt: RowFormat, key: str, where: str, need: str) -> str:
-    """A reply: a string, or (sharegpt/messages) an assistant message object, alone or as a one-message list
-    (TRL's conversational preference rows)."""
+def _response(row: Mapping, fmt: RowFormat, key: str, where: str, need: str) -> Turn:
+    """A reply: a string, or (sharegpt/messages) an assistant or function-call message object, alone or as a
+    one-message list (TRL's conversational preference rows)."""
     if key not in row:
         raise DataError(f"{where}: missing field '{key}' ({need})")
     if row[key] is None:
@@ -240,7 +240,7 @@ def _response(row: Mapping, fmt: RowFormat, key: str, where: str, need: str) -> 
     if isinstance(value, list) and len(value) == 1 and fmt.kind != "alpaca":
         value = value[0]
     if isinstance(value, str) or fmt.kind == "alpaca":
-        return _as_str(value, where, key)
+        return Turn("assistant", _as_str(value, where, key))
     role_tag, content_tag = fmt.tags["role_tag"], fmt.tags["content_tag"]
     if not isinstance(value, Mapping) or content_tag not in value:
         raise DataError(
@@ -249,7 +249,8 @@ def _response(row: Mapping, fmt: RowFormat, key: str, where: str, need: str) -> 
     replies = (fmt.tags["assistant_tag"], fmt.tags["function_tag"])
     if role_tag in value and value[role_tag] not in replies:
         raise DataError(f"{where}: {key}.{role_tag} is {value[role_tag]!r}; expected {replies[0]!r}")
-    return _as_str(value[content_tag], where, f"{key}.{content_tag}")
+    role = "function" if value.get(role_tag) == fmt.tags["function_tag"] else "assistant"
+    return Turn(role, _as_str(value[content_tag], where, f"{key}.{content_tag}"))
 
 
 def _required_str(row: Mapping, key: str, where: str, need: str) -> str:

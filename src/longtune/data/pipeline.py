@@ -292,14 +292,14 @@ def _reject(on_bad_row: OnBadRow, error: DataError) -> None:
     on_bad_row(error)
 
 
-def rows_with_replies(rows: Iterable[ParsedRow]) -> Iterator[tuple[ParsedRow, tuple[str, str]]]:
+def rows_with_replies(rows: Iterable[ParsedRow]) -> Iterator[tuple[ParsedRow, tuple[Turn, Turn]]]:
     """Each parsed row with the two replies to its prompt: chosen and rejected, or (KTO) its completion and the
     next row's, the last row taking the first row's (wrapping around).
 
     Works on a stream: KTO rows are read one ahead and only the first row's completion is remembered, so the
     last row comes out once the rows have run out.
     """
-    first_completion: str | None = None
+    first_completion: Turn | None = None
     previous: ParsedRow | None = None
     for row in rows:
         item = row.item
@@ -396,12 +396,12 @@ class _NamedEncoder:
         )
         return EncodedConversation(ids, labels, response_start)
 
-    def reply_documents(self, prompt: Conversation, replies: tuple[str, str], shared_prompt: bool,
+    def reply_documents(self, prompt: Conversation, replies: tuple[Turn, Turn], shared_prompt: bool,
                         today: str | None, where: str) -> list[EncodedConversation]:
         """prompt + each reply, as LF's encode_oneturn; pairs (dpo/rm) take the first one's prompt for both."""
         messages = _named_messages(prompt, where)
         try:
-            encoded = [encode_one_turn(self.template, self.pieces, messages + [("assistant", reply)], prompt.system,
+            encoded = [encode_one_turn(self.template, self.pieces, messages + _named_messages_of([reply]), prompt.system,
                                        prompt.tool_list(), today=today) for reply in replies]
         except DataError as e:
             raise DataError(f"{where}: {e}") from None
@@ -432,7 +432,11 @@ _NAMED_ROLES = {"user": "user", "assistant": "assistant", "function": "function"
 
 
 def _named_messages(conversation: Conversation, where: str) -> list[tuple[str, str]]:
-    return [(_NAMED_ROLES[turn.role], turn.content) for turn in conversation.turns]
+    return _named_messages_of(conversation.turns)
+
+
+def _named_messages_of(turns: Iterable[Turn]) -> list[tuple[str, str]]:
+    return [(_NAMED_ROLES[turn.role], turn.content) for turn in turns]
 
 
 def _finish_encoded_lm_row(row: EncodedConversation, settings: EncodeSettings) -> tuple[list[Example], bool]:
@@ -522,7 +526,7 @@ def _finish_lm_row(
 
 
 def _encode_pair_rows(
-    rows: list[tuple[ParsedRow, tuple[str, str]]], *, settings: EncodeSettings, tokenizer, on_bad_row: OnBadRow
+    rows: list[tuple[ParsedRow, tuple[Turn, Turn]]], *, settings: EncodeSettings, tokenizer, on_bad_row: OnBadRow
 ) -> list[tuple[list[Example], bool]]:
     """(examples, truncated) of rows with their two replies, in order: prompt + first reply, then prompt + second,
     in one Example; each row is rendered alone, then all are tokenized in one call."""
@@ -567,10 +571,10 @@ def _two_document_example(
 
 
 def _encode_named_pair_rows(
-    rows: list[tuple[ParsedRow, tuple[str, str]]], named: _NamedEncoder, settings: EncodeSettings,
+    rows: list[tuple[ParsedRow, tuple[Turn, Turn]]], named: _NamedEncoder, settings: EncodeSettings,
     on_bad_row: OnBadRow,
 ) -> list[tuple[list[Example], bool]]:
-    named.prefetch([replace(row.item.prompt, turns=row.item.prompt.turns + (Turn("assistant", reply),))
+    named.prefetch([replace(row.item.prompt, turns=row.item.prompt.turns + (reply,))
                     for row, replies in rows for reply in replies], settings, one_turn=True)
     results: list[tuple[list[Example], bool]] = []
     for row, replies in rows:
@@ -587,9 +591,9 @@ def _encode_named_pair_rows(
 
 
 def _render_reply(
-    prompt: Conversation, reply: str, tokenizer, chat_template: str, where: str
+    prompt: Conversation, reply: Turn, tokenizer, chat_template: str, where: str
 ) -> tuple[str, tuple[int, int]]:
     """The rendered prompt + reply and the character span of the reply's assistant turn (as SFT locates it)."""
-    conversation = replace(prompt, turns=prompt.turns + (Turn("assistant", reply),))
+    conversation = replace(prompt, turns=prompt.turns + (reply,))
     text, spans = assistant_char_spans(conversation, tokenizer, chat_template, where)
     return text, spans[-1]
