@@ -368,7 +368,7 @@ class _NamedEncoder:
         options = settings.template_options
         turns = []
         for conversation in conversations:
-            messages = thinking_messages(self.template, _named_messages(conversation, ""), one_turn=one_turn,
+            messages = thinking_messages(self.template, _named_messages_of(conversation.turns), one_turn=one_turn,
                                          mask_history=options.mask_history and not one_turn)
             try:
                 turns += turn_pieces(self.template, messages, conversation.system, conversation.tool_list(),
@@ -381,7 +381,7 @@ class _NamedEncoder:
         """ids and labels of a conversation, as LF's supervised processor makes them (pt: every token trained)."""
         where = f"{row.source} row {row.row_number}"
         conversation = row.item
-        messages = _named_messages(conversation, where)
+        messages = _named_messages_of(conversation.turns)
         if messages[-1][0] not in ("assistant", "function"):
             raise DataError(f"{where}: a conversation must end with an assistant turn "
                             f"(its last turn is {conversation.turns[-1].role})")
@@ -399,7 +399,7 @@ class _NamedEncoder:
     def reply_documents(self, prompt: Conversation, replies: tuple[Turn, Turn], shared_prompt: bool,
                         today: str | None, where: str) -> list[EncodedConversation]:
         """prompt + each reply, as LF's encode_oneturn; pairs (dpo/rm) take the first one's prompt for both."""
-        messages = _named_messages(prompt, where)
+        messages = _named_messages_of(prompt.turns)
         try:
             encoded = [encode_one_turn(self.template, self.pieces, messages + _named_messages_of([reply]), prompt.system,
                                        prompt.tool_list(), today=today) for reply in replies]
@@ -429,10 +429,6 @@ class _NamedEncoder:
 
 # Turn roles as a named template calls them (LF's Role: a tool's answer is an observation)
 _NAMED_ROLES = {"user": "user", "assistant": "assistant", "function": "function", "tool": "observation"}
-
-
-def _named_messages(conversation: Conversation, where: str) -> list[tuple[str, str]]:
-    return _named_messages_of(conversation.turns)
 
 
 def _named_messages_of(turns: Iterable[Turn]) -> list[tuple[str, str]]:
