@@ -19,7 +19,7 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
-from longtune.data.templates import CHATML  # noqa: E402  (ChatML as Qwen2 writes it, no default system)
+from longtune.data.templates import CHATML_JINJA as CHATML  # noqa: E402  (ChatML as Qwen2 writes it, no default system)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = ROOT / "src" / "longtune" / "data" / "builtin"

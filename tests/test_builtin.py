@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from longtune.data.loading import BUILTIN_DATASETS, BUILTIN_DIR, load_dataset
-from longtune.data.templates import NAMED_TEMPLATES
+from longtune.data.templates import CHATML_JINJA
 from longtune.errors import ConfigError
 from longtune.models.builtin import (
     BUILTIN_PREFIX,
@@ -60,7 +60,7 @@ def test_tokenizer_splits_digits(tokenizer):
 
 
 def test_chat_template_is_chatml(tokenizer):
-    assert tokenizer.chat_template == NAMED_TEMPLATES["chatml"]
+    assert tokenizer.chat_template == CHATML_JINJA
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     assert tokenizer.apply_chat_template(messages, tokenize=False) == (
         "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n"

@@ -10,7 +10,7 @@ import pytest
 
 from longtune.data import DataStats, load_examples
 from longtune.data.loading import load_dataset
-from longtune.data.templates import NAMED_TEMPLATES, resolve_chat_template
+from longtune.data.templates import TEMPLATES, resolve_chat_template
 from longtune.errors import ConfigError, DataError
 from longtune.models.builtin import load_builtin_tokenizer
 
@@ -144,22 +144,24 @@ def test_llama3_template_on_builtin_tokenizer(tok, tmp_path):
         {"role": "assistant", "content": "5"},
     ]
     (ex,), _ = load(tok, tmp_path, [{"messages": msgs}], template="llama3")
-    hand = (
-        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
-        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\nHello there<|eot_id|>"
-        "<|start_header_id|>user<|end_header_id|>\n\nAdd 2 and 3.<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n5<|eot_id|>"
+    # LLaMA-Factory's llama3: bos (none in this vocab), then each slot tokenized alone, so the spans are exact
+    # even though the markup is plain text here.
+    want = expected(
+        tok,
+        [
+            ("<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>", False),
+            ("<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+             "<|start_header_id|>assistant<|end_header_id|>\n\n", False),
+            ("Hello there<|eot_id|>", True),
+            ("<|start_header_id|>user<|end_header_id|>\n\nAdd 2 and 3.<|eot_id|>"
+             "<|start_header_id|>assistant<|end_header_id|>\n\n", False),
+            ("5<|eot_id|>", True),
+        ],
     )
-    assert ex.input_ids == ids(tok, hand)
-    spans = trained_spans(tok, ex)
-    # The markup is plain text in this vocab: "|><|" is one token across the first span's end, left untrained.
-    assert len(spans) == 2
-    assert "Hello there<|eot_id|>".startswith(spans[0]) and spans[0].startswith("Hello there")
-    assert spans[1] == "5<|eot_id|>"
+    assert (ex.input_ids, ex.labels) == want
 
 
-@pytest.mark.parametrize("template", sorted(NAMED_TEMPLATES))
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
 def test_every_named_template_trains_exactly_the_assistant_text(tok, tmp_path, template):
     msgs = [
         {"role": "system", "content": "S."},
@@ -436,7 +438,7 @@ def test_dataset_info_entry_errors(tok, tmp_path):
 
 
 def test_template_errors(tok, tmp_path):
-    with pytest.raises(ConfigError, match=r"template: unknown template 'vicuna'; expected auto or one of chatml"):
+    with pytest.raises(ConfigError, match=r"template: unknown template 'vicuna'; expected one of auto, chatml"):
         resolve_chat_template("vicuna", tok)
     no_template = load_builtin_tokenizer()
     no_template.chat_template = None
@@ -448,7 +450,8 @@ def test_template_errors(tok, tmp_path):
 
 def test_non_incremental_template_is_rejected(tok, tmp_path):
     # Renders how many messages there are at the top: adding a turn changes earlier text.
-    counting = NAMED_TEMPLATES["chatml"].replace("{%- for", "{{- messages | length }}{%- for", 1)
+    counting = tok.chat_template.replace("{%- for", "{{- messages | length }}{%- for", 1)
+    assert counting != tok.chat_template
     tok2 = load_builtin_tokenizer()
     tok2.chat_template = counting
     with pytest.raises(

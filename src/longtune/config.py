@@ -16,6 +16,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from longtune.data.templates import check_template_name, check_tool_format
 from longtune.errors import ConfigError
 
 
@@ -90,7 +91,26 @@ class DataConfig:
     eval_dataset: tuple[str, ...] = _key((), "Datasets for evaluation, same syntax as `dataset`.")
     dataset_dir: str = _key("data", "Folder holding dataset_info.json and relative dataset paths.")
     template: str = _key(
-        "auto", "Chat template: `auto` (the tokenizer's own), or chatml, qwen, llama3, mistral, gemma, default."
+        "auto",
+        "Chat template: `auto` (the tokenizer's own chat_template) or a LLaMA-Factory template name, token-identical "
+        "with LLaMA-Factory 0.9.5: chatml, deepseek, deepseek3, deepseekr1, default, empty, gemma, gemma3, glm4, "
+        "llama2, llama3, mistral, phi, phi4, qwen, qwen2_vl, qwen3, qwen3_nothink, yi. See docs/templates.md.",
+    )
+    mask_history: bool = _key(
+        False, "Train only the last assistant turn of each conversation (earlier replies become prompt)."
+    )
+    default_system: str | None = _key(
+        None, "System prompt for rows without one: replaces a named template's default (e.g. qwen's); with `auto` "
+        "it is given to the tokenizer's chat template."
+    )
+    enable_thinking: bool = _key(
+        True,
+        "Reasoning templates (qwen3, deepseekr1): a reply without a thought gets an empty "
+        "`<think>\\n\\n</think>\\n\\n`, trained when true, part of the prompt when false (which also drops every "
+        "thought from the replies).",
+    )
+    tool_format: str | None = _key(
+        None, "Named templates: the tool-call format replacing the template's (default, qwen, llama3, mistral, glm4)."
     )
     cutoff_len: int = _key(2048, "Maximum tokens per example; longer ones are truncated keeping the response.")
     train_on_prompt: bool = _key(False, "Also train on prompt (non-assistant) tokens.")
@@ -142,6 +162,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require_finite(self)
+        check_template_name(self.template)
+        check_tool_format(self.tool_format)
 
 
 @dataclass(frozen=True)

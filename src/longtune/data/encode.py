@@ -1,6 +1,7 @@
 """Tokenize rendered conversations and texts into input ids and (unshifted) labels with exact loss masks.
 
-A trained span is found by rendering, not by guessing token patterns: for each assistant turn i, the text
+This is the `template: auto` path (named templates encode slot by slot, templates.py) and the truncation rules
+both share. A trained span is found by rendering, not by guessing token patterns: for each assistant turn i, the text
 between render(messages[:i], add_generation_prompt=True) and render(messages[:i+1]) is what the model must
 produce, end-of-turn marker included. The full render is tokenized once; tokens inside a span are trained.
 """
@@ -25,11 +26,14 @@ class EncodedConversation:
 
 
 def render_messages(
-    tokenizer, chat_template: str, messages: list[dict[str, str]], add_generation_prompt: bool, where: str
+    tokenizer, chat_template: str, messages: list[dict[str, str]], add_generation_prompt: bool, where: str,
+    tools: list[dict] | None = None,
 ) -> str:
+    """The jinja render of `messages` (template: auto); `tools` go to the template as its `tools` variable."""
     try:
         return tokenizer.apply_chat_template(
-            messages, chat_template=chat_template, add_generation_prompt=add_generation_prompt, tokenize=False
+            messages, chat_template=chat_template, add_generation_prompt=add_generation_prompt, tokenize=False,
+            tools=tools,
         )
     except TemplateError as e:
         raise DataError(f"{where}: the chat template refused this conversation: {e}") from None
@@ -39,19 +43,20 @@ def assistant_char_spans(
     conversation: Conversation, tokenizer, chat_template: str, where: str
 ) -> tuple[str, list[tuple[int, int]]]:
     """The full rendered text and the [start, end) character span of every assistant turn in it."""
-    if not conversation.turns or conversation.turns[-1].role != "assistant":
+    if not conversation.turns or conversation.turns[-1].role not in ("assistant", "function"):
         last = conversation.turns[-1].role if conversation.turns else "none"
         raise DataError(f"{where}: a conversation must end with an assistant turn (its last turn is {last})")
     messages = conversation.messages()
-    full = render_messages(tokenizer, chat_template, messages, False, where)
+    tools = conversation.tool_list()
+    full = render_messages(tokenizer, chat_template, messages, False, where, tools)
     spans = []
     for j, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = render_messages(tokenizer, chat_template, messages[:j], True, where)
+        prompt = render_messages(tokenizer, chat_template, messages[:j], True, where, tools)
         # the last message is an assistant turn whose rendering is `full`: one render fewer per row
         last = j == len(messages) - 1
-        upto = full if last else render_messages(tokenizer, chat_template, messages[: j + 1], False, where)
+        upto = full if last else render_messages(tokenizer, chat_template, messages[: j + 1], False, where, tools)
         if not (upto.startswith(prompt) and full.startswith(upto)):
             raise ConfigError(
                 f"template: the chat template does not render {where} incrementally (rendering message {j} "
@@ -97,9 +102,8 @@ def conversation_labels(
     return EncodedConversation(list(input_ids), labels.tolist(), response_start)
 
 
-def with_eos(ids: list[int], tokenizer) -> list[int]:
-    """`ids` ending with eos (appended unless the tokenizer already put it there)."""
-    eos = tokenizer.eos_token_id
+def with_eos(ids: list[int], eos: int | None) -> list[int]:
+    """`ids` ending with `eos` (appended unless the tokenizer already put it there; nothing when None)."""
     if eos is not None and (not ids or ids[-1] != eos):
         ids.append(eos)
     return ids

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from longtune.data.templates import TemplateOptions
+
 # What a row becomes: "lm" one document (sft, pt), "pairs" prompt + chosen then prompt + rejected (dpo, rm),
 # "kto" prompt + completion then the KL document, with the completion's desirable flag.
 RowKind = Literal["lm", "pairs", "kto"]
@@ -54,12 +56,14 @@ class EncodeSettings:
     rows: RowKind
     dataset_dir: str
     template: str  # the `template` key (a name, or "auto" for the tokenizer's own)
-    chat_template: str | None  # `template` resolved; None when the tokenizer has none (pt on plain text needs none)
+    chat_template: str | None  # auto: the tokenizer's jinja (None when it has none: pt on plain text needs none);
+    # a named template: None (encoded from its slots, see templates.py)
     cutoff_len: int
     pretraining: bool = False  # lm rows: every token trained, texts end with eos, long rows split into pieces
     train_on_prompt: bool = False  # lm conversation rows: prompt tokens trained too
     max_samples: int | None = None  # rows kept per dataset
     skip_bad_rows: bool = False  # a malformed row is counted and left out instead of raising
+    template_options: TemplateOptions = TemplateOptions()  # mask_history, default_system, enable_thinking, ...
 
 
 @dataclass(frozen=True)

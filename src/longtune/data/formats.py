@@ -6,8 +6,9 @@ Column and tag names follow LLaMA-Factory's dataset_info.json, so its registered
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from longtune.data.conversation import Conversation, TextDocument, Turn
@@ -25,9 +26,10 @@ DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
         "response": "output",
         "history": "history",
         "system": "system",
+        "tools": "tools",
     },
-    "sharegpt": {"messages": "conversations", "system": "system"},
-    "messages": {"messages": "messages", "system": "system"},
+    "sharegpt": {"messages": "conversations", "system": "system", "tools": "tools"},
+    "messages": {"messages": "messages", "system": "system", "tools": "tools"},
     "text": {"prompt": "text"},
 }
 
@@ -59,12 +61,12 @@ DEFAULT_TAGS: dict[str, dict[str, str]] = {
     },
 }
 
-# Which Turn role each tag maps to; a function call is something the assistant says, an observation is a tool's.
+# Which Turn role each tag maps to; a function call is the assistant's turn, an observation is a tool's.
 _TAG_ROLES = {
     "user_tag": "user",
     "assistant_tag": "assistant",
     "observation_tag": "tool",
-    "function_tag": "assistant",
+    "function_tag": "function",
     "system_tag": "system",
 }
 
@@ -84,8 +86,8 @@ class PreferencePair:
     """A prompt (ending with a user or tool turn) and two candidate replies to it, the chosen one preferred."""
 
     prompt: Conversation
-    chosen: str
-    rejected: str
+    chosen: Turn  # an assistant reply, or a function call (role "function")
+    rejected: Turn
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ class KTOSample:
     """A prompt (ending with a user or tool turn), one reply to it, and whether that reply is desirable."""
 
     prompt: Conversation
-    completion: str
+    completion: Turn  # an assistant reply, or a function call (role "function")
     desirable: bool
 
 
@@ -205,16 +207,16 @@ def _parse_kto(row: Mapping, fmt: RowFormat, where: str) -> KTOSample:
         raise DataError(f"{where}: field '{name}' must be true or false, got {tag!r}")
     if fmt.kind == "alpaca":
         conversation = _parse_alpaca(row, fmt.columns, where)
-        prompt = Conversation(conversation.turns[:-1], conversation.system)
-        return KTOSample(prompt, conversation.turns[-1].content, tag)
+        prompt = replace(conversation, turns=conversation.turns[:-1])
+        return KTOSample(prompt, conversation.turns[-1], tag)
     conversation = _parse_chat(row, fmt, where)
-    if conversation.turns[-1].role != "assistant":
+    if conversation.turns[-1].role not in ("assistant", "function"):
         raise DataError(
             f"{where}: a KTO conversation must end with the assistant's completion "
             f"(its last turn is {conversation.turns[-1].role})"
         )
-    prompt = _chat_prompt(Conversation(conversation.turns[:-1], conversation.system), fmt.columns["messages"], where)
-    return KTOSample(prompt, conversation.turns[-1].content, tag)
+    prompt = _chat_prompt(replace(conversation, turns=conversation.turns[:-1]), fmt.columns["messages"], where)
+    return KTOSample(prompt, conversation.turns[-1], tag)
 
 
 def _chat_prompt(prompt: Conversation, field_name: str, where: str) -> Conversation:
@@ -227,9 +229,9 @@ def _chat_prompt(prompt: Conversation, field_name: str, where: str) -> Conversat
     return prompt
 
 
-def _response(row: Mapping, fmt: RowFormat, key: str, where: str, need: str) -> str:
-    """A reply: a string, or (sharegpt/messages) an assistant message object, alone or as a one-message list
-    (TRL's conversational preference rows)."""
+def _response(row: Mapping, fmt: RowFormat, key: str, where: str, need: str) -> Turn:
+    """A reply: a string, or (sharegpt/messages) an assistant or function-call message object, alone or as a
+    one-message list (TRL's conversational preference rows)."""
     if key not in row:
         raise DataError(f"{where}: missing field '{key}' ({need})")
     if row[key] is None:
@@ -238,7 +240,7 @@ def _response(row: Mapping, fmt: RowFormat, key: str, where: str, need: str) -> 
     if isinstance(value, list) and len(value) == 1 and fmt.kind != "alpaca":
         value = value[0]
     if isinstance(value, str) or fmt.kind == "alpaca":
-        return _as_str(value, where, key)
+        return Turn("assistant", _as_str(value, where, key))
     role_tag, content_tag = fmt.tags["role_tag"], fmt.tags["content_tag"]
     if not isinstance(value, Mapping) or content_tag not in value:
         raise DataError(
@@ -247,7 +249,8 @@ def _response(row: Mapping, fmt: RowFormat, key: str, where: str, need: str) -> 
     replies = (fmt.tags["assistant_tag"], fmt.tags["function_tag"])
     if role_tag in value and value[role_tag] not in replies:
         raise DataError(f"{where}: {key}.{role_tag} is {value[role_tag]!r}; expected {replies[0]!r}")
-    return _as_str(value[content_tag], where, f"{key}.{content_tag}")
+    role = "function" if value.get(role_tag) == fmt.tags["function_tag"] else "assistant"
+    return Turn(role, _as_str(value[content_tag], where, f"{key}.{content_tag}"))
 
 
 def _required_str(row: Mapping, key: str, where: str, need: str) -> str:
@@ -274,7 +277,7 @@ def _parse_alpaca(row: Mapping, columns: Mapping[str, str], where: str) -> Conve
     _required_str(row, columns["prompt"], where, need)  # named first when both are missing
     response = _required_str(row, columns["response"], where, need)
     prompt = _alpaca_prompt(row, columns, where)
-    return Conversation(prompt.turns + (Turn("assistant", response),), prompt.system)
+    return replace(prompt, turns=prompt.turns + (Turn("assistant", response),))
 
 
 def _alpaca_prompt(row: Mapping, columns: Mapping[str, str], where: str) -> Conversation:
@@ -295,7 +298,25 @@ def _alpaca_prompt(row: Mapping, columns: Mapping[str, str], where: str) -> Conv
             turns.append(Turn("assistant", _as_str(pair[1], where, f"{name}[{i}][1]")))
     turns.append(Turn("user", prompt))
     system = _optional_str(row, columns["system"], where)
-    return Conversation(tuple(turns), system or None)
+    return Conversation(tuple(turns), system or None, _tools(row, columns["tools"], where))
+
+
+def _tools(row: Mapping, key: str, where: str) -> str | None:
+    """The `tools` column as JSON text (LLaMA-Factory stores a JSON string; OpenAI rows a list): None when absent
+    or empty text; a DataError unless it is a list of tool objects."""
+    value = row.get(key)
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            tools = json.loads(value)
+        except json.JSONDecodeError:
+            raise DataError(f"{where}: field '{key}' must be a JSON list of tools, got unparseable text") from None
+    else:
+        tools, value = value, json.dumps(value, ensure_ascii=False)
+    if not (isinstance(tools, list) and all(isinstance(t, Mapping) for t in tools)):
+        raise DataError(f"{where}: field '{key}' must be a JSON list of tool objects")
+    return value
 
 
 def _parse_chat(row: Mapping, fmt: RowFormat, where: str) -> Conversation:
@@ -312,13 +333,22 @@ def _parse_chat(row: Mapping, fmt: RowFormat, where: str) -> Conversation:
         name = f"{key}[{i}]"
         if not isinstance(message, Mapping):
             raise DataError(f"{where}: {name} must be an object with '{role_tag}' and '{content_tag}'")
-        for tag in (role_tag, content_tag):
-            if tag not in message:
-                raise DataError(f"{where}: {name} is missing field '{tag}'")
+        if role_tag not in message:
+            raise DataError(f"{where}: {name} is missing field '{role_tag}'")
         if message[role_tag] not in roles:
             raise DataError(f"{where}: {name}.{role_tag} is {message[role_tag]!r}; expected one of {', '.join(roles)}")
         role = roles[message[role_tag]]
+        if role == "assistant" and fmt.kind == "messages" and message.get("tool_calls"):
+            # OpenAI: the calls are in `tool_calls`, the content is null or empty
+            turns.append(Turn("function", _openai_calls(message["tool_calls"], where, name)))
+            continue
+        if content_tag not in message:
+            raise DataError(f"{where}: {name} is missing field '{content_tag}'")
         content = _as_str(message[content_tag], where, f"{name}.{content_tag}")
+        if role == "tool" and fmt.kind == "messages" and turns and turns[-1].role == "tool":
+            # OpenAI rows give one message per tool result; LLaMA-Factory joins them into one observation
+            turns[-1] = Turn("tool", turns[-1].content + "\n</tool_response>\n<tool_response>\n" + content)
+            continue
         if role == "system":
             if i != 0:
                 raise DataError(f"{where}: {name} is a system message; only the first message may be one")
@@ -326,10 +356,30 @@ def _parse_chat(row: Mapping, fmt: RowFormat, where: str) -> Conversation:
         else:
             # As LLaMA-Factory: turns alternate, a user (or tool) turn, then the assistant's; two user turns in a
             # row would otherwise be rendered as one prompt the data never had.
-            expected = ("user", "tool") if len(turns) % 2 == 0 else ("assistant",)
+            expected = ("user", "tool") if len(turns) % 2 == 0 else ("assistant", "function")
             if role not in expected:
                 tags = [t for t, r in _TAG_ROLES.items() if r in expected and t != "function_tag"]
                 raise DataError(f"{where}: {name}.{role_tag} is {message[role_tag]!r}, but turns must alternate; "
                                 f"expected {' or '.join(repr(fmt.tags[t]) for t in tags)} here")
             turns.append(Turn(role, content))
-    return Conversation(tuple(turns), system)
+    return Conversation(tuple(turns), system, _tools(row, fmt.columns["tools"], where))
+
+
+def _openai_calls(tool_calls: Any, where: str, name: str) -> str:
+    """OpenAI `tool_calls` as a function_call turn's JSON: [{"name", "arguments"}] (arguments decoded when they
+    are JSON text, as the OpenAI API sends them)."""
+    if not isinstance(tool_calls, list):
+        raise DataError(f"{where}: {name}.tool_calls must be a list of calls")
+    calls = []
+    for j, call in enumerate(tool_calls):
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping) or "name" not in function:
+            raise DataError(f"{where}: {name}.tool_calls[{j}] must have a 'function' with a 'name'")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                raise DataError(f"{where}: {name}.tool_calls[{j}].function.arguments is not JSON") from None
+        calls.append({"name": function["name"], "arguments": arguments})
+    return json.dumps(calls, ensure_ascii=False)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from longtune.data.example import DataStats, EncodeSettings, Example, MixSettings, stage_rows, stages_of
 from longtune.data.mixing import check_mix_settings
 from longtune.data.pipeline import check_encoding_inputs, load_all, optional_chat_template, split_names
+from longtune.data.templates import TemplateOptions, check_template_options, template_options_of
 from longtune.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -45,8 +46,10 @@ def lm_inputs(
     interleave_probs: tuple[float, ...] = (),
     seed: int = 42,
     skip_bad_rows: bool = False,
+    template_options: TemplateOptions = TemplateOptions(),
 ) -> tuple[list[str], EncodeSettings, MixSettings]:
     """Dataset names and settings of an sft/pt load, after the checks it needs before any row is read."""
+    check_template_options(template, template_options, train_on_prompt=train_on_prompt)
     lm_stages = stages_of("lm")
     if stage not in lm_stages:
         raise ConfigError(f"stage: load_examples handles {', '.join(lm_stages)}, got '{stage}'")
@@ -60,7 +63,7 @@ def lm_inputs(
         rows="lm", dataset_dir=dataset_dir, template=template,
         chat_template=optional_chat_template(template, tokenizer), cutoff_len=cutoff_len,
         pretraining=stage_rows()[stage][1], train_on_prompt=train_on_prompt, max_samples=max_samples,
-        skip_bad_rows=skip_bad_rows,
+        skip_bad_rows=skip_bad_rows, template_options=template_options,
     )
     return names, settings, mix
 
@@ -77,7 +80,7 @@ def config_lm_inputs(
         template=d.template, stage=cfg.train.stage, cutoff_len=d.cutoff_len, train_on_prompt=d.train_on_prompt,
         max_samples=d.max_samples, mix_strategy=d.mix_strategy if mixed else "concat",
         interleave_probs=tuple(d.interleave_probs) if mixed else (), seed=cfg.train.seed,
-        skip_bad_rows=d.skip_bad_rows,
+        skip_bad_rows=d.skip_bad_rows, template_options=template_options_of(cfg),
     )
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import functools
 import itertools
+from datetime import datetime
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -27,6 +28,7 @@ from longtune.data.cache import (
 from longtune.data.conversation import Conversation, TextDocument, Turn
 from longtune.data.encode import (
     IGNORE_INDEX,
+    EncodedConversation,
     assistant_char_spans,
     conversation_labels,
     render_messages,
@@ -48,7 +50,20 @@ from longtune.data.example import (
 from longtune.data.formats import KTOSample, PreferencePair
 from longtune.data.loading import ParsedRow, iter_dataset, load_dataset, resolve_dataset
 from longtune.data.mixing import mix_examples, mix_streams
-from longtune.data.templates import resolve_chat_template
+from longtune.data.templates import (
+    ChatTemplate,
+    PieceTokenizer,
+    TemplateOptions,
+    TurnPair,
+    encode_one_turn,
+    encode_turn_pairs,
+    named_template,
+    resolve_chat_template,
+    supervised_ids_and_labels,
+    text_eos_id,
+    thinking_messages,
+    turn_pieces,
+)
 from longtune.errors import ConfigError, DataError
 
 ENCODE_BATCH = 1024  # rows tokenized per call of the fast tokenizer
@@ -150,7 +165,7 @@ def dataset_fingerprint(name: str, dataset_dir: str) -> dict:
 def _cache_key(names: list[str], settings: EncodeSettings, mix: MixSettings, tokenizer) -> str:
     inputs = {
         "datasets": [dataset_fingerprint(name, settings.dataset_dir) for name in names],
-        "template": [settings.template, settings.chat_template],
+        "template": _template_key(settings),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "cutoff_len": settings.cutoff_len,
         "max_samples": settings.max_samples,
@@ -162,6 +177,19 @@ def _cache_key(names: list[str], settings: EncodeSettings, mix: MixSettings, tok
     else:  # "task" is no key of an lm load: never the same file as an sft/pt cache
         inputs["task"] = TASK_OF_ROWS[settings.rows]
     return fingerprint(inputs)
+
+
+def _template_key(settings: EncodeSettings) -> list:
+    """The template and the options that shape its tokens (with the date a llama3 tool prompt states); an `auto`
+    load with default options keys as it did before these options existed."""
+    key: list = [settings.template, settings.chat_template]
+    if settings.template == "auto" and settings.template_options == TemplateOptions():
+        return key
+    options = asdict(settings.template_options)
+    if (options["today"] is None and settings.template != "auto"
+            and named_template(settings.template, settings.template_options).tool_format == "llama3"):
+        options["today"] = datetime.now().strftime("%d %b %Y")
+    return key + [options]
 
 
 def _to_cache(path: Path, examples: list[Example], stats: DataStats, rows: RowKind) -> None:
@@ -264,14 +292,14 @@ def _reject(on_bad_row: OnBadRow, error: DataError) -> None:
     on_bad_row(error)
 
 
-def rows_with_replies(rows: Iterable[ParsedRow]) -> Iterator[tuple[ParsedRow, tuple[str, str]]]:
+def rows_with_replies(rows: Iterable[ParsedRow]) -> Iterator[tuple[ParsedRow, tuple[Turn, Turn]]]:
     """Each parsed row with the two replies to its prompt: chosen and rejected, or (KTO) its completion and the
     next row's, the last row taking the first row's (wrapping around).
 
     Works on a stream: KTO rows are read one ahead and only the first row's completion is remembered, so the
     last row comes out once the rows have run out.
     """
-    first_completion: str | None = None
+    first_completion: Turn | None = None
     previous: ParsedRow | None = None
     for row in rows:
         item = row.item
@@ -297,15 +325,126 @@ def _encode_lm_rows(
 ) -> list[tuple[list[Example], bool]]:
     """(examples, truncated) of each rendered row, in order: each row is rendered alone (a bad row fails alone,
     naming its file and row), then all are tokenized in one call per kind."""
-    rendered: list[_RenderedRow] = []
+    named = _NamedEncoder.of(settings, tokenizer)
+    if named is not None:
+        named.prefetch([row.item for row in rows if isinstance(row.item, Conversation)], settings)
+    rendered: list[_RenderedRow | EncodedConversation] = []
     for row in rows:
         try:
-            rendered.append(_render_lm_row(row, tokenizer, settings))
+            if named is not None and isinstance(row.item, Conversation):
+                rendered.append(named.lm_row(row, settings))
+            else:
+                rendered.append(_render_lm_row(row, tokenizer, settings))
         except DataError as error:
             _reject(on_bad_row, error)
-    tokenized = _tokenize_rendered(rendered, tokenizer)
-    return [_finish_lm_row(item, ids, offsets, tokenizer, settings)
-            for item, (ids, offsets) in zip(rendered, tokenized, strict=True)]
+    texts = [item for item in rendered if isinstance(item, _RenderedRow)]
+    tokenized = iter(_tokenize_rendered(texts, tokenizer))
+    results = []
+    for item in rendered:
+        if isinstance(item, EncodedConversation):
+            results.append(_finish_encoded_lm_row(item, settings))
+        else:
+            ids, offsets = next(tokenized)
+            results.append(_finish_lm_row(item, ids, offsets, tokenizer, settings))
+    return results
+
+
+class _NamedEncoder:
+    """Encodes rows with a named template (LLaMA-Factory's slot-by-slot tokenization, templates.py)."""
+
+    def __init__(self, template: ChatTemplate, tokenizer):
+        self.template = template
+        self.pieces = PieceTokenizer(tokenizer, template)
+
+    @classmethod
+    def of(cls, settings: EncodeSettings, tokenizer) -> _NamedEncoder | None:
+        if settings.template == "auto":
+            return None
+        return cls(named_template(settings.template, settings.template_options), tokenizer)
+
+    def prefetch(self, conversations: list[Conversation], settings: EncodeSettings, *, one_turn: bool = False) -> None:
+        """Tokenize the text pieces of all these conversations in one call of the fast tokenizer (the per-row
+        encoding then finds them); a row that cannot be rendered is skipped here and fails alone later."""
+        options = settings.template_options
+        turns = []
+        for conversation in conversations:
+            messages = thinking_messages(self.template, _named_messages_of(conversation.turns), one_turn=one_turn,
+                                         mask_history=options.mask_history and not one_turn)
+            try:
+                turns += turn_pieces(self.template, messages, conversation.system, conversation.tool_list(),
+                                     options.today)
+            except (DataError, ValueError, KeyError, TypeError):
+                continue
+        self.pieces.prepare(turns)
+
+    def lm_row(self, row: ParsedRow, settings: EncodeSettings) -> EncodedConversation:
+        """ids and labels of a conversation, as LF's supervised processor makes them (pt: every token trained)."""
+        where = f"{row.source} row {row.row_number}"
+        conversation = row.item
+        messages = _named_messages_of(conversation.turns)
+        if messages[-1][0] not in ("assistant", "function"):
+            raise DataError(f"{where}: a conversation must end with an assistant turn "
+                            f"(its last turn is {conversation.turns[-1].role})")
+        options = settings.template_options
+        pairs = self._pairs(messages, conversation, where, options)
+        if settings.pretraining:
+            ids = [t for pair in pairs for t in pair.prompt + pair.reply]
+            return EncodedConversation(ids, list(ids), 0)
+        ids, labels, response_start = supervised_ids_and_labels(
+            pairs, self.pieces.eos, efficient_eos=self.template.efficient_eos,
+            train_on_prompt=settings.train_on_prompt, mask_history=options.mask_history, ignore_index=IGNORE_INDEX,
+        )
+        return EncodedConversation(ids, labels, response_start)
+
+    def reply_documents(self, prompt: Conversation, replies: tuple[Turn, Turn], shared_prompt: bool,
+                        today: str | None, where: str) -> list[EncodedConversation]:
+        """prompt + each reply, as LF's encode_oneturn; pairs (dpo/rm) take the first one's prompt for both."""
+        messages = _named_messages_of(prompt.turns)
+        try:
+            encoded = [encode_one_turn(self.template, self.pieces, messages + _named_messages_of([reply]), prompt.system,
+                                       prompt.tool_list(), today=today) for reply in replies]
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{where}: {self._tool_error(e)}") from None
+        if shared_prompt:
+            encoded = [TurnPair(encoded[0].prompt, pair.reply) for pair in encoded]
+        return [EncodedConversation(p + r, [IGNORE_INDEX] * len(p) + r, len(p)) for p, r in encoded]
+
+    def _pairs(self, messages: list[tuple[str, str]], conversation: Conversation, where: str,
+               options: TemplateOptions) -> list[TurnPair]:
+        try:
+            return encode_turn_pairs(self.template, self.pieces, messages, conversation.system,
+                                     conversation.tool_list(), mask_history=options.mask_history,
+                                     today=options.today)
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
+        except (ValueError, KeyError, TypeError) as e:  # tools or calls this tool format cannot write
+            raise DataError(f"{where}: {self._tool_error(e)}") from None
+
+    def _tool_error(self, error: Exception) -> str:
+        return (f"the tools or function calls do not fit tool format '{self.template.tool_format}' "
+                f"({type(error).__name__}: {error})")
+
+
+# Turn roles as a named template calls them (LF's Role: a tool's answer is an observation)
+_NAMED_ROLES = {"user": "user", "assistant": "assistant", "function": "function", "tool": "observation"}
+
+
+def _named_messages_of(turns: Iterable[Turn]) -> list[tuple[str, str]]:
+    return [(_NAMED_ROLES[turn.role], turn.content) for turn in turns]
+
+
+def _finish_encoded_lm_row(row: EncodedConversation, settings: EncodeSettings) -> tuple[list[Example], bool]:
+    """The examples of a row a named template encoded: pt pieces, or the sft row cut as `auto` rows are."""
+    if settings.pretraining:
+        pieces = split_into_pieces(row.input_ids, settings.cutoff_len)
+        return [Example(piece, list(piece)) for piece in pieces], len(pieces) > 1
+    ids, labels = truncate_conversation(row.input_ids, row.labels, row.response_start, settings.cutoff_len)
+    truncated = len(ids) < len(row.input_ids)
+    if all(label == IGNORE_INDEX for label in labels[1:]):
+        return [], truncated
+    return [Example(ids, labels)], truncated
 
 
 @dataclass(frozen=True)
@@ -327,11 +466,21 @@ def _render_lm_row(row: ParsedRow, tokenizer, settings: EncodeSettings) -> _Rend
         return _RenderedRow(row.item.text, None, plain_text=True)
     # a conversation needs a template: raises the ConfigError here when the tokenizer has none
     chat_template = settings.chat_template or resolve_chat_template(settings.template, tokenizer)
+    conversation = _with_default_system(row.item, settings)
     if settings.pretraining:
-        text = render_messages(tokenizer, chat_template, row.item.messages(), False, where)
+        text = render_messages(tokenizer, chat_template, conversation.messages(), False, where,
+                               conversation.tool_list())
         return _RenderedRow(text, None, plain_text=False)
-    text, spans = assistant_char_spans(row.item, tokenizer, chat_template, where)
+    text, spans = assistant_char_spans(conversation, tokenizer, chat_template, where)
+    if settings.template_options.mask_history:
+        spans = spans[-1:]
     return _RenderedRow(text, spans, plain_text=False)
+
+
+def _with_default_system(conversation: Conversation, settings: EncodeSettings) -> Conversation:
+    """`auto` rows without a system prompt take `default_system` (a named template applies it itself)."""
+    default = settings.template_options.default_system
+    return conversation if conversation.system is not None or not default else replace(conversation, system=default)
 
 
 def _tokenize_rendered(
@@ -355,7 +504,8 @@ def _finish_lm_row(
 ) -> tuple[list[Example], bool]:
     """The examples of one row (none when it is dropped) and whether it was truncated (or split, for pt)."""
     if row.spans is None:
-        pieces = split_into_pieces(with_eos(ids, tokenizer) if row.plain_text else ids, settings.cutoff_len)
+        eos = text_eos_id(settings.template, tokenizer)
+        pieces = split_into_pieces(with_eos(ids, eos) if row.plain_text else ids, settings.cutoff_len)
         return [Example(piece, list(piece)) for piece in pieces], len(pieces) > 1
     assert offsets is not None
     encoded = conversation_labels(ids, offsets, row.spans, train_on_prompt=settings.train_on_prompt)
@@ -372,10 +522,13 @@ def _finish_lm_row(
 
 
 def _encode_pair_rows(
-    rows: list[tuple[ParsedRow, tuple[str, str]]], *, settings: EncodeSettings, tokenizer, on_bad_row: OnBadRow
+    rows: list[tuple[ParsedRow, tuple[Turn, Turn]]], *, settings: EncodeSettings, tokenizer, on_bad_row: OnBadRow
 ) -> list[tuple[list[Example], bool]]:
     """(examples, truncated) of rows with their two replies, in order: prompt + first reply, then prompt + second,
     in one Example; each row is rendered alone, then all are tokenized in one call."""
+    named = _NamedEncoder.of(settings, tokenizer)
+    if named is not None:
+        return _encode_named_pair_rows(rows, named, settings, on_bad_row)
     chat_template = settings.chat_template
     assert chat_template is not None  # resolved before any row is read
     rendered: list[tuple[ParsedRow, list[tuple[str, tuple[int, int]]]]] = []
@@ -383,7 +536,8 @@ def _encode_pair_rows(
         where = f"{row.source} row {row.row_number}"
         try:
             rendered.append(
-                (row, [_render_reply(row.item.prompt, reply, tokenizer, chat_template, where) for reply in replies])
+                (row, [_render_reply(_with_default_system(row.item.prompt, settings), reply, tokenizer, chat_template,
+                                     where) for reply in replies])
             )
         except DataError as error:
             _reject(on_bad_row, error)
@@ -396,21 +550,46 @@ def _encode_pair_rows(
             ids, offsets = next(encoded)
             assert offsets is not None
             labelled.append(conversation_labels(ids, offsets, [span], train_on_prompt=False))
-        kept, truncated = truncate_documents(labelled, settings.cutoff_len)
-        # position 0 of a document is never a target after the shift: a reply must train a later token
-        if any(all(label == IGNORE_INDEX for label in labels[1:]) for _, labels in kept):
-            results.append(([], truncated))
+        results.append(_two_document_example(row, labelled, settings))
+    return results
+
+
+def _two_document_example(
+    row: ParsedRow, labelled: list[EncodedConversation], settings: EncodeSettings
+) -> tuple[list[Example], bool]:
+    kept, truncated = truncate_documents(labelled, settings.cutoff_len)
+    # position 0 of a document is never a target after the shift: a reply must train a later token
+    if any(all(label == IGNORE_INDEX for label in labels[1:]) for _, labels in kept):
+        return [], truncated
+    (a, a_labels), (b, b_labels) = kept
+    desirable = row.item.desirable if settings.rows == "kto" else None
+    return [Example(a + b, a_labels + b_labels, [len(a), len(b)], desirable)], truncated
+
+
+def _encode_named_pair_rows(
+    rows: list[tuple[ParsedRow, tuple[Turn, Turn]]], named: _NamedEncoder, settings: EncodeSettings,
+    on_bad_row: OnBadRow,
+) -> list[tuple[list[Example], bool]]:
+    named.prefetch([replace(row.item.prompt, turns=row.item.prompt.turns + (reply,))
+                    for row, replies in rows for reply in replies], settings, one_turn=True)
+    results: list[tuple[list[Example], bool]] = []
+    for row, replies in rows:
+        where = f"{row.source} row {row.row_number}"
+        try:
+            documents = named.reply_documents(row.item.prompt, replies, settings.rows == "pairs",
+                                              settings.template_options.today, where)
+        except DataError as error:
+            _reject(on_bad_row, error)
             continue
-        (a, a_labels), (b, b_labels) = kept
-        desirable = row.item.desirable if settings.rows == "kto" else None
-        results.append(([Example(a + b, a_labels + b_labels, [len(a), len(b)], desirable)], truncated))
+        results.append(_two_document_example(row, documents, settings))
+    named.pieces.clear()
     return results
 
 
 def _render_reply(
-    prompt: Conversation, reply: str, tokenizer, chat_template: str, where: str
+    prompt: Conversation, reply: Turn, tokenizer, chat_template: str, where: str
 ) -> tuple[str, tuple[int, int]]:
     """The rendered prompt + reply and the character span of the reply's assistant turn (as SFT locates it)."""
-    conversation = Conversation(prompt.turns + (Turn("assistant", reply),), prompt.system)
+    conversation = replace(prompt, turns=prompt.turns + (reply,))
     text, spans = assistant_char_spans(conversation, tokenizer, chat_template, where)
     return text, spans[-1]

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Literal
 from longtune.data.example import TASK_OF_ROWS, DataStats, EncodeSettings, Example, MixSettings, stages_of
 from longtune.data.mixing import check_mix_settings
 from longtune.data.pipeline import check_encoding_inputs, load_all, split_names
-from longtune.data.templates import resolve_chat_template
+from longtune.data.templates import check_template_options, resolve_chat_template, template_options_of
 from longtune.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -57,13 +57,14 @@ def pair_inputs(
     if not names:
         raise ConfigError(f"{'dataset' if mixed else 'eval_dataset'}: no dataset given")
     check_encoding_inputs(d.cutoff_len, tokenizer)
+    check_template_options(d.template, template_options_of(cfg), train_on_prompt=False)
     mix = MixSettings(d.mix_strategy, tuple(d.interleave_probs), cfg.train.seed) if mixed else MixSettings(
         "concat", (), cfg.train.seed)
     check_mix_settings(mix.strategy, mix.interleave_probs, len(names))  # before any tokenizing
     settings = EncodeSettings(
         rows=rows, dataset_dir=d.dataset_dir, template=d.template,
         chat_template=resolve_chat_template(d.template, tokenizer), cutoff_len=d.cutoff_len,
-        max_samples=d.max_samples, skip_bad_rows=d.skip_bad_rows,
+        max_samples=d.max_samples, skip_bad_rows=d.skip_bad_rows, template_options=template_options_of(cfg),
     )
     return names, settings, mix
 
