@@ -104,6 +104,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         preflight(cfg)
         return launch_with_torchrun(args)
     cfg = load_config(config_path, overrides)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for notice in cfg.notices:  # what LLaMA-Factory-only keys were taken as
+            print(notice)
     result = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0

@@ -168,7 +168,7 @@ def prepare_output_dir(cfg: Config, resume: Path | None) -> None:
     written = {"metrics.jsonl", "train_config.yaml", "final"}
     if cfg.train.plot_loss:
         written.add("loss.png")
-    if cfg.train.report_to == "tensorboard":
+    if "tensorboard" in cfg.reporters:
         written.add("runs")
     record = out / RUN_RECORD
     atomic_write_text(record, json.dumps({"written": sorted(ours | written)}))
@@ -192,7 +192,14 @@ class Checkpointer:
         self.settings = settings
         self.on_save = on_save
 
-    def should_save(self, step: int, total_steps: int) -> bool:
+    def should_save(self, step: int, total_steps: int, ends_epoch: bool = False) -> bool:
+        """save_strategy (Hugging Face's meaning): `steps` every save_steps, `epoch` when an epoch ends, `no` never;
+        the last step saves unless `no`."""
+        strategy = self.train_cfg.save_strategy
+        if strategy == "no":
+            return False
+        if strategy == "epoch":
+            return ends_epoch or step == total_steps
         save_steps = self.train_cfg.save_steps
         return bool(save_steps and step % save_steps == 0) or step == total_steps
 

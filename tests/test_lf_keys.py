@@ -1,0 +1,189 @@
+"""LLaMA-Factory keys: every one is classified (and the docs/README tables are generated from that), refused ones
+name the key, accepted ones print a notice, translated ones set the longtune key; and the keys with real semantics
+(optim, lr_scheduler_kwargs, save_strategy, report_to, tf32, .txt data, interleave_probs: null) do what
+Hugging Face / LLaMA-Factory do."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from longtune.cli import main
+from longtune.config import KEY_TO_GROUP, build_config
+from longtune.errors import ConfigError
+from longtune.lf_keys import ACCEPTED, LF_DEFAULTS, REFUSED, TRANSLATED, classify
+from tests.conftest import base_overrides
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = {"model_name_or_path": "builtin:tiny", "dataset": "builtin:sft_demo", "output_dir": "out"}
+
+
+def test_every_llamafactory_key_is_classified_and_the_tables_are_generated_from_it():
+    keys = frozenset(KEY_TO_GROUP)
+    assert [k for k in LF_DEFAULTS if classify(k, keys) is None] == []
+    assert len(LF_DEFAULTS) > 340  # LLaMA-Factory 0.9.5's own arguments + transformers' training arguments
+    # Only LLaMA-Factory's names are classified (a typo in the tables would classify nothing).
+    assert [k for k in (*ACCEPTED, *REFUSED, *TRANSLATED) if k not in LF_DEFAULTS] == []
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import gen_config_docs
+    finally:
+        sys.path.pop(0)
+    assert (ROOT / "docs" / "llamafactory_keys.md").read_text() == gen_config_docs.render_lf_keys(), \
+        "docs/llamafactory_keys.md is stale: run `make docs`"
+    readme = (ROOT / "README.md").read_text()
+    assert gen_config_docs.render_readme_lf_table() in readme, "README's LLaMA-Factory table is stale: `make docs`"
+
+
+def test_refused_llamafactory_key_names_the_key_not_a_did_you_mean():
+    with pytest.raises(ConfigError) as exc:
+        build_config({**BASE, "ray_num_workers": 4}, source="lf.yaml")
+    assert str(exc.value).startswith("lf.yaml: LLaMA-Factory key 'ray_num_workers' is not supported (Ray")
+    assert "did you mean" not in str(exc.value)
+    # At LLaMA-Factory's default the key asks for nothing: accepted silently.
+    cfg = build_config({**BASE, "ray_num_workers": 1, "use_galore": False, "hub_model_id": None})
+    assert cfg.notices == ()
+    # A key neither knows keeps the did-you-mean.
+    with pytest.raises(ConfigError, match=r"unknown key 'lerning_rate' \(did you mean 'learning_rate'\?\)"):
+        build_config({**BASE, "lerning_rate": 1e-4})
+
+
+def test_accepted_llamafactory_keys_print_one_notice_only_when_not_at_default(tmp_path, capsys):
+    cfg = build_config({**BASE, "flash_attn": "fa2", "upcast_layernorm": True, "enable_liger_kernel": False})
+    assert cfg.notices == (f"notice: LLaMA-Factory key 'flash_attn': {ACCEPTED['flash_attn']}",
+                           f"notice: LLaMA-Factory key 'upcast_layernorm': {ACCEPTED['upcast_layernorm']}")
+
+
+def test_translated_llamafactory_keys_set_the_longtune_key():
+    cfg = build_config({**BASE, "disable_gradient_checkpointing": True, "neat_packing": True,
+                        "kto_rejected_weight": 0.5})
+    assert cfg.train.gradient_checkpointing is False and cfg.data.packing is True
+    assert cfg.preference.kto_undesirable_weight == 0.5
+    assert len(cfg.notices) == 3
+    assert build_config({**BASE, "disable_gradient_checkpointing": False,
+                         "gradient_checkpointing": False}).train.gradient_checkpointing is False
+    with pytest.raises(ConfigError, match="'disable_gradient_checkpointing'.*contradicts 'gradient_checkpointing"):
+        build_config({**BASE, "disable_gradient_checkpointing": True, "gradient_checkpointing": True})
+
+
+@pytest.mark.parametrize("kind,kwargs", [
+    ("cosine", {}), ("cosine", {"num_cycles": 1.5}), ("linear", {}), ("constant_with_warmup", {}),
+    ("cosine_with_restarts", {}), ("cosine_with_restarts", {"num_cycles": 3}),
+    ("polynomial", {}), ("polynomial", {"power": 2.0, "lr_end": 1e-4}),
+    ("cosine_with_min_lr", {"min_lr_rate": 0.2}), ("cosine_with_min_lr", {"min_lr": 2e-4}),
+])
+def test_lr_schedules_equal_transformers_get_scheduler(kind, kwargs):
+    from transformers import get_scheduler
+
+    from longtune.optim import lr_lambda
+
+    total, warmup, lr = 23, 4, 1e-3
+    cfg = build_config({**BASE, "lr_scheduler_type": kind, "lr_scheduler_kwargs": kwargs, "warmup_steps": warmup,
+                        "learning_rate": lr})
+    ours = lr_lambda(cfg.train, total)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    theirs = get_scheduler(kind, optimizer, num_warmup_steps=warmup, num_training_steps=total,
+                           scheduler_specific_kwargs=dict(kwargs))
+    expected = []
+    for _ in range(total + 1):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        theirs.step()
+    assert [lr * ours(s) for s in range(total + 1)] == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_lr_scheduler_kwargs_a_schedule_does_not_take_is_an_error():
+    with pytest.raises(ConfigError, match="'lr_scheduler_kwargs' has power, which lr_scheduler_type: cosine"):
+        build_config({**BASE, "lr_scheduler_kwargs": {"power": 2.0}})
+    assert build_config({**BASE, "lr_scheduler_type": "polynomial",
+                         "lr_scheduler_kwargs": '{"power": 2}'}).train.lr_scheduler_kwargs == {"power": 2.0}
+
+
+def test_optim_builds_the_named_optimizer_and_sgd_steps_by_the_closed_form(monkeypatch):
+    from longtune.optim import build_optimizer
+
+    model = torch.nn.Linear(3, 2).double()
+    assert isinstance(build_optimizer(model, build_config({**BASE, "optim": "adafactor"}).train),
+                      torch.optim.Adafactor)
+    assert isinstance(build_optimizer(model, build_config({**BASE, "optim": "adamw_torch_fused"}).train),
+                      torch.optim.AdamW)
+    cfg = build_config({**BASE, "optim": "sgd", "learning_rate": 0.1, "weight_decay": 0.5})
+    optimizer = build_optimizer(model, cfg.train)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(torch.ones(4, 3, dtype=torch.float64)).pow(2).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    optimizer.step()
+    # torch SGD adds weight_decay * p to the gradient; our groups decay matrices only.
+    torch.testing.assert_close(model.weight, before["weight"] - 0.1 * (grads["weight"] + 0.5 * before["weight"]))
+    torch.testing.assert_close(model.bias, before["bias"] - 0.1 * grads["bias"])
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
+    with pytest.raises(ConfigError, match="key 'optim': paged_adamw_8bit needs bitsandbytes"):
+        build_optimizer(model, build_config({**BASE, "optim": "paged_adamw_8bit"}).train)
+
+
+def test_report_to_takes_lists_all_and_none():
+    assert build_config({**BASE, "report_to": ["tensorboard"]}).reporters == {"tensorboard"}
+    assert build_config({**BASE, "report_to": "none"}).reporters == frozenset()
+    assert build_config({**BASE, "report_to": "tensorboard,wandb"}).reporters == {"tensorboard", "wandb"}
+    with pytest.raises(ConfigError, match="'report_to' cannot combine none with wandb"):
+        build_config({**BASE, "report_to": ["none", "wandb"]})
+
+
+def test_save_strategy_epoch_and_no_and_wandb_logging(tmp_path, alpaca_file, monkeypatch):
+    """24 rows, 8 per step: 3 steps an epoch. `epoch` saves at steps 3 and 6; `no` saves none. The epoch run also
+    reports to a stand-in wandb module, which must receive every metrics row."""
+    logged: list[tuple[dict, int]] = []
+    started: dict = {}
+
+    class FakeRun:
+        def log(self, values, step):
+            logged.append((values, step))
+
+        def finish(self):
+            started["finished"] = True
+
+    fake = types.SimpleNamespace(init=lambda **kw: started.update(kw) or FakeRun())
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    out = tmp_path / "epoch"
+    assert main(["train", *base_overrides(alpaca_file, out, max_steps=-1, num_train_epochs=2,
+                                          per_device_train_batch_size=8, save_strategy="epoch", save_steps=1,
+                                          report_to="wandb", run_name="lf-run")]) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(v["train/loss"], s) for v, s in logged] == [(r["loss"], r["step"]) for r in rows]
+    assert started["name"] == "lf-run" and started["finished"]
+    out = tmp_path / "no"
+    assert main(["train", *base_overrides(alpaca_file, out, max_steps=2, save_strategy="no", save_steps=1)]) == 0
+    assert list(out.glob("checkpoint-*")) == [] and (out / "final").is_dir()
+
+
+def test_wandb_missing_is_one_line_naming_report_to(tmp_path, alpaca_file, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    assert main(["train", *base_overrides(alpaca_file, tmp_path / "o", max_steps=1, report_to="wandb")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["ConfigError: key 'report_to': wandb is not installed (pip install wandb, or longtune[wandb])"]
+
+
+def test_tf32_is_set_for_the_run_and_restored():
+    from longtune.trainer import tf32_allowed
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with tf32_allowed(not before[0]):
+        assert torch.backends.cuda.matmul.allow_tf32 is (not before[0])
+        assert torch.backends.cudnn.allow_tf32 is (not before[0])
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
+def test_txt_dataset_is_one_text_row_per_line_and_interleave_probs_null(tmp_path):
+    from longtune.data.loading import iter_file_rows
+
+    path = tmp_path / "corpus.txt"
+    path.write_text("first document\n\nsecond one\r\nthird\n")
+    assert list(iter_file_rows(path)) == [(1, {"text": "first document"}), (3, {"text": "second one"}),
+                                          (4, {"text": "third"})]
+    assert build_config({**BASE, "interleave_probs": None}).data.interleave_probs == ()
