@@ -187,3 +187,48 @@ def test_txt_dataset_is_one_text_row_per_line_and_interleave_probs_null(tmp_path
     assert list(iter_file_rows(path)) == [(1, {"text": "first document"}), (3, {"text": "second one"}),
                                           (4, {"text": "third"})]
     assert build_config({**BASE, "interleave_probs": None}).data.interleave_probs == ()
+
+
+def test_rope_scaling_linear_is_written_before_loading_and_stretches_positions(saved_models):
+    """Linear scaling divides the rotary frequencies by the factor: the scaled model at positions 2k equals the
+    unscaled model at positions k (an independent check of what got loaded), and differs at positions k."""
+    from longtune.config import ModelConfig
+    from longtune.models.loader import RopeScaling, load_model
+
+    model_cfg = ModelConfig(model_name_or_path=str(saved_models["qwen2"]), attn_implementation="eager")
+    notices: list[str] = []
+    scaled = load_model(model_cfg, torch.float64, rope=RopeScaling("linear", 8000), log=notices.append)
+    plain = load_model(model_cfg, torch.float64)
+    assert scaled.config.rope_parameters["rope_type"] == "linear" and scaled.config.rope_parameters["factor"] == 2.0
+    assert scaled.config.max_position_embeddings == 8192 and plain.config.max_position_embeddings == 4096
+    ids = torch.arange(5, 25).unsqueeze(0)
+    positions = torch.arange(20).unsqueeze(0)
+    with torch.no_grad():
+        base = plain(input_ids=ids, position_ids=positions).logits
+        stretched = scaled(input_ids=ids, position_ids=2 * positions).logits
+        same_positions = scaled(input_ids=ids, position_ids=positions).logits
+    torch.testing.assert_close(stretched, base, rtol=1e-10, atol=1e-10)
+    assert (same_positions - base).abs().max() > 1e-4
+    # A cutoff_len that fits the model's context needs no scaling (LLaMA-Factory's rule), said in a notice.
+    fits = load_model(model_cfg, torch.float64, rope=RopeScaling("yarn", 4096), log=notices.append)
+    assert fits.config.rope_parameters.get("rope_type", "default") == "default"
+    assert any("fits the model's 4096 positions; no scaling" in n for n in notices)
+
+
+def test_rope_scaling_llama3_and_yarn_record_the_original_context_and_reach_the_saved_model(saved_models, tmp_path,
+                                                                                          alpaca_file):
+    from longtune.config import ModelConfig
+    from longtune.models.loader import RopeScaling, load_model
+
+    llama = load_model(ModelConfig(model_name_or_path=str(saved_models["llama"])), torch.float32,
+                       rope=RopeScaling("llama3", 10000), log=lambda _: None)
+    params = llama.config.rope_parameters
+    assert (params["rope_type"], params["factor"], params["original_max_position_embeddings"],
+            params["low_freq_factor"], params["high_freq_factor"]) == ("llama3", 3.0, 4096, 1.0, 4.0)
+    out = tmp_path / "yarn"
+    assert main(["train", *base_overrides(alpaca_file, out, model_name_or_path=saved_models["qwen2"], max_steps=1,
+                                          rope_scaling="yarn", cutoff_len=9000)]) == 0
+    saved = json.loads((out / "final" / "config.json").read_text())
+    assert saved["max_position_embeddings"] == 4096 * 3
+    assert {k: saved["rope_parameters"][k] for k in ("rope_type", "factor", "original_max_position_embeddings")} == {
+        "rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": 4096}

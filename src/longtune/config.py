@@ -70,6 +70,12 @@ class ModelConfig:
     )
     use_dora: bool = _key(False, "Weight-decomposed LoRA (DoRA).")
     use_rslora: bool = _key(False, "Rank-stabilised LoRA scaling alpha / sqrt(r).")
+    rope_scaling: Literal["linear", "dynamic", "yarn", "llama3"] | None = _key(
+        None,
+        "RoPE scaling written into the model config before loading (as LLaMA-Factory): factor = "
+        "ceil(cutoff_len / the model's max_position_embeddings), which grows to match; no scaling (a notice) "
+        "when cutoff_len fits.",
+    )
     trust_remote_code: bool = _key(False, "Allow model code shipped inside the model directory.")
     attn_implementation: Literal["auto", "eager", "sdpa"] = _key(
         "auto", "Attention kernel of the HF model when not sequence-parallel and not packed. `auto`: sdpa."

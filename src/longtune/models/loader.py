@@ -5,8 +5,11 @@ The model stays a plain HF model (or a peft wrapper of one); nothing here patche
 
 from __future__ import annotations
 
+import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -71,7 +74,8 @@ def attention_implementation(model_cfg: ModelConfig, dtype: torch.dtype) -> str:
     return "sdpa"
 
 
-def load_reward_model(model_cfg: ModelConfig, dtype: torch.dtype) -> nn.Module:
+def load_reward_model(model_cfg: ModelConfig, dtype: torch.dtype, rope: RopeScaling | None = None,
+                      log: Callable[[str], None] = print) -> nn.Module:
     """A ForSequenceClassification model with one output (the reward), from a causal LM or a reward model dir.
 
     The score head of a fresh model is initialised from a fixed seed, so runs are reproducible."""
@@ -80,6 +84,7 @@ def load_reward_model(model_cfg: ModelConfig, dtype: torch.dtype) -> nn.Module:
     if is_builtin_model(name):
         from transformers import AutoModelForSequenceClassification
 
+        _check_builtin_rope(name, rope, log)
         causal = build_builtin_model(name, dtype=dtype)
         config = causal.config
         config.num_labels = 1
@@ -95,27 +100,90 @@ def load_reward_model(model_cfg: ModelConfig, dtype: torch.dtype) -> nn.Module:
     path = _check_model_dir(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
+        scaled = _scaled_config(model_cfg, rope, log)
+        if scaled:
+            scaled["config"].num_labels = 1
         model = _from_pretrained(AutoModelForSequenceClassification, path, "a reward model", model_cfg, dtype,
-                                 num_labels=1)
+                                 **(scaled or {"num_labels": 1}))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model
 
 
-def load_model(model_cfg: ModelConfig, dtype: torch.dtype, task: str = "causal") -> nn.Module:
-    """The model to train: a causal LM, or with task='reward' a scalar-head reward model."""
+@dataclass(frozen=True)
+class RopeScaling:
+    """`rope_scaling` with the length it must reach (cutoff_len: LLaMA-Factory's model_max_length in training)."""
+
+    kind: str  # linear | dynamic | yarn | llama3
+    max_length: int
+
+    @classmethod
+    def from_config(cls, rope_scaling: str | None, cutoff_len: int) -> RopeScaling | None:
+        return cls(rope_scaling, cutoff_len) if rope_scaling is not None else None
+
+
+def apply_rope_scaling(hf_config: Any, rope: RopeScaling, log: Callable[[str], None] = print) -> None:
+    """Write `rope` into a Hugging Face config before the model is built, as LLaMA-Factory's configure_rope does:
+    factor = ceil(max_length / the original context), rope_type = kind (dynamic/yarn/llama3 also record the
+    original context; llama3 uses frequency factors 1 and 4), max_position_embeddings grows by the factor. A
+    length that fits the original context needs no scaling (a notice). transformers 5 keeps these in
+    `rope_parameters` (rope_theta stays)."""
+    params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    original = params.get("original_max_position_embeddings") or getattr(hf_config, "max_position_embeddings", None)
+    if not original:
+        raise ConfigError("key 'rope_scaling': the model's config has no max_position_embeddings to scale from")
+    if rope.max_length <= original:
+        log(f"notice: rope_scaling: cutoff_len {rope.max_length} fits the model's {original} positions; no scaling")
+        return
+    factor = float(math.ceil(rope.max_length / original))
+    params.update(rope_type=rope.kind, factor=factor)
+    if rope.kind in ("dynamic", "yarn", "llama3"):
+        params["original_max_position_embeddings"] = original
+    if rope.kind == "llama3":
+        params.update(low_freq_factor=1.0, high_freq_factor=4.0)
+    hf_config.rope_parameters = params
+    hf_config.max_position_embeddings = int(original * factor)
+    log(f"rope_scaling: {rope.kind}, factor {factor:g} ({original} -> {hf_config.max_position_embeddings} positions)")
+
+
+def load_model(model_cfg: ModelConfig, dtype: torch.dtype, task: str = "causal", rope: RopeScaling | None = None,
+               log: Callable[[str], None] = print) -> nn.Module:
+    """The model to train: a causal LM, or with task='reward' a scalar-head reward model; `rope`: RoPE scaling
+    written into its config before the weights load."""
     if task == "reward":
-        return load_reward_model(model_cfg, dtype)
+        return load_reward_model(model_cfg, dtype, rope, log)
     name = model_cfg.model_name_or_path
     assert name is not None
     if is_builtin_model(name):
+        _check_builtin_rope(name, rope, log)
         model = build_builtin_model(name, dtype=dtype)
         model.set_attn_implementation(attention_implementation(model_cfg, dtype))
         return model
     from transformers import AutoModelForCausalLM
 
     path = _check_model_dir(name)
-    return _from_pretrained(AutoModelForCausalLM, path, "a causal LM", model_cfg, dtype)
+    return _from_pretrained(AutoModelForCausalLM, path, "a causal LM", model_cfg, dtype,
+                            **_scaled_config(model_cfg, rope, log))
+
+
+def _check_builtin_rope(name: str, rope: RopeScaling | None, log: Callable[[str], None]) -> None:
+    """The builtin models are built in code, not from a config file: they take no scaling (their context is long)."""
+    if rope is None:
+        return
+    positions = build_builtin_model(name).config.max_position_embeddings
+    if rope.max_length > positions:
+        raise ConfigError(f"key 'rope_scaling': {name} has {positions} positions and takes no RoPE scaling; use a "
+                          "model directory")
+    log(f"notice: rope_scaling: cutoff_len {rope.max_length} fits the model's {positions} positions; no scaling")
+
+
+def _scaled_config(model_cfg: ModelConfig, rope: RopeScaling | None, log: Callable[[str], None]) -> dict[str, Any]:
+    """`config=` for from_pretrained when RoPE scaling changes it; nothing otherwise."""
+    if rope is None:
+        return {}
+    hf_config = load_model_config(model_cfg)
+    apply_rope_scaling(hf_config, rope, log)
+    return {"config": hf_config}
 
 
 def _from_pretrained(auto_class, path: Path, what: str, model_cfg: ModelConfig, dtype: torch.dtype, **extra):
