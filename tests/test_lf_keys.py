@@ -232,3 +232,50 @@ def test_rope_scaling_llama3_and_yarn_record_the_original_context_and_reach_the_
     assert saved["max_position_embeddings"] == 4096 * 3
     assert {k: saved["rope_parameters"][k] for k in ("rope_type", "factor", "original_max_position_embeddings")} == {
         "rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": 4096}
+
+
+def test_adapter_name_or_path_continues_a_saved_adapter_and_exports_merged_onto_a_given_base(saved_models, tmp_path,
+                                                                                            alpaca_file):
+    """Step 0 of a run continuing an adapter is base + adapter (peft's own loading is the reference); the loaded
+    adapter trains; `longtune export --merge-lora --base` merges it onto that base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from longtune.config import ModelConfig
+    from longtune.models.loader import apply_finetuning, load_model
+
+    base = saved_models["qwen2"]
+    first = tmp_path / "first"
+    lora = dict(model_name_or_path=base, finetuning_type="lora", lora_rank=4, learning_rate=1e-2)
+    assert main(["train", *base_overrides(alpaca_file, first, max_steps=2, **lora)]) == 0
+    adapter = first / "final"
+
+    model_cfg = ModelConfig(model_name_or_path=str(base), finetuning_type="lora", lora_rank=16,
+                            adapter_name_or_path=str(adapter), attn_implementation="eager")
+    ours = apply_finetuning(load_model(model_cfg, torch.float64), model_cfg)
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64, attn_implementation="eager"), str(adapter))
+    ids = torch.arange(3, 30).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=0, atol=0)
+        plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64)(input_ids=ids).logits
+        assert (ours(input_ids=ids).logits - plain).abs().max() > 1e-6  # the adapter is not a no-op
+    trainable = [n for n, p in ours.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert ours.peft_config["default"].r == 4  # the adapter's rank, not lora_rank
+
+    second = tmp_path / "second"
+    assert main(["train", *base_overrides(alpaca_file, second, max_steps=1, adapter_name_or_path=adapter,
+                                          **lora)]) == 0
+    row = json.loads((second / "metrics.jsonl").read_text().splitlines()[0])
+    first_row = json.loads((first / "metrics.jsonl").read_text().splitlines()[0])
+    # Same seed, same first batch: the first run's step 1 saw the base (fresh LoRA B = 0), this one base + adapter.
+    assert row["grad_norm"] > 0 and abs(row["loss"] - first_row["loss"]) > 1e-6
+    assert main(["export", str(second), str(tmp_path / "merged"), "--merge-lora", "--base", str(base)]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float64)
+    continued = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64),
+                                          str(second / "final"))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, continued(input_ids=ids).logits)
+    with pytest.raises(ConfigError, match="'adapter_name_or_path' needs finetuning_type: lora"):
+        build_config({**BASE, "adapter_name_or_path": str(adapter), "finetuning_type": "full"})

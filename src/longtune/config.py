@@ -70,6 +70,11 @@ class ModelConfig:
     )
     use_dora: bool = _key(False, "Weight-decomposed LoRA (DoRA).")
     use_rslora: bool = _key(False, "Rank-stabilised LoRA scaling alpha / sqrt(r).")
+    adapter_name_or_path: str | None = _key(
+        None,
+        "A saved LoRA adapter directory (peft) to continue training: loaded onto the base model and trained (needs "
+        "finetuning_type: lora; the adapter's own rank, alpha and targets apply).",
+    )
     rope_scaling: Literal["linear", "dynamic", "yarn", "llama3"] | None = _key(
         None,
         "RoPE scaling written into the model config before loading (as LLaMA-Factory): factor = "
@@ -608,6 +613,15 @@ def validate(cfg: Config, source: str, sources: dict[str, str] | None = None) ->
         if extra:
             fail("lr_scheduler_kwargs", f"has {', '.join(sorted(extra))}, which lr_scheduler_type: "
                  f"{t.lr_scheduler_type} does not take (it takes: {', '.join(sorted(allowed.get(t.lr_scheduler_type, ()))) or 'nothing'})")
+    if m.adapter_name_or_path is not None:
+        if m.finetuning_type != "lora":
+            fail("adapter_name_or_path", f"needs finetuning_type: lora, got {m.finetuning_type}")
+        if "," in m.adapter_name_or_path:
+            fail("adapter_name_or_path", "takes one adapter directory (merge earlier ones with `longtune export "
+                                         "--merge-lora` first)")
+        if not (Path(m.adapter_name_or_path) / "adapter_config.json").is_file():
+            fail("adapter_name_or_path", f"'{m.adapter_name_or_path}' is not a peft adapter directory (no "
+                                         "adapter_config.json)")
     if p.sequence_parallel_size < 1:
         fail("sequence_parallel_size", f"must be >= 1, got {p.sequence_parallel_size}")
     if p.deepspeed and not Path(p.deepspeed).is_file():

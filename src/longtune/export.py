@@ -81,7 +81,11 @@ def check_export_target(src: Path, dst: Path, overwrite: bool) -> None:
             raise ConfigError(f"export: '{dst}' holds an earlier export (pass --overwrite to replace it)")
 
 
-def export_model(source: str | Path, out: str | Path, merge_lora: bool = False, overwrite: bool = False) -> Path:
+def export_model(source: str | Path, out: str | Path, merge_lora: bool = False, overwrite: bool = False,
+                 base: str | None = None) -> Path:
+    """Write `out` from a run, checkpoint or model/adapter directory; with `merge_lora` an adapter is merged into
+    `base` (default: the base named in its adapter_config.json, as LLaMA-Factory's model_name_or_path +
+    adapter_name_or_path export)."""
     from longtune.models.loader import DTYPES
 
     from longtune.checkpoint import TRAINING_FILES
@@ -90,14 +94,17 @@ def export_model(source: str | Path, out: str | Path, merge_lora: bool = False, 
     dst = Path(out)
     check_export_target(src, dst, overwrite)
     is_adapter = (src / "adapter_config.json").is_file()
+    if base is not None and not (is_adapter and merge_lora):
+        raise ConfigError("export: --base applies to merging an adapter (--merge-lora on an adapter directory)")
     with atomic_dir(dst, f".tmp-export-{dst.name}") as tmp:
         if is_adapter and merge_lora:
             from peft import PeftModel
 
             adapter_cfg = json.loads((src / "adapter_config.json").read_text())
-            base_name = adapter_cfg.get("base_model_name_or_path")
+            base_name = base or adapter_cfg.get("base_model_name_or_path")
             if not base_name:
-                raise ConfigError(f"export: {src / 'adapter_config.json'} names no base_model_name_or_path")
+                raise ConfigError(f"export: {src / 'adapter_config.json'} names no base_model_name_or_path; give "
+                                  "--base MODEL_DIR")
             dtype = DTYPES[_run_dtype(src)]
             reward = adapter_cfg.get("task_type") == "SEQ_CLS"
             merged = PeftModel.from_pretrained(_load_base(base_name, dtype, reward), str(src)).merge_and_unload()

@@ -243,7 +243,6 @@ _EVAL = "evaluation reports eval_loss only"
 _NOT_YET = "not supported yet"
 REFUSED: dict[str, str] = {
     # model
-    "adapter_name_or_path": f"{_NOT_YET}; merge the adapter into the base with `longtune export --merge-lora`",
     "resize_vocab": _NOT_YET, "add_tokens": _NOT_YET, "add_special_tokens": _NOT_YET,
     "tokenized_path": f"{_NOT_YET}; longtune caches tokenized data by itself (data_cache_dir)",
     "adapter_folder": "give adapter_name_or_path", "split_special_tokens": "special tokens always stay whole",

@@ -267,7 +267,12 @@ def apply_freeze(model: nn.Module, model_cfg: ModelConfig) -> None:
 
 
 def apply_lora(model: nn.Module, model_cfg: ModelConfig) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
+    """Fresh LoRA adapters from the lora_* keys, or with `adapter_name_or_path` the saved adapter, trainable (its
+    own rank, alpha and targets apply)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if model_cfg.adapter_name_or_path is not None:
+        return PeftModel.from_pretrained(model, model_cfg.adapter_name_or_path, is_trainable=True)
 
     available = linear_module_names(model)
     targets = _split(model_cfg.lora_target)
