@@ -125,3 +125,13 @@ def test_lf_ray_example_is_refused_naming_the_key(lf_checkout, saved_models, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert "LLaMA-Factory key 'ray_num_workers' is not supported" in err[0]
+
+
+def test_lf_preprocess_example_saves_tokenized_data_then_trains_from_it(lf_checkout, saved_models):
+    """qwen3_preprocess.yaml: the first run tokenizes into tokenized_path and trains; a second run reads it."""
+    losses = []
+    for _ in range(2):  # the same output_dir (overwrite_output_dir: true in the YAML)
+        rows = train_example("train_lora/qwen3_preprocess.yaml", saved_models["qwen2"], "logging_steps=1")
+        losses.append([r["loss"] for r in rows])
+        assert (lf_checkout / "saves/qwen3-4b/dataset/sft/train.npz").is_file()
+    assert losses[0] == losses[1] and len(losses[0]) == 2

@@ -279,3 +279,30 @@ def test_adapter_name_or_path_continues_a_saved_adapter_and_exports_merged_onto_
         torch.testing.assert_close(merged(input_ids=ids).logits, continued(input_ids=ids).logits)
     with pytest.raises(ConfigError, match="'adapter_name_or_path' needs finetuning_type: lora"):
         build_config({**BASE, "adapter_name_or_path": str(adapter), "finetuning_type": "full"})
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_tokenized_path_saves_then_trains_identically_without_reading_the_datasets(tmp_path, stage, alpaca_file,
+                                                                                   capsys):
+    """First run: tokenized_path does not exist, so the data is tokenized, saved there and trained on. Second run:
+    it exists, so it is read and `dataset` (now a missing file) is never opened; the loss curve is the same."""
+    if stage == "dpo":
+        rows = [{"instruction": f"Say {i}.", "input": "", "chosen": f"{i} {i}", "rejected": "no"} for i in range(8)]
+        data = tmp_path / "pairs.json"
+        data.write_text(json.dumps(rows))
+        extra = {"stage": "dpo", "finetuning_type": "lora", "data_cache_dir": tmp_path / "cache"}
+    else:
+        data, extra = alpaca_file, {"data_cache_dir": tmp_path / "cache"}
+    tokenized = tmp_path / "tokenized"
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["train", *base_overrides(data, first, tokenized_path=tokenized, **extra)]) == 0
+    assert (tokenized / "train.npz").is_file()
+    assert main(["train", *base_overrides(tmp_path / "gone.json", second, tokenized_path=tokenized, **extra)]) == 0
+    losses = [[json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+              for out in (first, second)]
+    assert losses[0] == losses[1] and len(losses[0]) == 3
+    if stage == "sft":  # a folder made for sft rows is not read as pretraining rows
+        capsys.readouterr()
+        code = main(["train", *base_overrides(data, tmp_path / "pt", tokenized_path=tokenized, stage="pt")])
+        err = capsys.readouterr().err
+        assert code == 2 and "key 'tokenized_path'" in err and "tokenized with another pretraining" in err

@@ -149,6 +149,12 @@ class DataConfig:
         None, "Where tokenized datasets are cached (default $LONGTUNE_CACHE or ~/.cache/longtune/data); keyed by data + tokenizer."
     )
     overwrite_cache: bool = _key(False, "Re-tokenize even if a cached copy exists.")
+    tokenized_path: str | None = _key(
+        None,
+        "A folder of tokenized data (as LLaMA-Factory): if it does not exist, the datasets are tokenized, saved there "
+        "(train.npz, eval.npz) and trained on; if it exists, training reads it and does not read `dataset`. A folder "
+        "made for another stage, tokenizer or cutoff_len is refused.",
+    )
     preprocessing_num_workers: int | None = _key(None, "Accepted for LLaMA-Factory compatibility; ignored.")
     dataloader_num_workers: int | None = _key(None, "Accepted for LLaMA-Factory compatibility; ignored.")
 
@@ -613,6 +619,8 @@ def validate(cfg: Config, source: str, sources: dict[str, str] | None = None) ->
         if extra:
             fail("lr_scheduler_kwargs", f"has {', '.join(sorted(extra))}, which lr_scheduler_type: "
                  f"{t.lr_scheduler_type} does not take (it takes: {', '.join(sorted(allowed.get(t.lr_scheduler_type, ()))) or 'nothing'})")
+    if d.tokenized_path is not None and d.streaming:
+        fail("tokenized_path", "cannot be used with streaming: true (a stream is never stored whole)")
     if m.adapter_name_or_path is not None:
         if m.finetuning_type != "lora":
             fail("adapter_name_or_path", f"needs finetuning_type: lora, got {m.finetuning_type}")

@@ -244,7 +244,6 @@ _NOT_YET = "not supported yet"
 REFUSED: dict[str, str] = {
     # model
     "resize_vocab": _NOT_YET, "add_tokens": _NOT_YET, "add_special_tokens": _NOT_YET,
-    "tokenized_path": f"{_NOT_YET}; longtune caches tokenized data by itself (data_cache_dir)",
     "adapter_folder": "give adapter_name_or_path", "split_special_tokens": "special tokens always stay whole",
     "new_special_tokens_config": "semantic initialisation of new tokens; use add_special_tokens",
     "init_special_tokens": "new token rows start as the mean embedding",
