@@ -306,3 +306,43 @@ def test_tokenized_path_saves_then_trains_identically_without_reading_the_datase
         code = main(["train", *base_overrides(data, tmp_path / "pt", tokenized_path=tokenized, stage="pt")])
         err = capsys.readouterr().err
         assert code == 2 and "key 'tokenized_path'" in err and "tokenized with another pretraining" in err
+
+
+def test_added_special_tokens_grow_the_embeddings_and_their_rows_train(saved_models, tmp_path):
+    """add_special_tokens: the tokenizer keeps each new token whole, the embeddings grow to a multiple of 64 with
+    new rows at the mean embedding, the rows of tokens that occur in the data train (LoRA saves the embeddings as
+    modules_to_save), and the merged export loads with the grown vocabulary."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from longtune.config import ModelConfig
+    from longtune.models.loader import load_model, load_tokenizer
+
+    base = saved_models["qwen2"]
+    model_cfg = ModelConfig(model_name_or_path=str(base), add_special_tokens=("<tool>", "<done>"))
+    tokenizer = load_tokenizer(model_cfg)
+    vocab = len(AutoTokenizer.from_pretrained(base))
+    tool, done = tokenizer.convert_tokens_to_ids(["<tool>", "<done>"])
+    assert (tool, done) == (vocab, vocab + 1) and tokenizer("a <tool> b")["input_ids"].count(tool) == 1
+    model = load_model(model_cfg, torch.float64, log=lambda _: None)
+    plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64)
+    rows = model.get_input_embeddings().weight
+    old = plain.get_input_embeddings().weight
+    assert rows.shape[0] == -(-(vocab + 2) // 64) * 64 > old.shape[0]
+    torch.testing.assert_close(rows[: old.shape[0]], old, rtol=0, atol=0)
+    torch.testing.assert_close(rows[tool], old.mean(dim=0))
+
+    data = tmp_path / "tools.json"
+    data.write_text(json.dumps([{"instruction": f"Call the tool {i}.", "input": "", "output": f"<tool> {i} <done>"}
+                                for i in range(8)]))
+    out = tmp_path / "run"
+    assert main(["train", *base_overrides(data, out, model_name_or_path=base, finetuning_type="lora",
+                                          add_special_tokens="<tool>,<done>", learning_rate=1e-2, max_steps=2)]) == 0
+    saved = load_file(str(out / "final" / "adapter_model.safetensors"))
+    embed = next(v for k, v in saved.items() if "embed_tokens" in k)
+    assert embed.shape[0] == rows.shape[0]
+    assert (embed[tool].double() - old.mean(dim=0)).abs().max() > 1e-4  # the new row trained
+    assert len(AutoTokenizer.from_pretrained(out / "final")) == vocab + 2
+    assert main(["export", str(out), str(tmp_path / "merged"), "--merge-lora"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(merged.get_input_embeddings().weight[tool].double(), embed[tool].double())

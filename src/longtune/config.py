@@ -75,6 +75,16 @@ class ModelConfig:
         "A saved LoRA adapter directory (peft) to continue training: loaded onto the base model and trained (needs "
         "finetuning_type: lora; the adapter's own rank, alpha and targets apply).",
     )
+    add_tokens: tuple[str, ...] = _key((), "Comma-separated plain tokens added to the tokenizer (embeddings resized).")
+    add_special_tokens: tuple[str, ...] = _key(
+        (), "Comma-separated special tokens added to the tokenizer (never split; embeddings resized)."
+    )
+    resize_vocab: bool = _key(
+        False,
+        "Resize the embeddings (and LM head) to the tokenizer's length, rounded up to a multiple of 64; new rows "
+        "start as the mean embedding and train (with LoRA, the embeddings become modules_to_save unless "
+        "additional_target is set). On whenever tokens are added.",
+    )
     rope_scaling: Literal["linear", "dynamic", "yarn", "llama3"] | None = _key(
         None,
         "RoPE scaling written into the model config before loading (as LLaMA-Factory): factor = "

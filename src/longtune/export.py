@@ -63,6 +63,15 @@ def _load_base(name: str, dtype, reward: bool):
     return AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
 
 
+def _tokenizer_length(model_dir: Path) -> int | None:
+    """The length of the tokenizer saved beside an adapter (None when there is none)."""
+    if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "tokenizer_config.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(str(model_dir)))
+
+
 def check_export_target(src: Path, dst: Path, overwrite: bool) -> None:
     """Export replaces only what it wrote: never the working directory, an ancestor of the source, or a
     non-empty folder that does not hold an earlier export's marker."""
@@ -107,7 +116,13 @@ def export_model(source: str | Path, out: str | Path, merge_lora: bool = False, 
                                   "--base MODEL_DIR")
             dtype = DTYPES[_run_dtype(src)]
             reward = adapter_cfg.get("task_type") == "SEQ_CLS"
-            merged = PeftModel.from_pretrained(_load_base(base_name, dtype, reward), str(src)).merge_and_unload()
+            base_model = _load_base(base_name, dtype, reward)
+            grown_vocabulary = _tokenizer_length(src)
+            if grown_vocabulary is not None:  # a run that added tokens saved embeddings of the grown size
+                from longtune.models.loader import resize_model_vocabulary
+
+                resize_model_vocabulary(base_model, grown_vocabulary)
+            merged = PeftModel.from_pretrained(base_model, str(src)).merge_and_unload()
             merged.save_pretrained(str(tmp), safe_serialization=True)
             for f in src.iterdir():
                 if f.is_file() and ("token" in f.name or f.name in {"vocab.json", "merges.txt", "chat_template.jinja"}):

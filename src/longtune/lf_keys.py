@@ -240,10 +240,8 @@ _PROFILER = "use `longtune bench` or torch.profiler yourself"
 _QUANT = "quantized bases are not supported yet"
 _TEMPLATE = "chat-template options are not supported yet"
 _EVAL = "evaluation reports eval_loss only"
-_NOT_YET = "not supported yet"
 REFUSED: dict[str, str] = {
     # model
-    "resize_vocab": _NOT_YET, "add_tokens": _NOT_YET, "add_special_tokens": _NOT_YET,
     "adapter_folder": "give adapter_name_or_path", "split_special_tokens": "special tokens always stay whole",
     "new_special_tokens_config": "semantic initialisation of new tokens; use add_special_tokens",
     "init_special_tokens": "new token rows start as the mean embedding",

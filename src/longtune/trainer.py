@@ -30,7 +30,14 @@ from longtune.evaluation import Evaluator
 from longtune.faults import RankStatus, is_peer_failure
 from longtune.forward import RunParts, blank_like, forward_loss
 from longtune.metrics import MetricsLog, WandbRun, metric_means, peak_memory_gib
-from longtune.models.loader import DTYPES, check_vocabulary, load_model_config, load_tokenizer, unwrap_base
+from longtune.models.loader import (
+    DTYPES,
+    check_vocabulary,
+    load_model_config,
+    load_tokenizer,
+    unwrap_base,
+    vocabulary_grows,
+)
 from longtune.models.neftune import NEFTune
 from longtune.optim import build_optimizer, lr_lambda
 from longtune.parallel.fsdp import ShardingPlan, all_reduce_gradients, gradient_scale, plan_from_config
@@ -311,7 +318,7 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None], status: 
     # Tokenizer, data, model, reference, optimizer.
     status.phase("loading the tokenizer, data and model")
     tokenizer = load_tokenizer(cfg.model)
-    check_vocabulary(tokenizer, run.model_config)
+    check_vocabulary(tokenizer, run.model_config, resizes=vocabulary_grows(cfg.model))
     data = setup_data(cfg, stage, tokenizer, dims, log)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     recipe = ModelRecipe.for_training(cfg, dtype, sharding)

@@ -63,7 +63,48 @@ def load_tokenizer(model_cfg: ModelConfig):
     if tokenizer.pad_token_id is None:
         # Padding positions never reach the loss (labels are IGNORE there); any id works as filler.
         tokenizer.pad_token = tokenizer.eos_token
+    return add_configured_tokens(tokenizer, model_cfg)
+
+
+def add_configured_tokens(tokenizer, model_cfg: ModelConfig):
+    """`add_tokens` (plain) and `add_special_tokens` (never split, as LLaMA-Factory adds them) join the
+    vocabulary; `resize_model_vocabulary` then gives them embedding rows."""
+    if model_cfg.add_tokens:
+        tokenizer.add_tokens(list(model_cfg.add_tokens), special_tokens=False)
+    if model_cfg.add_special_tokens:
+        tokenizer.add_tokens(list(model_cfg.add_special_tokens), special_tokens=True)
     return tokenizer
+
+
+def vocabulary_grows(model_cfg: ModelConfig) -> bool:
+    """Whether the embeddings are resized to the tokenizer (resize_vocab, or tokens added, as LLaMA-Factory)."""
+    return bool(model_cfg.resize_vocab or model_cfg.add_tokens or model_cfg.add_special_tokens)
+
+
+def resize_model_vocabulary(model: nn.Module, vocabulary_size: int) -> int:
+    """Grow the input (and output) embeddings to `vocabulary_size` rounded up to a multiple of 64 (as
+    LLaMA-Factory), when the tokenizer is longer than them; returns the number of new rows. New rows start as the
+    mean of the existing ones: deterministic, so every copy of the model (ranks, a frozen reference) agrees."""
+    old = model.get_input_embeddings().weight.shape[0]
+    if vocabulary_size <= old:
+        return 0
+    model.resize_token_embeddings(vocabulary_size, pad_to_multiple_of=64, mean_resizing=False)
+    with torch.no_grad():
+        for embedding in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                          if m is not None}.values():
+            weight = embedding.weight
+            weight[old:] = weight[:old].mean(dim=0, keepdim=True)
+            bias = getattr(embedding, "bias", None)
+            if bias is not None:
+                bias[old:] = 0
+    return model.get_input_embeddings().weight.shape[0] - old
+
+
+def embedding_module_names(model: nn.Module) -> list[str]:
+    """The attribute names of the input and output embeddings (e.g. embed_tokens, lm_head): what trains besides
+    LoRA when the vocabulary grows."""
+    wanted = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if id(m) in wanted and name})
 
 
 def attention_implementation(model_cfg: ModelConfig, dtype: torch.dtype) -> str:
@@ -149,7 +190,19 @@ def apply_rope_scaling(hf_config: Any, rope: RopeScaling, log: Callable[[str], N
 def load_model(model_cfg: ModelConfig, dtype: torch.dtype, task: str = "causal", rope: RopeScaling | None = None,
                log: Callable[[str], None] = print) -> nn.Module:
     """The model to train: a causal LM, or with task='reward' a scalar-head reward model; `rope`: RoPE scaling
-    written into its config before the weights load."""
+    written into its config before the weights load; embeddings grown to the tokenizer when the vocabulary
+    grows (add_tokens, add_special_tokens, resize_vocab)."""
+    model = _load_weights(model_cfg, dtype, task, rope, log)
+    if vocabulary_grows(model_cfg):
+        added = resize_model_vocabulary(model, len(load_tokenizer(model_cfg)))
+        if added:
+            log(f"vocabulary: embeddings resized to {model.get_input_embeddings().weight.shape[0]} rows "
+                f"({added} new, starting as the mean embedding)")
+    return model
+
+
+def _load_weights(model_cfg: ModelConfig, dtype: torch.dtype, task: str, rope: RopeScaling | None,
+                  log: Callable[[str], None]) -> nn.Module:
     if task == "reward":
         return load_reward_model(model_cfg, dtype, rope, log)
     name = model_cfg.model_name_or_path
@@ -200,10 +253,11 @@ def _from_pretrained(auto_class, path: Path, what: str, model_cfg: ModelConfig, 
                           "truncated or corrupt, copy them again") from None
 
 
-def check_vocabulary(tokenizer, model_config) -> None:
-    """Every token id the tokenizer can produce must have a row in the model's embedding."""
+def check_vocabulary(tokenizer, model_config, resizes: bool = False) -> None:
+    """Every token id the tokenizer can produce must have a row in the model's embedding (unless the embeddings
+    are resized to the tokenizer: `resizes`)."""
     vocab = getattr(model_config, "vocab_size", None)
-    if vocab is not None and len(tokenizer) > vocab:
+    if vocab is not None and len(tokenizer) > vocab and not resizes:
         raise ConfigError(f"key 'model_name_or_path': the tokenizer has {len(tokenizer)} tokens but the model's "
                           f"vocab_size is {vocab} (ids >= {vocab} have no embedding); use the tokenizer that belongs "
                           "to this model")
@@ -285,6 +339,8 @@ def apply_lora(model: nn.Module, model_cfg: ModelConfig) -> nn.Module:
         )
     reward = hasattr(model, "score")
     extra = _split(model_cfg.additional_target) + (["score"] if reward else [])
+    if vocabulary_grows(model_cfg) and model_cfg.additional_target is None:
+        extra += embedding_module_names(model)  # the new rows must train (LLaMA-Factory does the same)
     lora_config = LoraConfig(
         task_type="SEQ_CLS" if reward else "CAUSAL_LM",
         r=model_cfg.lora_rank,
@@ -306,6 +362,10 @@ def apply_finetuning(model: nn.Module, model_cfg: ModelConfig) -> nn.Module:
         return model
     if model_cfg.finetuning_type == "freeze":
         apply_freeze(model, model_cfg)
+        if vocabulary_grows(model_cfg):  # the new rows must train
+            for embedding in (model.get_input_embeddings(), model.get_output_embeddings()):
+                if embedding is not None:
+                    embedding.requires_grad_(True)
         return model
     return apply_lora(model, model_cfg)
 
