@@ -346,3 +346,25 @@ def test_added_special_tokens_grow_the_embeddings_and_their_rows_train(saved_mod
     assert main(["export", str(out), str(tmp_path / "merged"), "--merge-lora"]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     torch.testing.assert_close(merged.get_input_embeddings().weight[tool].double(), embed[tool].double())
+
+
+def test_bitsandbytes_paged_adamw_32bit_steps_like_torch_adamw_and_8bit_close_to_it():
+    pytest.importorskip("bitsandbytes")
+    from longtune.optim import build_optimizer
+
+    def one_step(optim: str) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(64, 64)
+        cfg = build_config({**BASE, "optim": optim, "learning_rate": 1e-2, "weight_decay": 0.1})
+        optimizer = build_optimizer(model, cfg.train)
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(torch.linspace(-1, 1, 64 * 4).view(4, 64)).pow(2).sum().backward()
+            optimizer.step()
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    reference = one_step("adamw_torch")
+    for name, tolerance in (("paged_adamw_32bit", 1e-5), ("adamw_8bit", 1e-2)):
+        got = one_step(name)
+        for key in reference:
+            torch.testing.assert_close(got[key], reference[key], rtol=0, atol=tolerance, msg=f"{name} {key}")
