@@ -96,8 +96,9 @@ def test_lf_sft_examples_lora_ds3_and_full_ds3_train_unchanged(lf_checkout, save
     assert_trained(rows, "saves/qwen3-4b/full/sft", full=True)
 
 
-@pytest.mark.parametrize("example", ["train_lora/qwen3_lora_dpo.yaml", "train_lora/qwen3_lora_kto.yaml",
-                                     "train_lora/qwen3_lora_reward.yaml", "train_lora/qwen3_lora_pretrain.yaml"])
+@pytest.mark.parametrize("example", [  # dpo in CI; the others are slow (CI time), runnable with -m slow
+    "train_lora/qwen3_lora_dpo.yaml", *(pytest.param(f"train_lora/qwen3_lora_{name}.yaml", marks=pytest.mark.slow)
+                                        for name in ("kto", "reward", "pretrain"))])
 def test_lf_preference_reward_and_pretrain_examples_train_unchanged(lf_checkout, saved_models, example):
     rows = train_example(example, saved_models["qwen2"])
     assert_trained(rows, yaml.safe_load((lf_checkout / "examples" / example).read_text())["output_dir"])
