@@ -46,8 +46,11 @@ def test_refused_llamafactory_key_names_the_key_not_a_did_you_mean():
     assert str(exc.value).startswith("lf.yaml: LLaMA-Factory key 'ray_num_workers' is not supported (Ray")
     assert "did you mean" not in str(exc.value)
     # At LLaMA-Factory's default the key asks for nothing: accepted silently.
-    cfg = build_config({**BASE, "ray_num_workers": 1, "use_galore": False, "hub_model_id": None})
+    cfg = build_config({**BASE, "ray_num_workers": 1, "use_galore": False, "hub_model_id": None, "apollo_scale": 32})
     assert cfg.notices == ()
+    # 0 is a value, not "false": a block index of 0 asks for BAdam.
+    with pytest.raises(ConfigError, match="LLaMA-Factory key 'badam_start_block' is not supported"):
+        build_config({**BASE, "badam_start_block": 0})
     # A key neither knows keeps the did-you-mean.
     with pytest.raises(ConfigError, match=r"unknown key 'lerning_rate' \(did you mean 'learning_rate'\?\)"):
         build_config({**BASE, "lerning_rate": 1e-4})

@@ -320,10 +320,13 @@ REFUSED: dict[str, str] = {
 
 
 def _is_default(key: str, value: Any) -> bool:
+    """Whether `value` asks for nothing: LLaMA-Factory's default, null, or an empty/false value where the default
+    is null (a 0 is a real value, not false)."""
     default = LF_DEFAULTS.get(key)
-    if value is None or value == default:
+    if value is None or (value == default and isinstance(value, bool) == isinstance(default, bool)):
         return True
-    return value in (False, "", [], {}) and default in (None, False, "")
+    empty = value is False or (isinstance(value, (str, list, dict)) and not value)
+    return empty and (default is None or default is False or default == "")
 
 
 def classify(key: str, longtune_keys: set[str] | frozenset[str]) -> str | None:
