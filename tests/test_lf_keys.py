@@ -64,10 +64,10 @@ def test_accepted_llamafactory_keys_print_one_notice_only_when_not_at_default(tm
 
 def test_translated_llamafactory_keys_set_the_longtune_key():
     cfg = build_config({**BASE, "disable_gradient_checkpointing": True, "neat_packing": True,
-                        "kto_rejected_weight": 0.5})
+                        "kto_rejected_weight": 0.5, "new_special_tokens": "<a>,<b>"})
     assert cfg.train.gradient_checkpointing is False and cfg.data.packing is True
-    assert cfg.preference.kto_undesirable_weight == 0.5
-    assert len(cfg.notices) == 3
+    assert cfg.preference.kto_undesirable_weight == 0.5 and cfg.model.add_special_tokens == ("<a>", "<b>")
+    assert len(cfg.notices) == 4
     assert build_config({**BASE, "disable_gradient_checkpointing": False,
                          "gradient_checkpointing": False}).train.gradient_checkpointing is False
     with pytest.raises(ConfigError, match="'disable_gradient_checkpointing'.*contradicts 'gradient_checkpointing"):
@@ -189,6 +189,14 @@ def test_txt_dataset_is_one_text_row_per_line_and_interleave_probs_null(tmp_path
     path.write_text("first document\n\nsecond one\r\nthird\n")
     assert list(iter_file_rows(path)) == [(1, {"text": "first document"}), (3, {"text": "second one"}),
                                           (4, {"text": "third"})]
+    from longtune.data.lm import examples_from_config
+    from longtune.models.builtin import load_builtin_tokenizer
+
+    tokenizer = load_builtin_tokenizer()
+    cfg = build_config({**BASE, "dataset": str(path), "stage": "pt", "data_cache_dir": str(tmp_path / "cache")})
+    examples, stats = examples_from_config(cfg, tokenizer)
+    assert stats.rows == 3 and len(examples) == 3
+    assert examples[1].input_ids[: len(tokenizer("second one")["input_ids"])] == tokenizer("second one")["input_ids"]
     assert build_config({**BASE, "interleave_probs": None}).data.interleave_probs == ()
 
 

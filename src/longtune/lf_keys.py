@@ -105,6 +105,8 @@ LF_DEFAULTS: dict[str, Any] = {
     'resume_from_checkpoint': None, 'local_rank': -1, 'sortish_sampler': False, 'predict_with_generate': False,
     'generation_max_length': None, 'generation_num_beams': None, 'generation_config': None, 'warmup_ratio': 0.0,
     'logging_dir': None, 'save_safetensors': True,
+    # older LLaMA-Factory names (before 0.9.4) still found in shared YAMLs
+    'new_special_tokens': None,
 }
 
 
@@ -124,6 +126,8 @@ TRANSLATED: dict[str, Translation] = {
     "neat_packing": Translation(
         "packing", bool,
         "is packing: true (longtune's packed rows never attend across documents)"),
+    "new_special_tokens": Translation(
+        "add_special_tokens", lambda v: v, "is add_special_tokens (its LLaMA-Factory >= 0.9.4 name)"),
     "gradient_checkpointing_kwargs": Translation(
         "gradient_checkpointing", lambda v: True, "is gradient_checkpointing: true (always non-reentrant)"),
 }
