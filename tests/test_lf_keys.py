@@ -129,6 +129,15 @@ def test_optim_builds_the_named_optimizer_and_sgd_steps_by_the_closed_form(monke
         build_optimizer(model, build_config({**BASE, "optim": "paged_adamw_8bit"}).train)
 
 
+def test_resume_with_another_optim_is_refused_naming_optim(tmp_path, alpaca_file, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *base_overrides(alpaca_file, out, max_steps=1, save_steps=1)]) == 0
+    capsys.readouterr()
+    code = main(["train", *base_overrides(alpaca_file, out, max_steps=2, optim="sgd", resume_from_checkpoint=True)])
+    assert code == 2
+    assert "key 'optim': 'sgd', but checkpoint-1 was written with optim: 'adamw_torch'" in capsys.readouterr().err
+
+
 def test_report_to_takes_lists_all_and_none():
     assert build_config({**BASE, "report_to": ["tensorboard"]}).reporters == {"tensorboard"}
     assert build_config({**BASE, "report_to": "none"}).reporters == frozenset()

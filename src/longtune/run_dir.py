@@ -110,7 +110,8 @@ def run_settings(cfg: Config, dims: ParallelDims, sharded: bool) -> dict[str, An
     return {"stage": cfg.train.stage, "finetuning_type": cfg.model.finetuning_type, "lora_rank": cfg.model.lora_rank,
             "dtype": cfg.compute_dtype, "max_steps": cfg.train.max_steps,
             "num_train_epochs": cfg.train.num_train_epochs, "learning_rate": cfg.train.learning_rate,
-            "world_size": dims.world_size, "sequence_parallel_size": dims.sp, "fsdp": sharded}
+            "world_size": dims.world_size, "sequence_parallel_size": dims.sp, "fsdp": sharded,
+            "optim": cfg.train.optim}
 
 
 def check_resume_settings(ckpt: Path, now: dict[str, Any], log: Callable[[str], None]) -> TrainerState:
@@ -118,7 +119,8 @@ def check_resume_settings(ckpt: Path, now: dict[str, Any], log: Callable[[str], 
     state = read_state(ckpt)
     assert state is not None
     before = state.run
-    must_match = ["stage", "finetuning_type"] + (["lora_rank"] if now["finetuning_type"] == "lora" else [])
+    # optim: another optimizer's state does not load into this one.
+    must_match = ["stage", "finetuning_type", "optim"] + (["lora_rank"] if now["finetuning_type"] == "lora" else [])
     for key in must_match:
         if key in before and before[key] != now[key]:
             raise ConfigError(f"key '{key}': {now[key]!r}, but {ckpt.name} was written with {key}: {before[key]!r}; "
