@@ -56,7 +56,9 @@ README_END = "<!-- lf-keys:end -->"
 
 def render_lf_keys() -> str:
     parts = [LF_HEADER, "| key | longtune | what longtune does |", "| --- | --- | --- |"]
+    helps = {f.name: f.metadata["help"] for cls in GROUPS.values() for f in dataclasses.fields(cls)}
     for key, kind, what in key_table(frozenset(KEY_TO_GROUP)):
+        what = helps[key] if kind == "same" else what  # a longtune key: its own meaning, from config.py
         parts.append(f"| `{key}` | {CLASS_TITLES.get(kind, kind)} | {what.replace('|', chr(92) + '|')} |")
     return "\n".join(parts) + "\n"
 
