@@ -104,6 +104,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         preflight(cfg)
         return launch_with_torchrun(args)
     cfg = load_config(config_path, overrides)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for notice in cfg.notices:  # what LLaMA-Factory-only keys were taken as
+            print(notice)
     result = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
@@ -121,7 +124,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from longtune.export import export_model
 
-    dst = export_model(args.source, args.out, merge_lora=args.merge_lora, overwrite=args.overwrite)
+    dst = export_model(args.source, args.out, merge_lora=args.merge_lora, overwrite=args.overwrite, base=args.base)
     print(f"exported to {dst}")
     return 0
 
@@ -159,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("source", metavar="RUN_OR_CKPT_DIR")
     export.add_argument("out", metavar="OUT_DIR")
     export.add_argument("--merge-lora", action="store_true", help="merge a LoRA adapter into its base model")
+    export.add_argument("--base", default=None, metavar="MODEL_DIR",
+                        help="with --merge-lora: the base model (default: the adapter's base_model_name_or_path)")
     export.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
     export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show full tracebacks for errors")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import types
 import typing
@@ -70,6 +71,27 @@ class ModelConfig:
     )
     use_dora: bool = _key(False, "Weight-decomposed LoRA (DoRA).")
     use_rslora: bool = _key(False, "Rank-stabilised LoRA scaling alpha / sqrt(r).")
+    adapter_name_or_path: str | None = _key(
+        None,
+        "A saved LoRA adapter directory (peft) to continue training: loaded onto the base model and trained (needs "
+        "finetuning_type: lora; the adapter's own rank, alpha and targets apply).",
+    )
+    add_tokens: tuple[str, ...] = _key((), "Comma-separated plain tokens added to the tokenizer (embeddings resized).")
+    add_special_tokens: tuple[str, ...] = _key(
+        (), "Comma-separated special tokens added to the tokenizer (never split; embeddings resized)."
+    )
+    resize_vocab: bool = _key(
+        False,
+        "Resize the embeddings (and LM head) to the tokenizer's length, rounded up to a multiple of 64; new rows "
+        "start as the mean embedding and train (with LoRA, the embeddings become modules_to_save unless "
+        "additional_target is set). On whenever tokens are added.",
+    )
+    rope_scaling: Literal["linear", "dynamic", "yarn", "llama3"] | None = _key(
+        None,
+        "RoPE scaling written into the model config before loading (as LLaMA-Factory): factor = "
+        "ceil(cutoff_len / the model's max_position_embeddings), which grows to match; no scaling (a notice) "
+        "when cutoff_len fits.",
+    )
     trust_remote_code: bool = _key(False, "Allow model code shipped inside the model directory.")
     attn_implementation: Literal["auto", "eager", "sdpa"] = _key(
         "auto", "Attention kernel of the HF model when not sequence-parallel and not packed. `auto`: sdpa."
@@ -157,6 +179,12 @@ class DataConfig:
         None, "Where tokenized datasets are cached (default $LONGTUNE_CACHE or ~/.cache/longtune/data); keyed by data + tokenizer."
     )
     overwrite_cache: bool = _key(False, "Re-tokenize even if a cached copy exists.")
+    tokenized_path: str | None = _key(
+        None,
+        "A folder of tokenized data (as LLaMA-Factory): if it does not exist, the datasets are tokenized, saved there "
+        "(train.npz, eval.npz) and trained on; if it exists, training reads it and does not read `dataset`. A folder "
+        "made for another stage, tokenizer or cutoff_len is refused.",
+    )
     preprocessing_num_workers: int | None = _key(None, "Accepted for LLaMA-Factory compatibility; ignored.")
     dataloader_num_workers: int | None = _key(None, "Accepted for LLaMA-Factory compatibility; ignored.")
 
@@ -188,9 +216,23 @@ class TrainConfig:
     num_train_epochs: float = _key(3.0, "Epochs over the training examples (fractions allowed).")
     max_steps: int = _key(-1, "Stop after this many optimizer steps (overrides num_train_epochs when > 0).")
     lr_scheduler_type: Literal[
-        "linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr"
-    ] = _key("cosine", "Learning-rate schedule after warmup.")
+        "linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr", "cosine_with_restarts",
+        "polynomial"
+    ] = _key("cosine", "Learning-rate schedule after warmup (Hugging Face's formulas).")
     min_lr_rate: float = _key(0.1, "With `cosine_with_min_lr`: final lr as a fraction of the peak.")
+    lr_scheduler_kwargs: dict[str, float] | None = _key(
+        None,
+        "Arguments of the schedule, as in Hugging Face: `num_cycles` (cosine: 0.5; cosine_with_restarts: 1), "
+        "`power` (polynomial: 1.0), `lr_end` (polynomial: 1e-7), `min_lr_rate`/`min_lr` (cosine_with_min_lr).",
+    )
+    optim: Literal[
+        "adamw_torch", "adamw_torch_fused", "sgd", "adafactor", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"
+    ] = _key(
+        "adamw_torch",
+        "Optimizer: AdamW (torch; fused on GPU either way), SGD (lr, weight_decay), Adafactor (torch.optim), or "
+        "bitsandbytes' 8-bit / paged AdamW (needs bitsandbytes).",
+    )
+    tf32: bool | None = _key(None, "Allow TF32 matmuls and cuDNN convolutions on Ampere+ GPUs (null: torch's default).")
     warmup_ratio: float = _key(0.0, "Warmup steps as a fraction of the total steps.")
     warmup_steps: int = _key(0, "Warmup steps (overrides warmup_ratio when > 0).")
     seed: int = _key(42, "Seed for data order, initialisation of adapters, and dropout.")
@@ -208,6 +250,11 @@ class TrainConfig:
     )
     logging_steps: int = _key(10, "Write a metrics.jsonl row every N optimizer steps (and the first and last).")
     save_steps: int = _key(500, "Save a checkpoint every N optimizer steps (0: only at the end).")
+    save_strategy: Literal["steps", "epoch", "no"] = _key(
+        "steps",
+        "When checkpoints are saved: every save_steps (`steps`), at the end of every epoch (`epoch`), or never "
+        "(`no`; final/ is still written). The last step always saves unless `no`.",
+    )
     save_total_limit: int | None = _key(None, "Keep only the newest N checkpoints.")
     save_only_model: bool = _key(False, "Checkpoints hold only the model (no optimizer/scheduler/RNG; cannot resume).")
     eval_steps: int | None = _key(None, "Evaluate every N optimizer steps (default: logging_steps) when eval data exists.")
@@ -218,7 +265,13 @@ class TrainConfig:
         None, "`true`: resume from the newest complete checkpoint in output_dir; or a checkpoint path."
     )
     plot_loss: bool = _key(False, "Write loss.png (training and eval loss) at the end.")
-    report_to: Literal["none", "tensorboard"] = _key("none", "Also log to TensorBoard (`output_dir/runs`).")
+    report_to: tuple[Literal["none", "all", "tensorboard", "wandb"], ...] = _key(
+        ("none",),
+        "Also log to: `tensorboard` (`output_dir/runs`), `wandb` (needs wandb; offline with WANDB_MODE=offline), "
+        "a list of those, `all` (every one installed) or `none`.",
+    )
+    run_name: str | None = _key(None, "The run's name in wandb (default: the output_dir's name).")
+    project: str = _key("huggingface", "The wandb project (as transformers' `project`; env WANDB_PROJECT wins).")
     disable_tqdm: bool = _key(False, "Hide the progress bar.")
     ddp_timeout: int = _key(1800, "Seconds before a collective is declared hung.")
 
@@ -312,6 +365,8 @@ class Config:
     train: TrainConfig
     parallel: ParallelConfig
     preference: PreferenceConfig
+    # What LLaMA-Factory-only keys were taken as (lf_keys.translate_lf_keys); printed once by `longtune train`.
+    notices: tuple[str, ...] = ()
 
     def to_flat_dict(self) -> dict[str, Any]:
         flat: dict[str, Any] = {}
@@ -320,6 +375,17 @@ class Config:
                 value = getattr(getattr(self, group_name), f.name)
                 flat[f.name] = ",".join(map(str, value)) if isinstance(value, tuple) else value
         return flat
+
+    @property
+    def reporters(self) -> frozenset[str]:
+        """The loggers of `report_to` besides metrics.jsonl: `all` is every one that is installed."""
+        wanted = set(self.train.report_to) - {"none"}
+        if "all" in wanted:
+            import importlib.util
+
+            wanted = {name for name, module in (("tensorboard", "tensorboard"), ("wandb", "wandb"))
+                      if importlib.util.find_spec(module) is not None}
+        return frozenset(wanted)
 
     @property
     def packing(self) -> bool:
@@ -361,6 +427,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in get_args(tp))
     if origin is tuple:
         return "comma-separated list"
+    if origin is dict:
+        return "mapping"
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
@@ -383,15 +451,28 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
                 continue
         raise bad
     if origin is Literal:
-        if value in get_args(tp):
+        if value is False and "no" in get_args(tp):  # YAML 1.1 reads a bare `no` as false
+            return "no"
+        if value in get_args(tp) and not isinstance(value, bool):
             return value
         close = difflib.get_close_matches(str(value), [str(a) for a in get_args(tp)], n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(
             f"{source}: key '{key}' must be one of {', '.join(map(str, get_args(tp)))}; got {value!r}{hint}"
         )
+    if origin is dict:
+        if isinstance(value, str):  # transformers also takes a JSON string here
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise bad from None
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise bad
+        return {k: _coerce(f"{key}.{k}", v, get_args(tp)[1], source) for k, v in value.items()}
     if origin is tuple:
         item_type = get_args(tp)[0]
+        if value is None:  # LLaMA-Factory writes `interleave_probs: null` for "none given"
+            return ()
         if isinstance(value, str):
             items: list[Any] = [part.strip() for part in value.split(",") if part.strip()]
         elif isinstance(value, (list, tuple)):
@@ -445,7 +526,10 @@ def parse_override(text: str) -> tuple[str, Any]:
 def build_config(values: dict[str, Any], source: str = "config", sources: dict[str, str] | None = None) -> Config:
     """Validate a flat key->value mapping into a Config; every problem is a one-line ConfigError naming where the
     key came from (`sources`: key -> "command line" or a file, default `source`)."""
+    from longtune.lf_keys import translate_lf_keys
+
     sources = sources or {}
+    values, notices = translate_lf_keys(values, frozenset(KEY_TO_GROUP), lambda key: sources.get(key, source))
     grouped: dict[str, dict[str, Any]] = {g: {} for g in GROUPS}
     resolved_hints: dict[str, Any] = {}
     for cls in GROUPS.values():
@@ -463,7 +547,7 @@ def build_config(values: dict[str, Any], source: str = "config", sources: dict[s
         except ConfigError as exc:  # a group's own range check: say where its key came from
             key = str(exc).split("'")[1] if "'" in str(exc) else ""
             raise ConfigError(f"{sources.get(key, source)}: {exc}") from None
-    config = Config(**built)
+    config = Config(**built, notices=notices)
     validate(config, source, sources)
     return config
 
@@ -558,6 +642,26 @@ def validate(cfg: Config, source: str, sources: dict[str, str] | None = None) ->
                                              "by example over the whole dataset)")
     if d.packing and stage.docs_per_row > 1:
         fail("packing", f"stage {t.stage} already packs each pair into one row; remove packing")
+    if "none" in t.report_to and len(t.report_to) > 1:
+        fail("report_to", f"cannot combine none with {', '.join(r for r in t.report_to if r != 'none')}")
+    if t.lr_scheduler_kwargs:
+        allowed = {"cosine": {"num_cycles"}, "cosine_with_restarts": {"num_cycles"},
+                   "polynomial": {"power", "lr_end"}, "cosine_with_min_lr": {"num_cycles", "min_lr_rate", "min_lr"}}
+        extra = set(t.lr_scheduler_kwargs) - allowed.get(t.lr_scheduler_type, set())
+        if extra:
+            fail("lr_scheduler_kwargs", f"has {', '.join(sorted(extra))}, which lr_scheduler_type: "
+                 f"{t.lr_scheduler_type} does not take (it takes: {', '.join(sorted(allowed.get(t.lr_scheduler_type, ()))) or 'nothing'})")
+    if d.tokenized_path is not None and d.streaming:
+        fail("tokenized_path", "cannot be used with streaming: true (a stream is never stored whole)")
+    if m.adapter_name_or_path is not None:
+        if m.finetuning_type != "lora":
+            fail("adapter_name_or_path", f"needs finetuning_type: lora, got {m.finetuning_type}")
+        if "," in m.adapter_name_or_path:
+            fail("adapter_name_or_path", "takes one adapter directory (merge earlier ones with `longtune export "
+                                         "--merge-lora` first)")
+        if not (Path(m.adapter_name_or_path) / "adapter_config.json").is_file():
+            fail("adapter_name_or_path", f"'{m.adapter_name_or_path}' is not a peft adapter directory (no "
+                                         "adapter_config.json)")
     if p.sequence_parallel_size < 1:
         fail("sequence_parallel_size", f"must be >= 1, got {p.sequence_parallel_size}")
     if p.deepspeed and not Path(p.deepspeed).is_file():

@@ -63,6 +63,15 @@ def _load_base(name: str, dtype, reward: bool):
     return AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
 
 
+def _tokenizer_length(model_dir: Path) -> int | None:
+    """The length of the tokenizer saved beside an adapter (None when there is none)."""
+    if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "tokenizer_config.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(str(model_dir)))
+
+
 def check_export_target(src: Path, dst: Path, overwrite: bool) -> None:
     """Export replaces only what it wrote: never the working directory, an ancestor of the source, or a
     non-empty folder that does not hold an earlier export's marker."""
@@ -81,7 +90,11 @@ def check_export_target(src: Path, dst: Path, overwrite: bool) -> None:
             raise ConfigError(f"export: '{dst}' holds an earlier export (pass --overwrite to replace it)")
 
 
-def export_model(source: str | Path, out: str | Path, merge_lora: bool = False, overwrite: bool = False) -> Path:
+def export_model(source: str | Path, out: str | Path, merge_lora: bool = False, overwrite: bool = False,
+                 base: str | None = None) -> Path:
+    """Write `out` from a run, checkpoint or model/adapter directory; with `merge_lora` an adapter is merged into
+    `base` (default: the base named in its adapter_config.json, as LLaMA-Factory's model_name_or_path +
+    adapter_name_or_path export)."""
     from longtune.models.loader import DTYPES
 
     from longtune.checkpoint import TRAINING_FILES
@@ -90,17 +103,26 @@ def export_model(source: str | Path, out: str | Path, merge_lora: bool = False, 
     dst = Path(out)
     check_export_target(src, dst, overwrite)
     is_adapter = (src / "adapter_config.json").is_file()
+    if base is not None and not (is_adapter and merge_lora):
+        raise ConfigError("export: --base applies to merging an adapter (--merge-lora on an adapter directory)")
     with atomic_dir(dst, f".tmp-export-{dst.name}") as tmp:
         if is_adapter and merge_lora:
             from peft import PeftModel
 
             adapter_cfg = json.loads((src / "adapter_config.json").read_text())
-            base_name = adapter_cfg.get("base_model_name_or_path")
+            base_name = base or adapter_cfg.get("base_model_name_or_path")
             if not base_name:
-                raise ConfigError(f"export: {src / 'adapter_config.json'} names no base_model_name_or_path")
+                raise ConfigError(f"export: {src / 'adapter_config.json'} names no base_model_name_or_path; give "
+                                  "--base MODEL_DIR")
             dtype = DTYPES[_run_dtype(src)]
             reward = adapter_cfg.get("task_type") == "SEQ_CLS"
-            merged = PeftModel.from_pretrained(_load_base(base_name, dtype, reward), str(src)).merge_and_unload()
+            base_model = _load_base(base_name, dtype, reward)
+            grown_vocabulary = _tokenizer_length(src)
+            if grown_vocabulary is not None:  # a run that added tokens saved embeddings of the grown size
+                from longtune.models.loader import resize_model_vocabulary
+
+                resize_model_vocabulary(base_model, grown_vocabulary)
+            merged = PeftModel.from_pretrained(base_model, str(src)).merge_and_unload()
             merged.save_pretrained(str(tmp), safe_serialization=True)
             for f in src.iterdir():
                 if f.is_file() and ("token" in f.name or f.name in {"vocab.json", "merges.txt", "chat_template.jinja"}):

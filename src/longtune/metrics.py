@@ -4,7 +4,9 @@ stages' (sum, count) metric vectors become means."""
 from __future__ import annotations
 
 import json
+import os
 import resource
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,11 +29,30 @@ def metric_means(names: tuple[str, ...], sums: torch.Tensor) -> dict[str, float]
     return {name: float(pairs[i, 0] / pairs[i, 1]) for i, name in enumerate(names) if float(pairs[i, 1]) > 0}
 
 
+@dataclass(frozen=True)
+class WandbRun:
+    """What `report_to: wandb` starts: a run named after the config (WANDB_* environment variables, such as
+    WANDB_MODE=offline or WANDB_PROJECT, keep their usual meaning)."""
+
+    project: str
+    name: str
+    directory: Path
+    config: dict[str, Any]
+
+    def start(self) -> Any:
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("key 'report_to': wandb is not installed (pip install wandb, or longtune[wandb])") from None
+        return wandb.init(project=os.environ.get("WANDB_PROJECT", self.project), name=self.name,
+                          dir=str(self.directory), config=self.config)
+
+
 class MetricsLog:
     """metrics.jsonl plus optional TensorBoard; on resume, rows after the resumed step are dropped."""
 
     def __init__(self, path: Path, resume_step: int | None, tensorboard_dir: Path | None,
-                 log: Callable[[str], None] = print, logging_steps: int = 1):
+                 log: Callable[[str], None] = print, logging_steps: int = 1, wandb: WandbRun | None = None):
         self.path = path
         self.logging_steps = logging_steps
         self.rows: list[dict[str, Any]] = []
@@ -50,6 +71,7 @@ class MetricsLog:
                     "key 'report_to': tensorboard is not installed (pip install tensorboard)"
                 ) from None
             self.writer = SummaryWriter(str(tensorboard_dir))
+        self.wandb = wandb.start() if wandb is not None else None
 
     @staticmethod
     def _read_rows(path: Path, log: Callable[[str], None]) -> list[dict[str, Any]]:
@@ -80,7 +102,12 @@ class MetricsLog:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.writer.add_scalar(key if "/" in key else f"train/{key}", value, row["step"])
+        if self.wandb is not None:
+            self.wandb.log({key if "/" in key else f"train/{key}": value for key, value in row.items()
+                            if key != "step" and isinstance(value, (int, float))}, step=row["step"])
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -78,7 +78,8 @@ def build_live_reference(cfg: Config, policy: ParallelModel, recipe: ModelRecipe
         # The initial weights, loaded again: the policy may already be sharded (and is about to change).
         log("reference: a frozen copy of the initial model")
         model_cfg = cfg.model
-    frozen = ModelRecipe(recipe.dtype, recipe.sharding)  # no finetuning, tiling or checkpointing: never trained
+    # No finetuning, tiling or checkpointing (never trained); the same RoPE scaling as the policy.
+    frozen = ModelRecipe(recipe.dtype, recipe.sharding, rope=recipe.rope)
     reference = build_model(model_cfg, "causal", frozen, dims, sequence, lambda _: None, frozen=True)
     return LiveReference(reference.root, disable_adapters=False)
 

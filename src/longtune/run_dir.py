@@ -110,7 +110,8 @@ def run_settings(cfg: Config, dims: ParallelDims, sharded: bool) -> dict[str, An
     return {"stage": cfg.train.stage, "finetuning_type": cfg.model.finetuning_type, "lora_rank": cfg.model.lora_rank,
             "dtype": cfg.compute_dtype, "max_steps": cfg.train.max_steps,
             "num_train_epochs": cfg.train.num_train_epochs, "learning_rate": cfg.train.learning_rate,
-            "world_size": dims.world_size, "sequence_parallel_size": dims.sp, "fsdp": sharded}
+            "world_size": dims.world_size, "sequence_parallel_size": dims.sp, "fsdp": sharded,
+            "optim": cfg.train.optim}
 
 
 def check_resume_settings(ckpt: Path, now: dict[str, Any], log: Callable[[str], None]) -> TrainerState:
@@ -118,7 +119,8 @@ def check_resume_settings(ckpt: Path, now: dict[str, Any], log: Callable[[str], 
     state = read_state(ckpt)
     assert state is not None
     before = state.run
-    must_match = ["stage", "finetuning_type"] + (["lora_rank"] if now["finetuning_type"] == "lora" else [])
+    # optim: another optimizer's state does not load into this one.
+    must_match = ["stage", "finetuning_type", "optim"] + (["lora_rank"] if now["finetuning_type"] == "lora" else [])
     for key in must_match:
         if key in before and before[key] != now[key]:
             raise ConfigError(f"key '{key}': {now[key]!r}, but {ckpt.name} was written with {key}: {before[key]!r}; "
@@ -168,7 +170,7 @@ def prepare_output_dir(cfg: Config, resume: Path | None) -> None:
     written = {"metrics.jsonl", "train_config.yaml", "final"}
     if cfg.train.plot_loss:
         written.add("loss.png")
-    if cfg.train.report_to == "tensorboard":
+    if "tensorboard" in cfg.reporters:
         written.add("runs")
     record = out / RUN_RECORD
     atomic_write_text(record, json.dumps({"written": sorted(ours | written)}))
@@ -192,7 +194,14 @@ class Checkpointer:
         self.settings = settings
         self.on_save = on_save
 
-    def should_save(self, step: int, total_steps: int) -> bool:
+    def should_save(self, step: int, total_steps: int, ends_epoch: bool = False) -> bool:
+        """save_strategy (Hugging Face's meaning): `steps` every save_steps, `epoch` when an epoch ends, `no` never;
+        the last step saves unless `no`."""
+        strategy = self.train_cfg.save_strategy
+        if strategy == "no":
+            return False
+        if strategy == "epoch":
+            return ends_epoch or step == total_steps
         save_steps = self.train_cfg.save_steps
         return bool(save_steps and step % save_steps == 0) or step == total_steps
 

@@ -8,12 +8,14 @@ means): that is what makes `batch 4 x GA 1 == batch 1 x GA 4` exact.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
@@ -27,8 +29,15 @@ from longtune.errors import ConfigError
 from longtune.evaluation import Evaluator
 from longtune.faults import RankStatus, is_peer_failure
 from longtune.forward import RunParts, blank_like, forward_loss
-from longtune.metrics import MetricsLog, metric_means, peak_memory_gib
-from longtune.models.loader import DTYPES, check_vocabulary, load_model_config, load_tokenizer, unwrap_base
+from longtune.metrics import MetricsLog, WandbRun, metric_means, peak_memory_gib
+from longtune.models.loader import (
+    DTYPES,
+    check_vocabulary,
+    load_model_config,
+    load_tokenizer,
+    unwrap_base,
+    vocabulary_grows,
+)
 from longtune.models.neftune import NEFTune
 from longtune.optim import build_optimizer, lr_lambda
 from longtune.parallel.fsdp import ShardingPlan, all_reduce_gradients, gradient_scale, plan_from_config
@@ -71,7 +80,8 @@ def train(cfg: Config, log: Callable[[str], None] = print, callbacks: TrainCallb
     dims = init_parallel(cfg.parallel.sequence_parallel_size, t.ddp_timeout)
     status = RankStatus(t.output_dir, dims.rank, dims.world_size, t.ddp_timeout)
     try:
-        result = _train(cfg, dims, log if dims.is_main else (lambda _: None), status, callbacks)
+        with tf32_allowed(t.tf32):
+            result = _train(cfg, dims, log if dims.is_main else (lambda _: None), status, callbacks)
         status.finished()
         return result
     except BaseException as exc:
@@ -83,6 +93,21 @@ def train(cfg: Config, log: Callable[[str], None] = print, callbacks: TrainCallb
         raise
     finally:
         shutdown_parallel(dims)
+
+
+@contextlib.contextmanager
+def tf32_allowed(tf32: bool | None) -> Iterator[None]:
+    """`tf32`: TF32 matmuls and cuDNN convolutions for the run (null keeps torch's setting); restored afterwards,
+    since these switches are process-wide."""
+    if tf32 is None:
+        yield
+        return
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 @dataclass
@@ -192,8 +217,11 @@ def open_metrics(cfg: Config, dims: ParallelDims, resume: Path | None, start_ste
         return None
     out, t = Path(cfg.train.output_dir or ""), cfg.train
     save_config(cfg, out / "train_config.yaml")
+    wandb = (WandbRun(t.project, t.run_name or out.name, out, cfg.to_flat_dict())
+             if "wandb" in cfg.reporters else None)
     return MetricsLog(out / "metrics.jsonl", start_step if resume is not None else None,
-                      out / "runs" if t.report_to == "tensorboard" else None, log, logging_steps=t.logging_steps)
+                      out / "runs" if "tensorboard" in cfg.reporters else None, log, logging_steps=t.logging_steps,
+                      wandb=wandb)
 
 
 def log_banner(cfg: Config, data: TrainingData, policy: ParallelModel, dtype: torch.dtype, sharding: ShardingPlan,
@@ -290,7 +318,7 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None], status: 
     # Tokenizer, data, model, reference, optimizer.
     status.phase("loading the tokenizer, data and model")
     tokenizer = load_tokenizer(cfg.model)
-    check_vocabulary(tokenizer, run.model_config)
+    check_vocabulary(tokenizer, run.model_config, resizes=vocabulary_grows(cfg.model))
     data = setup_data(cfg, stage, tokenizer, dims, log)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     recipe = ModelRecipe.for_training(cfg, dtype, sharding)
@@ -329,7 +357,7 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None], status: 
                 if metrics is not None:
                     metrics.write({"step": step, "epoch": round(step_data.epoch, 4), **result_eval})
                     progress.write(f"step {step}: eval_loss {result_eval['eval_loss']:.4f}")
-            if checkpointer.should_save(step, total_steps):
+            if checkpointer.should_save(step, total_steps, step_data.ends_epoch):
                 status.phase(f"saving checkpoint-{step}")
                 checkpointer.save(step, step_data.epoch, tokens_seen)
             if callbacks.on_step_end is not None:

@@ -7,7 +7,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from longtune.data.example import DataStats, EncodeSettings, Example, MixSettings, stage_rows, stages_of
 from longtune.data.mixing import check_mix_settings
-from longtune.data.pipeline import check_encoding_inputs, load_all, optional_chat_template, split_names
+from longtune.data.pipeline import (
+    TokenizedFile,
+    check_encoding_inputs,
+    load_all,
+    optional_chat_template,
+    split_names,
+)
 from longtune.data.templates import TemplateOptions, check_template_options, template_options_of
 from longtune.errors import ConfigError
 
@@ -91,4 +97,5 @@ def examples_from_config(
     share. `train` loads `dataset` mixed by mix_strategy; `eval` loads `eval_dataset` concatenated."""
     names, settings, mix = config_lm_inputs(cfg, tokenizer, split)
     d = cfg.data
-    return load_all(names, settings, mix, tokenizer, cache_dir=d.data_cache_dir, overwrite_cache=d.overwrite_cache)
+    return load_all(names, settings, mix, tokenizer, cache_dir=d.data_cache_dir, overwrite_cache=d.overwrite_cache,
+                    tokenized=TokenizedFile.of(d.tokenized_path, split))

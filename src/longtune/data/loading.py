@@ -1,6 +1,6 @@
 """Resolve dataset names (builtin:NAME, a data file path, or a dataset_info.json entry) and read their rows.
 
-Rows come from .jsonl (line by line), .csv (row by row), .parquet (record batch by batch) or .json (a list, read
+Rows come from .jsonl (line by line), .csv (row by row), .txt (line by line), .parquet (record batch by batch) or .json (a list, read
 whole) files, so every error can name the file and the line or row at fault. `load_dataset` returns a dataset's
 parsed rows as a list; `iter_dataset` yields the same rows one at a time (streaming: files are never read whole,
 except .json lists).
@@ -39,7 +39,7 @@ BUILTIN_DATASETS = {
     "kto_demo": "kto_demo.json",
 }
 DATASET_INFO = "dataset_info.json"
-_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
 _SUFFIX_NAMES = "/".join(_SUFFIXES)
 PARQUET_BATCH_ROWS = 1024  # rows decoded per parquet record batch: the most a parquet reader holds at once
 _INFO_KEYS = {
@@ -146,7 +146,8 @@ def _resolve_registered(name: str, dataset_dir: Path) -> DatasetSpec:
 
 def iter_file_rows(path: Path, on_bad_row: Callable[[DataError], None] | None = None) -> Iterator[tuple[int, Any]]:
     """(row number, row) of a .jsonl (one object per non-blank line, numbered by its line, so an error names
-    the line an editor shows), .csv (header + rows, values as strings), .parquet or .json (a list) file, in file
+    the line an editor shows), .csv (header + rows, values as strings), .txt (a `text` row per non-blank line),
+    .parquet or .json (a list) file, in file
     order. Only a .json list is read whole: JSON has no row boundaries to stop at.
 
     A .jsonl line that is not valid JSON raises, or with `on_bad_row` is reported to it and left out.
@@ -161,6 +162,8 @@ def iter_file_rows(path: Path, on_bad_row: Callable[[DataError], None] | None = 
             yield from enumerate(_csv_rows(path), start=1)
         elif suffix == ".parquet":
             yield from enumerate(_parquet_rows(path), start=1)
+        elif suffix == ".txt":
+            yield from _text_rows(path)
         else:
             data = _read_json(path)
             if not isinstance(data, list):
@@ -197,6 +200,15 @@ def _jsonl_rows(path: Path, on_bad_row: Callable[[DataError], None] | None) -> I
                 on_bad_row(error)
                 continue
             yield line_number, row
+
+
+def _text_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """A .txt file as LLaMA-Factory reads it (the `text` loader): one `{"text": line}` row per line, numbered by
+    its line; blank lines hold no document and are left out."""
+    with path.open(encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if line.strip():
+                yield line_number, {"text": line.rstrip("\r\n")}
 
 
 def _csv_rows(path: Path) -> Iterator[Any]:

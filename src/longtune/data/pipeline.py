@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 from datetime import datetime
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
@@ -65,6 +66,7 @@ from longtune.data.templates import (
     turn_pieces,
 )
 from longtune.errors import ConfigError, DataError
+from longtune.io import atomic_write_text
 
 ENCODE_BATCH = 1024  # rows tokenized per call of the fast tokenizer
 
@@ -109,12 +111,20 @@ def load_all(
     *,
     cache_dir: str | None,
     overwrite_cache: bool,
+    tokenized: TokenizedFile | None = None,
 ) -> tuple[list[Example], DataStats]:
     """The examples of `names` in memory (each dataset parsed whole first), mixed, and their counts; cached under
-    `cache_dir` keyed by every input that shapes them, so a second identical load tokenizes nothing."""
+    `cache_dir` keyed by every input that shapes them, so a second identical load tokenizes nothing.
+
+    `tokenized` (LLaMA-Factory's tokenized_path): when its file exists the examples come from it and `names` are
+    not read at all; otherwise they are tokenized and also saved there."""
+    if tokenized is not None and tokenized.path.is_file():
+        return tokenized.load(settings, tokenizer)
     path = cache_file(cache_dir, _cache_key(names, settings, mix, tokenizer))
     cached = None if overwrite_cache else _from_cache(path, settings.rows)
     if cached is not None:
+        if tokenized is not None:
+            tokenized.save(cached[0], cached[1], settings, tokenizer)
         return cached
     stats = DataStats.empty()
     with gc_paused():
@@ -124,7 +134,53 @@ def load_all(
                          names=names)
     examples = list(_counted(mixed, stats))
     _to_cache(path, examples, stats, settings.rows)
+    if tokenized is not None:
+        tokenized.save(examples, stats, settings, tokenizer)
     return examples, stats
+
+
+@dataclass(frozen=True)
+class TokenizedFile:
+    """One split of a `tokenized_path` folder: `SPLIT.npz` (the cache's layout) and `SPLIT.json` saying which rows
+    (stage) and tokenizer made it, so a folder written for another stage or tokenizer is refused, not misread."""
+
+    folder: Path
+    split: str
+
+    @classmethod
+    def of(cls, tokenized_path: str | None, split: str) -> TokenizedFile | None:
+        return cls(Path(tokenized_path), split) if tokenized_path is not None else None
+
+    @property
+    def path(self) -> Path:
+        return self.folder / f"{self.split}.npz"
+
+    @staticmethod
+    def _made_by(settings: EncodeSettings, tokenizer) -> dict:
+        return {"rows": settings.rows, "pretraining": settings.pretraining, "cutoff_len": settings.cutoff_len,
+                "tokenizer": tokenizer_fingerprint(tokenizer)}
+
+    def save(self, examples: list[Example], stats: DataStats, settings: EncodeSettings, tokenizer) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _to_cache(self.path, examples, stats, settings.rows)
+        atomic_write_text(self.folder / f"{self.split}.json", json.dumps(self._made_by(settings, tokenizer)))
+
+    def load(self, settings: EncodeSettings, tokenizer) -> tuple[list[Example], DataStats]:
+        where = f"key 'tokenized_path': {self.path}"
+        try:
+            made_by = json.loads((self.folder / f"{self.split}.json").read_text())
+        except (OSError, ValueError):
+            raise DataError(f"{where} has no readable {self.split}.json beside it; it was not written by longtune "
+                            "(delete the folder to tokenize again)") from None
+        wanted = self._made_by(settings, tokenizer)
+        differing = [k for k in wanted if made_by.get(k) != wanted[k]]
+        if differing:
+            raise DataError(f"{where} was tokenized with another {', '.join(differing)} than this run's; delete the "
+                            "folder or point tokenized_path elsewhere")
+        loaded = _from_cache(self.path, settings.rows)
+        if loaded is None:
+            raise DataError(f"{where} is unreadable (cut by a crash?); delete the folder to tokenize again")
+        return loaded
 
 
 def stream_all(

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Literal
 
 from longtune.data.example import TASK_OF_ROWS, DataStats, EncodeSettings, Example, MixSettings, stages_of
 from longtune.data.mixing import check_mix_settings
-from longtune.data.pipeline import check_encoding_inputs, load_all, split_names
+from longtune.data.pipeline import TokenizedFile, check_encoding_inputs, load_all, split_names
 from longtune.data.templates import check_template_options, resolve_chat_template, template_options_of
 from longtune.errors import ConfigError
 
@@ -72,7 +72,8 @@ def pair_inputs(
 def _load(cfg: Config, tokenizer, split: str, rows: Literal["pairs", "kto"]) -> tuple[list[Example], DataStats]:
     names, settings, mix = pair_inputs(cfg, tokenizer, split, rows)
     d = cfg.data
-    return load_all(names, settings, mix, tokenizer, cache_dir=d.data_cache_dir, overwrite_cache=d.overwrite_cache)
+    return load_all(names, settings, mix, tokenizer, cache_dir=d.data_cache_dir, overwrite_cache=d.overwrite_cache,
+                    tokenized=TokenizedFile.of(d.tokenized_path, split))
 
 
 __all__ = ["load_pair_examples", "load_kto_examples", "pair_inputs"]

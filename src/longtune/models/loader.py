@@ -5,8 +5,11 @@ The model stays a plain HF model (or a peft wrapper of one); nothing here patche
 
 from __future__ import annotations
 
+import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -60,7 +63,48 @@ def load_tokenizer(model_cfg: ModelConfig):
     if tokenizer.pad_token_id is None:
         # Padding positions never reach the loss (labels are IGNORE there); any id works as filler.
         tokenizer.pad_token = tokenizer.eos_token
+    return add_configured_tokens(tokenizer, model_cfg)
+
+
+def add_configured_tokens(tokenizer, model_cfg: ModelConfig):
+    """`add_tokens` (plain) and `add_special_tokens` (never split, as LLaMA-Factory adds them) join the
+    vocabulary; `resize_model_vocabulary` then gives them embedding rows."""
+    if model_cfg.add_tokens:
+        tokenizer.add_tokens(list(model_cfg.add_tokens), special_tokens=False)
+    if model_cfg.add_special_tokens:
+        tokenizer.add_tokens(list(model_cfg.add_special_tokens), special_tokens=True)
     return tokenizer
+
+
+def vocabulary_grows(model_cfg: ModelConfig) -> bool:
+    """Whether the embeddings are resized to the tokenizer (resize_vocab, or tokens added, as LLaMA-Factory)."""
+    return bool(model_cfg.resize_vocab or model_cfg.add_tokens or model_cfg.add_special_tokens)
+
+
+def resize_model_vocabulary(model: nn.Module, vocabulary_size: int) -> int:
+    """Grow the input (and output) embeddings to `vocabulary_size` rounded up to a multiple of 64 (as
+    LLaMA-Factory), when the tokenizer is longer than them; returns the number of new rows. New rows start as the
+    mean of the existing ones: deterministic, so every copy of the model (ranks, a frozen reference) agrees."""
+    old = model.get_input_embeddings().weight.shape[0]
+    if vocabulary_size <= old:
+        return 0
+    model.resize_token_embeddings(vocabulary_size, pad_to_multiple_of=64, mean_resizing=False)
+    with torch.no_grad():
+        for embedding in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                          if m is not None}.values():
+            weight = embedding.weight
+            weight[old:] = weight[:old].mean(dim=0, keepdim=True)
+            bias = getattr(embedding, "bias", None)
+            if bias is not None:
+                bias[old:] = 0
+    return model.get_input_embeddings().weight.shape[0] - old
+
+
+def embedding_module_names(model: nn.Module) -> list[str]:
+    """The attribute names of the input and output embeddings (e.g. embed_tokens, lm_head): what trains besides
+    LoRA when the vocabulary grows."""
+    wanted = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if id(m) in wanted and name})
 
 
 def attention_implementation(model_cfg: ModelConfig, dtype: torch.dtype) -> str:
@@ -71,7 +115,8 @@ def attention_implementation(model_cfg: ModelConfig, dtype: torch.dtype) -> str:
     return "sdpa"
 
 
-def load_reward_model(model_cfg: ModelConfig, dtype: torch.dtype) -> nn.Module:
+def load_reward_model(model_cfg: ModelConfig, dtype: torch.dtype, rope: RopeScaling | None = None,
+                      log: Callable[[str], None] = print) -> nn.Module:
     """A ForSequenceClassification model with one output (the reward), from a causal LM or a reward model dir.
 
     The score head of a fresh model is initialised from a fixed seed, so runs are reproducible."""
@@ -80,6 +125,7 @@ def load_reward_model(model_cfg: ModelConfig, dtype: torch.dtype) -> nn.Module:
     if is_builtin_model(name):
         from transformers import AutoModelForSequenceClassification
 
+        _check_builtin_rope(name, rope, log)
         causal = build_builtin_model(name, dtype=dtype)
         config = causal.config
         config.num_labels = 1
@@ -95,27 +141,102 @@ def load_reward_model(model_cfg: ModelConfig, dtype: torch.dtype) -> nn.Module:
     path = _check_model_dir(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
+        scaled = _scaled_config(model_cfg, rope, log)
+        if scaled:
+            scaled["config"].num_labels = 1
         model = _from_pretrained(AutoModelForSequenceClassification, path, "a reward model", model_cfg, dtype,
-                                 num_labels=1)
+                                 **(scaled or {"num_labels": 1}))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model
 
 
-def load_model(model_cfg: ModelConfig, dtype: torch.dtype, task: str = "causal") -> nn.Module:
-    """The model to train: a causal LM, or with task='reward' a scalar-head reward model."""
+@dataclass(frozen=True)
+class RopeScaling:
+    """`rope_scaling` with the length it must reach (cutoff_len: LLaMA-Factory's model_max_length in training)."""
+
+    kind: str  # linear | dynamic | yarn | llama3
+    max_length: int
+
+    @classmethod
+    def from_config(cls, rope_scaling: str | None, cutoff_len: int) -> RopeScaling | None:
+        return cls(rope_scaling, cutoff_len) if rope_scaling is not None else None
+
+
+def apply_rope_scaling(hf_config: Any, rope: RopeScaling, log: Callable[[str], None] = print) -> None:
+    """Write `rope` into a Hugging Face config before the model is built, as LLaMA-Factory's configure_rope does:
+    factor = ceil(max_length / the original context), rope_type = kind (dynamic/yarn/llama3 also record the
+    original context; llama3 uses frequency factors 1 and 4), max_position_embeddings grows by the factor. A
+    length that fits the original context needs no scaling (a notice). transformers 5 keeps these in
+    `rope_parameters` (rope_theta stays)."""
+    params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    original = params.get("original_max_position_embeddings") or getattr(hf_config, "max_position_embeddings", None)
+    if not original:
+        raise ConfigError("key 'rope_scaling': the model's config has no max_position_embeddings to scale from")
+    if rope.max_length <= original:
+        log(f"notice: rope_scaling: cutoff_len {rope.max_length} fits the model's {original} positions; no scaling")
+        return
+    factor = float(math.ceil(rope.max_length / original))
+    params.update(rope_type=rope.kind, factor=factor)
+    if rope.kind in ("dynamic", "yarn", "llama3"):
+        params["original_max_position_embeddings"] = original
+    if rope.kind == "llama3":
+        params.update(low_freq_factor=1.0, high_freq_factor=4.0)
+    hf_config.rope_parameters = params
+    hf_config.max_position_embeddings = int(original * factor)
+    log(f"rope_scaling: {rope.kind}, factor {factor:g} ({original} -> {hf_config.max_position_embeddings} positions)")
+
+
+def load_model(model_cfg: ModelConfig, dtype: torch.dtype, task: str = "causal", rope: RopeScaling | None = None,
+               log: Callable[[str], None] = print) -> nn.Module:
+    """The model to train: a causal LM, or with task='reward' a scalar-head reward model; `rope`: RoPE scaling
+    written into its config before the weights load; embeddings grown to the tokenizer when the vocabulary
+    grows (add_tokens, add_special_tokens, resize_vocab)."""
+    model = _load_weights(model_cfg, dtype, task, rope, log)
+    if vocabulary_grows(model_cfg):
+        added = resize_model_vocabulary(model, len(load_tokenizer(model_cfg)))
+        if added:
+            log(f"vocabulary: embeddings resized to {model.get_input_embeddings().weight.shape[0]} rows "
+                f"({added} new, starting as the mean embedding)")
+    return model
+
+
+def _load_weights(model_cfg: ModelConfig, dtype: torch.dtype, task: str, rope: RopeScaling | None,
+                  log: Callable[[str], None]) -> nn.Module:
     if task == "reward":
-        return load_reward_model(model_cfg, dtype)
+        return load_reward_model(model_cfg, dtype, rope, log)
     name = model_cfg.model_name_or_path
     assert name is not None
     if is_builtin_model(name):
+        _check_builtin_rope(name, rope, log)
         model = build_builtin_model(name, dtype=dtype)
         model.set_attn_implementation(attention_implementation(model_cfg, dtype))
         return model
     from transformers import AutoModelForCausalLM
 
     path = _check_model_dir(name)
-    return _from_pretrained(AutoModelForCausalLM, path, "a causal LM", model_cfg, dtype)
+    return _from_pretrained(AutoModelForCausalLM, path, "a causal LM", model_cfg, dtype,
+                            **_scaled_config(model_cfg, rope, log))
+
+
+def _check_builtin_rope(name: str, rope: RopeScaling | None, log: Callable[[str], None]) -> None:
+    """The builtin models are built in code, not from a config file: they take no scaling (their context is long)."""
+    if rope is None:
+        return
+    positions = build_builtin_model(name).config.max_position_embeddings
+    if rope.max_length > positions:
+        raise ConfigError(f"key 'rope_scaling': {name} has {positions} positions and takes no RoPE scaling; use a "
+                          "model directory")
+    log(f"notice: rope_scaling: cutoff_len {rope.max_length} fits the model's {positions} positions; no scaling")
+
+
+def _scaled_config(model_cfg: ModelConfig, rope: RopeScaling | None, log: Callable[[str], None]) -> dict[str, Any]:
+    """`config=` for from_pretrained when RoPE scaling changes it; nothing otherwise."""
+    if rope is None:
+        return {}
+    hf_config = load_model_config(model_cfg)
+    apply_rope_scaling(hf_config, rope, log)
+    return {"config": hf_config}
 
 
 def _from_pretrained(auto_class, path: Path, what: str, model_cfg: ModelConfig, dtype: torch.dtype, **extra):
@@ -132,10 +253,11 @@ def _from_pretrained(auto_class, path: Path, what: str, model_cfg: ModelConfig, 
                           "truncated or corrupt, copy them again") from None
 
 
-def check_vocabulary(tokenizer, model_config) -> None:
-    """Every token id the tokenizer can produce must have a row in the model's embedding."""
+def check_vocabulary(tokenizer, model_config, resizes: bool = False) -> None:
+    """Every token id the tokenizer can produce must have a row in the model's embedding (unless the embeddings
+    are resized to the tokenizer: `resizes`)."""
     vocab = getattr(model_config, "vocab_size", None)
-    if vocab is not None and len(tokenizer) > vocab:
+    if vocab is not None and len(tokenizer) > vocab and not resizes:
         raise ConfigError(f"key 'model_name_or_path': the tokenizer has {len(tokenizer)} tokens but the model's "
                           f"vocab_size is {vocab} (ids >= {vocab} have no embedding); use the tokenizer that belongs "
                           "to this model")
@@ -199,7 +321,12 @@ def apply_freeze(model: nn.Module, model_cfg: ModelConfig) -> None:
 
 
 def apply_lora(model: nn.Module, model_cfg: ModelConfig) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
+    """Fresh LoRA adapters from the lora_* keys, or with `adapter_name_or_path` the saved adapter, trainable (its
+    own rank, alpha and targets apply)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if model_cfg.adapter_name_or_path is not None:
+        return PeftModel.from_pretrained(model, model_cfg.adapter_name_or_path, is_trainable=True)
 
     available = linear_module_names(model)
     targets = _split(model_cfg.lora_target)
@@ -212,6 +339,8 @@ def apply_lora(model: nn.Module, model_cfg: ModelConfig) -> nn.Module:
         )
     reward = hasattr(model, "score")
     extra = _split(model_cfg.additional_target) + (["score"] if reward else [])
+    if vocabulary_grows(model_cfg) and model_cfg.additional_target is None:
+        extra += embedding_module_names(model)  # the new rows must train (LLaMA-Factory does the same)
     lora_config = LoraConfig(
         task_type="SEQ_CLS" if reward else "CAUSAL_LM",
         r=model_cfg.lora_rank,
@@ -233,6 +362,10 @@ def apply_finetuning(model: nn.Module, model_cfg: ModelConfig) -> nn.Module:
         return model
     if model_cfg.finetuning_type == "freeze":
         apply_freeze(model, model_cfg)
+        if vocabulary_grows(model_cfg):  # the new rows must train
+            for embedding in (model.get_input_embeddings(), model.get_output_embeddings()):
+                if embedding is not None:
+                    embedding.requires_grad_(True)
         return model
     return apply_lora(model, model_cfg)
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from longtune.config import Config, ModelConfig
-from longtune.models.loader import apply_finetuning, decoder_layer_list, load_model
+from longtune.models.loader import RopeScaling, apply_finetuning, decoder_layer_list, load_model
 from longtune.parallel.activation import apply_tiled_mlp, enable_checkpointing
 from longtune.parallel.fsdp import RootForward, ShardingPlan, apply_fsdp
 from longtune.parallel.mesh import ParallelDims
@@ -31,11 +31,13 @@ class ModelRecipe:
     tiled_mlp_tokens: int | None = None
     gradient_checkpointing: bool = False
     offload_activations: bool = False
+    rope: RopeScaling | None = None  # RoPE scaling written into the model config before loading (every copy)
 
     @classmethod
     def for_training(cls, cfg: Config, dtype: torch.dtype, sharding: ShardingPlan) -> ModelRecipe:
         t = cfg.train
-        return cls(dtype, sharding, cfg.model, t.tiled_mlp_tokens, t.gradient_checkpointing, t.offload_activations)
+        return cls(dtype, sharding, cfg.model, t.tiled_mlp_tokens, t.gradient_checkpointing, t.offload_activations,
+                   RopeScaling.from_config(cfg.model.rope_scaling, cfg.data.cutoff_len))
 
 
 @dataclass
@@ -78,7 +80,7 @@ def build_model(model_cfg: ModelConfig, task: str, recipe: ModelRecipe, dims: Pa
                 sequence: SequenceParallel, log: Callable[[str], None] = print,
                 frozen: bool = False) -> ParallelModel:
     """Load `model_cfg`'s weights with the head of `task` and parallelize them; `frozen`: a reference model."""
-    model = load_model(model_cfg, recipe.dtype, task=task)
+    model = load_model(model_cfg, recipe.dtype, task=task, rope=recipe.rope, log=log)
     if frozen:
         for p in model.parameters():
             p.requires_grad_(False)
