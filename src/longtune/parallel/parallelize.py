@@ -31,11 +31,13 @@ class ModelRecipe:
     tiled_mlp_tokens: int | None = None
     gradient_checkpointing: bool = False
     offload_activations: bool = False
+    gradient_checkpointing_policy: str = "full"  # activation.CheckpointPolicyName
 
     @classmethod
     def for_training(cls, cfg: Config, dtype: torch.dtype, sharding: ShardingPlan) -> ModelRecipe:
         t = cfg.train
-        return cls(dtype, sharding, cfg.model, t.tiled_mlp_tokens, t.gradient_checkpointing, t.offload_activations)
+        return cls(dtype, sharding, cfg.model, t.tiled_mlp_tokens, t.gradient_checkpointing, t.offload_activations,
+                   t.gradient_checkpointing_policy)
 
 
 @dataclass
@@ -62,7 +64,8 @@ def parallelize(model: nn.Module, recipe: ModelRecipe, dims: ParallelDims, seque
         log(f"tiled MLP: {tiled} layers, {recipe.tiled_mlp_tokens} tokens per tile")
     forward_context: Callable[[], Any] = contextlib.nullcontext
     if recipe.gradient_checkpointing:
-        forward_context = enable_checkpointing(model, recipe.offload_activations)
+        forward_context = enable_checkpointing(model, recipe.offload_activations,
+                                               recipe.gradient_checkpointing_policy)
     sequence.apply(model, log)
     root = RootForward(model)
     if recipe.sharding.enabled:
