@@ -151,7 +151,9 @@ class TrainConfig:
         "Training objective: `sft` (assistant tokens), `pt` (all tokens), `dpo` (DPO family, see pref_loss), "
         "`kto`, or `rm` (pairwise reward model).",
     )
-    do_train: bool = _key(True, "Accepted for LLaMA-Factory compatibility; training always runs.")
+    do_train: bool = _key(
+        True, "`false` with `do_predict: true`: only generate predictions for eval_dataset (as LLaMA-Factory)."
+    )
     output_dir: str | None = _key(None, "Run directory (metrics, checkpoints, final model). Required.")
     overwrite_output_dir: bool = _key(False, "Allow writing into a non-empty output_dir that is not being resumed.")
     per_device_train_batch_size: int = _key(1, "Examples per micro-batch on each data-parallel rank.")
@@ -460,6 +462,16 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
     raise bad
 
 
+def coerce_key(key: str, value: Any, source: str) -> Any:
+    """One flat key's value converted to its field's type, as `build_config` does (unknown key: ConfigError with
+    the closest key), for commands that take a few keys without a whole config (`longtune chat`)."""
+    if key not in KEY_TO_GROUP:
+        close = difflib.get_close_matches(key, list(KEY_TO_GROUP), n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else " (see docs/config.md for all keys)"
+        raise ConfigError(f"{source}: unknown key '{key}'{hint}")
+    return _coerce(key, value, typing.get_type_hints(GROUPS[KEY_TO_GROUP[key]])[key], source)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """`key=value` from the command line; the value is parsed as a YAML scalar (so 1e-4, true, null work)."""
     if "=" not in text:
@@ -508,8 +520,12 @@ def validate(cfg: Config, source: str, sources: dict[str, str] | None = None) ->
 
     if not m.model_name_or_path:
         fail("model_name_or_path", "is required (a local model directory or builtin:tiny)")
-    if not d.dataset:
+    if not d.dataset and t.do_train:
         fail("dataset", "is required (e.g. `dataset: builtin:sft_demo`)")
+    if not t.do_train and not cfg.generation.do_predict:
+        fail("do_train", "is false, so do_predict must be true (there is nothing else to run)")
+    if cfg.generation.do_predict and not d.eval_dataset:
+        fail("do_predict", "needs eval_dataset (the rows whose replies are generated)")
     if not t.output_dir:
         fail("output_dir", "is required (the run directory)")
     if m.bf16 and m.fp16:
