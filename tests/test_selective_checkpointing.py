@@ -130,3 +130,24 @@ def test_selective_under_sequence_parallelism_matches_single_process(alpaca_file
     assert len(got) == len(want) == 3
     assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-10
     assert max_rel_diff(final_params(out), final_params(reference)) <= 1e-8
+
+
+@pytest.mark.slow
+def test_bench_measures_both_policies_in_one_run(tmp_path, capsys):
+    """`longtune bench --checkpointing full,selective`: both rows on the same model and length, the same losses,
+    selective holding more live tensor memory (it keeps the matmul outputs), and their ratios reported."""
+    import json
+
+    from longtune.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", "tiny", "--lengths", "256", "--steps", "2", "--tensor-memory",
+                 "--checkpointing", "full,selective", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {r["checkpoint_policy"]: r for r in report["rows"]}
+    assert set(rows) == {"full", "selective"} and all(r["status"] == "ok" for r in rows.values())
+    assert rows["selective"]["losses"] == pytest.approx(rows["full"]["losses"], rel=1e-6)
+    assert rows["selective"]["peak_tensor_mib"] > rows["full"]["peak_tensor_mib"]
+    (ratio,) = report["checkpointing_comparisons"]
+    assert ratio["tokens_per_s_ratio"] == round(rows["selective"]["tokens_per_s"] / rows["full"]["tokens_per_s"], 3)
+    assert "selective/full checkpointing peak memory" in capsys.readouterr().out
