@@ -98,9 +98,13 @@ class ChatSession:
         kwargs = generate_kwargs(self.settings.generation, self.tokenizer, self.model)
         device = next(self.model.parameters()).device
         input_ids = torch.tensor([ids], device=device)
+        # HF streams only one hypothesis at a time: beam search prints its reply once it is chosen
+        streamer = _StreamTo(self.tokenizer, out) if self.settings.generation.num_beams == 1 else None
         generated = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                        streamer=_StreamTo(self.tokenizer, out), **kwargs)
+                                        streamer=streamer, **kwargs)
         text = self.tokenizer.decode(generated[0, len(ids):], skip_special_tokens=True)
+        if streamer is None:
+            out.write(text)
         self.history = [*messages, {"role": "assistant", "content": text}]
         return text
 

@@ -97,23 +97,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     from longtune.trainer import train
 
     config_path, overrides = split_config_args("train", args.config_and_overrides)
+    cfg = load_config(config_path, overrides)  # before N processes start: fail fast and once
+    if cfg.generation.adapter_name_or_path is not None:
+        raise ConfigError("train: key 'adapter_name_or_path' is for predict and chat; training starts from "
+                          "model_name_or_path (merge an adapter first: longtune export --merge-lora)")
+    if not cfg.train.do_train:  # LLaMA-Factory's predict-only config (do_train: false, do_predict: true)
+        from longtune.predict import run_predict
+
+        if int(os.environ.get("RANK", "0")) == 0:  # generation runs in one process, whatever --nproc says
+            run_predict(cfg)
+        return 0
     if args.nproc is not None and "RANK" not in os.environ:
         from longtune.parallel.mesh import check_degrees
         from longtune.run_dir import preflight
 
-        cfg = load_config(config_path, overrides)  # fail fast and once, before N processes start
         check_degrees(args.nproc, cfg.parallel.sequence_parallel_size)
         preflight(cfg)
         return launch_with_torchrun(args)
-    cfg = load_config(config_path, overrides)
-    if cfg.generation.adapter_name_or_path is not None:
-        raise ConfigError("train: key 'adapter_name_or_path' is for predict and chat; training starts from "
-                          "model_name_or_path (merge an adapter first: longtune export --merge-lora)")
-    if not cfg.train.do_train:  # LLaMA-Factory's predict-only config: do_train: false, do_predict: true
-        from longtune.predict import run_predict
-
-        run_predict(cfg)
-        return 0
     result = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0

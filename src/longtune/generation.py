@@ -142,7 +142,7 @@ def resolve_model_source(source: str, adapter: str | None = None) -> ModelSource
 def load_generation_model(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
     """(model in eval mode, tokenizer) of a source; an adapter is applied with peft (not merged). The tokenizer
     is the adapter's when it ships one (a training run saves it into final/), else the base model's."""
-    from longtune.models.loader import load_model, load_tokenizer
+    from longtune.models.loader import load_model
 
     model_cfg = ModelConfig(model_name_or_path=source.model, trust_remote_code=trust_remote_code)
     model = load_model(model_cfg, dtype)

@@ -66,7 +66,7 @@ def run_predict(cfg: Config, model_path: str | None = None, log: Callable[[str],
     from longtune.generation import generate_batch, load_generation_model, resolve_model_source
     from longtune.io import atomic_write_text
     from longtune.models.loader import DTYPES
-    from longtune.predict_metrics import average_similarity
+    from longtune.predict_metrics import average_similarity, segment_words
 
     source = resolve_model_source(model_path or cfg.model.model_name_or_path or "",
                                   None if model_path else cfg.generation.adapter_name_or_path)
@@ -74,6 +74,8 @@ def run_predict(cfg: Config, model_path: str | None = None, log: Callable[[str],
     if torch.cuda.is_available():
         model.to("cuda")
     rows = predict_rows(cfg, tokenizer, resolve_chat_template(cfg.data.template, tokenizer))
+    for row in rows:  # a label the metrics cannot segment fails now, not after all the generation
+        segment_words(row.label)
     gen = cfg.generation
     batch_size = cfg.train.per_device_eval_batch_size
     torch.manual_seed(cfg.train.seed)
