@@ -19,6 +19,7 @@ from longtune.cli import main
 from longtune.config import load_config
 from longtune.data.templates import NAMED_TEMPLATES
 from longtune.errors import ConfigError
+from longtune.generation import prompt_ids
 from longtune.predict_metrics import (
     average_similarity,
     rouge_f_scores,
@@ -166,13 +167,18 @@ def test_chat_base_model_plus_lora_adapter(alpaca_file, tmp_path):
     from longtune.chat import run_chat
     from longtune.models.builtin import build_builtin_model, load_builtin_tokenizer
 
+    from longtune.export import export_model
+
     run = _train(alpaca_file, tmp_path / "lora", finetuning_type="lora", lora_rank=4, learning_rate=5e-2)
+    merged = export_model(run, tmp_path / "exported", merge_lora=True)
     turns = ["alpha beta", "gamma"]
     outputs = {}
-    # the base model + adapter_name_or_path, and the run directory itself (its final/ is the adapter)
+    # the base model + adapter_name_or_path, the run directory (its final/ is the adapter), final/ itself, and
+    # the merged export (no run config beside it: the tokenizer's own template, ChatML, and dtype given)
     for name, source, extra in (("base+adapter", "builtin:tiny", [f"adapter_name_or_path={run / 'final'}",
                                                                    "template=chatml", "dtype=float64"]),
-                                ("run", str(run), [])):
+                                ("run", str(run), []), ("final", str(run / "final"), []),
+                                ("merged", str(merged), ["dtype=float64"])):
         out = io.StringIO()
         assert run_chat(source, ["do_sample=false", "max_new_tokens=8", *extra],
                         stdin=io.StringIO("\n".join(turns) + "\n"), stdout=out) == 0
@@ -180,10 +186,25 @@ def test_chat_base_model_plus_lora_adapter(alpaca_file, tmp_path):
     base = build_builtin_model("builtin:tiny", dtype=torch.float64)
     model = PeftModel.from_pretrained(base, str(run / "final")).eval()
     want = _expected_conversation(model, load_builtin_tokenizer(), NAMED_TEMPLATES["chatml"], turns, 8)
-    assert outputs["base+adapter"] == outputs["run"] == want
+    assert outputs["base+adapter"] == outputs["run"] == outputs["final"] == outputs["merged"] == want
     untouched = _expected_conversation(build_builtin_model("builtin:tiny", dtype=torch.float64).eval(),
                                        load_builtin_tokenizer(), NAMED_TEMPLATES["chatml"], turns, 8)
     assert want != untouched  # the adapter changed the replies, so it was applied
+
+
+def test_chat_one_message_with_system_prompt(full_run, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from longtune.models.builtin import load_builtin_tokenizer
+
+    assert main(["chat", str(full_run), "--system", "Answer briefly.", "--message", "alpha beta",
+                 "do_sample=false", "max_new_tokens=10"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(full_run / "final", dtype=torch.float64).eval()
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "alpha beta"}]
+    want = _greedy_reply(model, load_builtin_tokenizer(), NAMED_TEMPLATES["default"], messages, 10)
+    assert _replies(capsys.readouterr().out) == [want]
+    ids = prompt_ids(load_builtin_tokenizer(), NAMED_TEMPLATES["default"], messages[1:], "Answer briefly.")
+    assert load_builtin_tokenizer().decode(ids) == "Answer briefly.\n\nHuman: alpha beta\nAssistant:"
 
 
 def test_chat_refuses_unknown_and_training_keys(full_run, capsys):
