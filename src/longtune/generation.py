@@ -140,8 +140,9 @@ def resolve_model_source(source: str, adapter: str | None = None) -> ModelSource
 
 
 def load_generation_model(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
-    """(model in eval mode, tokenizer) of a source; an adapter is applied with peft (not merged). The tokenizer
-    is the adapter's when it ships one (a training run saves it into final/), else the base model's."""
+    """(model in eval mode, on the GPU when there is one, tokenizer) of a source; an adapter is applied with peft
+    (not merged). The tokenizer is the adapter's when it ships one (a training run saves it into final/), else
+    the base model's."""
     from longtune.models.loader import load_model
 
     model_cfg = ModelConfig(model_name_or_path=source.model, trust_remote_code=trust_remote_code)
@@ -158,6 +159,8 @@ def load_generation_model(source: ModelSource, dtype: torch.dtype, trust_remote_
         if (adapter_dir / "tokenizer_config.json").is_file():
             tokenizer_from = ModelConfig(model_name_or_path=str(adapter_dir), trust_remote_code=trust_remote_code)
     tokenizer = _tokenizer_of(tokenizer_from, model_cfg)
+    if torch.cuda.is_available():
+        model.to("cuda")
     return model.eval(), tokenizer
 
 

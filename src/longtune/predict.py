@@ -71,8 +71,6 @@ def run_predict(cfg: Config, model_path: str | None = None, log: Callable[[str],
     source = resolve_model_source(model_path or cfg.model.model_name_or_path or "",
                                   None if model_path else cfg.generation.adapter_name_or_path)
     model, tokenizer = load_generation_model(source, DTYPES[cfg.compute_dtype], cfg.model.trust_remote_code)
-    if torch.cuda.is_available():
-        model.to("cuda")
     rows = predict_rows(cfg, tokenizer, resolve_chat_template(cfg.data.template, tokenizer))
     for row in rows:  # a label the metrics cannot segment fails now, not after all the generation
         segment_words(row.label)
