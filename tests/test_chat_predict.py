@@ -247,6 +247,23 @@ def test_do_predict_after_training_and_batched_equals_unbatched(alpaca_file, tmp
     assert {k: results[f"predict_{k}"] for k in want} == want
 
 
+def test_llamafactory_predict_only_config(alpaca_file, tmp_path, capsys):
+    """`longtune train` with do_train: false + do_predict: true (LLaMA-Factory's predict YAML) writes what
+    `longtune predict` writes; no training happens and no dataset is needed."""
+    common = ["model_name_or_path=builtin:tiny", "template=chatml", "do_sample=false", "max_new_tokens=4",
+              f"eval_dataset={alpaca_file}", "max_samples=3", "per_device_eval_batch_size=2"]
+    assert main(["train", *common, "do_train=false", "do_predict=true", "predict_with_generate=true",
+                 f"output_dir={tmp_path / 'lf'}"]) == 0
+    assert main(["predict", *common, f"output_dir={tmp_path / 'ours'}"]) == 0
+    assert _read_predictions(tmp_path / "lf") == _read_predictions(tmp_path / "ours")
+    assert not (tmp_path / "lf" / "final").exists()
+    root = Path(__file__).resolve().parent.parent
+    cfg = load_config(root / "examples" / "predict_demo.yaml")  # the shipped example validates
+    assert not cfg.train.do_train and cfg.generation.do_predict and not cfg.generation.do_sample
+
+
 def test_predict_needs_eval_dataset(alpaca_file, tmp_path, capsys):
     assert main(["predict", "model_name_or_path=builtin:tiny", f"output_dir={tmp_path}"]) == 2
     assert "needs eval_dataset" in capsys.readouterr().err
+    assert main(["train", "model_name_or_path=builtin:tiny", f"output_dir={tmp_path}", "do_train=false"]) == 2
+    assert "do_predict must be true" in capsys.readouterr().err
