@@ -16,8 +16,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
+# Trains the builtin tiny model, then asks it one question (`longtune chat`, greedy); for a conversation run
+# `longtune chat runs/demo_sft`, for eval-set predictions `longtune predict examples/predict_demo.yaml`.
 demo: setup
 	$(VENV)/bin/longtune train examples/demo_sft.yaml overwrite_output_dir=true
+	@echo "User: Which day comes after Saturday?"
+	$(VENV)/bin/longtune chat runs/demo_sft do_sample=false max_new_tokens=16 --message "Which day comes after Saturday?"
 
 test: setup
 	$(PY) -m pytest -q

@@ -128,6 +128,7 @@ class BenchCase:
     loss_chunk_size: int = DEFAULT_LOSS_CHUNK
     tensor_memory: bool = False  # also track the peak of live tensor bytes (slower; for `estimate` validation)
     peak_tflops: float | None = None  # the device's peak for MFU; None: looked up by device name
+    checkpoint_policy: str = "full"  # gradient_checkpointing_policy of the decoder layers (full | selective)
 
 
 class LiveTensorBytes:
@@ -271,7 +272,13 @@ def run_case(case: BenchCase) -> dict[str, Any]:
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen2ForCausalLM(config)  # fp32: the master weights; bf16 compute on GPU comes from autocast
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    from longtune.parallel.activation import checkpoint_context_fn
+
+    checkpoint_kwargs: dict[str, Any] = {"use_reentrant": False}
+    context_fn = checkpoint_context_fn(case.checkpoint_policy)  # type: ignore[arg-type]
+    if context_fn is not None:
+        checkpoint_kwargs["context_fn"] = context_fn
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
     model.train()
     row, doc_lengths = _random_rows(case, config.vocab_size)
     if case.impl == "ours":
@@ -427,9 +434,11 @@ def machine_description() -> dict[str, Any]:
 
 
 def compare(rows: list[dict], key: str) -> list[dict[str, Any]]:
-    """ours / baseline ratios for every (model, stage, `key`) measured both ways."""
+    """ours / baseline ratios for every (model, stage, `key`) measured both ways (ours with full checkpointing,
+    as the baseline)."""
     out = []
-    ours = {(r["model"], r["stage"], r[key]): r for r in rows if r["impl"] == "ours" and r.get("status") == "ok"}
+    ours = {(r["model"], r["stage"], r[key]): r for r in rows
+            if r["impl"] == "ours" and r.get("status") == "ok" and r.get("checkpoint_policy", "full") == "full"}
     for r in rows:
         k = (r["model"], r["stage"], r[key])
         if r["impl"] != "baseline" or k not in ours:
@@ -445,17 +454,35 @@ def compare(rows: list[dict], key: str) -> list[dict[str, Any]]:
     return out
 
 
+def compare_policies(rows: list[dict]) -> list[dict[str, Any]]:
+    """selective / full checkpointing ratios of our path (peak memory, tokens/s) for every (model, stage, length)
+    measured both ways in this run."""
+    ok = {(r["model"], r["stage"], r["length"], r.get("checkpoint_policy", "full")): r for r in rows
+          if r["impl"] == "ours" and r.get("status") == "ok"}
+    out = []
+    for (model, stage, length, policy), sel in ok.items():
+        full = ok.get((model, stage, length, "full"))
+        if policy != "selective" or full is None:
+            continue
+        out.append({"model": model, "stage": stage, "length": length,
+                    "peak_mem_ratio": round(sel["peak_mem_mib"] / full["peak_mem_mib"], 3) if full["peak_mem_mib"] > 0
+                    else None,
+                    "tokens_per_s_ratio": round(sel["tokens_per_s"] / full["tokens_per_s"], 3)})
+    return out
+
+
 def _fmt(value, spec: str, empty: str = "-") -> str:
     return empty if value is None else format(value, spec)
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| model | stage | impl | length | status | peak MiB | host RSS MiB | tokens/s | MFU |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| model | stage | impl | length | status | peak MiB | host RSS MiB | tokens/s | MFU | checkpointing |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['stage']} | {r['impl']} | {r['length']} | {r['status']} | "
                      f"{_fmt(r.get('peak_mem_mib'), '.0f')} | {_fmt(r.get('host_peak_rss_mib'), '.0f')} | "
-                     f"{_fmt(r.get('tokens_per_s'), '.1f')} | {_fmt(r.get('mfu'), '.1%')} |")
+                     f"{_fmt(r.get('tokens_per_s'), '.1f')} | {_fmt(r.get('mfu'), '.1%')} | "
+                     f"{r.get('checkpoint_policy', 'full')} |")
     return "\n".join(lines)
 
 
@@ -473,6 +500,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     models = _csv(args.model, tuple(MODEL_SHAPES), "--model")
     stages = _csv(args.stage, STAGES, "--stage")
     impls = ["ours", "baseline"] if args.baseline else ["ours"]
+    policies = _csv(args.checkpointing, ("full", "selective"), "--checkpointing")
+    if args.search and policies != ["full"]:
+        raise ConfigError("bench: --checkpointing compares policies at fixed --lengths; drop it with --search")
     if args.steps < 1:
         raise ConfigError(f"bench: --steps must be >= 1, got {args.steps}")
     gpu = torch.cuda.is_available()
@@ -533,12 +563,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for model in models:
             for stage in stages:
                 for length in lengths:
-                    for impl in impls:
+                    # the baseline is plain HF with whole-layer checkpointing; policies vary our path only
+                    for impl, policy in [(i, p) for i in impls for p in (policies if i == "ours" else ["full"])]:
                         case = BenchCase(model, stage, impl, length, args.steps, args.loss_chunk_size,
-                                         args.tensor_memory, args.peak_tflops)
+                                         args.tensor_memory, args.peak_tflops, policy)
                         rows.append(run_in_subprocess(case, args.trial_timeout))
                         r = rows[-1]
-                        print(f"  {model} {stage} {impl} T={length}: {r['status']}", flush=True)
+                        print(f"  {model} {stage} {impl} {policy} T={length}: {r['status']}", flush=True)
         print(format_table(rows))
         comparisons = compare(rows, "length")
         for c in comparisons:
@@ -547,7 +578,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       f"tokens/s {c['tokens_per_s_ratio']:.3f}")
             else:
                 print(f"{c['model']} {c['stage']} T={c['length']}: baseline {c['baseline_status']}")
-        report.update(rows=rows, comparisons=comparisons)
+        policy_comparisons = compare_policies(rows)
+        for c in policy_comparisons:
+            print(f"{c['model']} {c['stage']} T={c['length']}: selective/full checkpointing peak memory "
+                  f"{_fmt(c['peak_mem_ratio'], '.3f')}, tokens/s {c['tokens_per_s_ratio']:.3f}")
+        report.update(rows=rows, comparisons=comparisons, checkpointing_comparisons=policy_comparisons)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
         print(f"wrote {args.json}")
@@ -575,6 +610,9 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per configuration (default 3)")
     parser.add_argument("--baseline", action="store_true", help="also run the plain HF baseline")
     parser.add_argument("--loss-chunk-size", type=int, default=DEFAULT_LOSS_CHUNK, help="our loss_chunk_size")
+    parser.add_argument("--checkpointing", default="full", metavar="POLICIES",
+                        help="comma-separated gradient_checkpointing_policy values of our path (full, selective); "
+                             "`full,selective` measures both in one run and prints their ratios")
     parser.add_argument("--tensor-memory", action="store_true",
                         help="also report the peak of live tensor bytes (slower; what `estimate` predicts)")
     parser.add_argument("--peak-tflops", type=float, default=None,

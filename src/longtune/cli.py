@@ -25,6 +25,8 @@ commands:
   data     preview the training data: rendered samples with trained tokens marked, length statistics
   estimate predicted peak memory per GPU, broken down; suggests sequence_parallel_size
   bench    max length / tokens per second / peak memory / MFU, ours vs a plain HF baseline
+  chat     talk to a trained model in the terminal (a run dir, final/, an exported model or builtin:tiny)
+  predict  generate replies for eval_dataset: generated_predictions.jsonl + BLEU-4/ROUGE in predict_results.json
 
 Config keys: {CONFIG_DOC}.
 """
@@ -95,21 +97,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     from longtune.trainer import train
 
     config_path, overrides = split_config_args("train", args.config_and_overrides)
+    cfg = load_config(config_path, overrides)  # before N processes start: fail fast and once
+    if not cfg.train.do_train:  # LLaMA-Factory's predict-only config (do_train: false, do_predict: true)
+        from longtune.predict import run_predict
+
+        if int(os.environ.get("RANK", "0")) == 0:  # generation runs in one process, whatever --nproc says
+            run_predict(cfg)
+        return 0
     if args.nproc is not None and "RANK" not in os.environ:
         from longtune.parallel.mesh import check_degrees
         from longtune.run_dir import preflight
 
-        cfg = load_config(config_path, overrides)  # fail fast and once, before N processes start
         check_degrees(args.nproc, cfg.parallel.sequence_parallel_size)
         preflight(cfg)
         return launch_with_torchrun(args)
-    cfg = load_config(config_path, overrides)
     if int(os.environ.get("RANK", "0")) == 0:
         for notice in cfg.notices:  # what LLaMA-Factory-only keys were taken as
             print(notice)
     result = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
+    if cfg.generation.do_predict:
+        from longtune.predict import run_predict
+
+        run_predict(cfg, model_path=str(result.final_dir))
     rows = [r for r in result.metrics if "loss" in r]
     if rows:
         print(
@@ -127,6 +138,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     dst = export_model(args.source, args.out, merge_lora=args.merge_lora, overwrite=args.overwrite, base=args.base)
     print(f"exported to {dst}")
     return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from longtune.config import load_config
+    from longtune.predict import run_predict
+
+    config_path, overrides = split_config_args("predict", args.config_and_overrides)
+    # `predict` is a predict-only run whatever the YAML says about training
+    run_predict(load_config(config_path, [*overrides, "do_train=false", "do_predict=true"]))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from longtune.chat import run_chat
+
+    for item in args.overrides:
+        if "=" not in item:
+            raise ConfigError(f"chat: '{item}' is not key=value (only the first argument is the model)")
+    return run_chat(args.model, args.overrides, system=args.system, message=args.message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,6 +198,39 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show full tracebacks for errors")
     export.set_defaults(func=cmd_export)
+    chat = sub.add_parser(
+        "chat",
+        help="chat with a trained model in the terminal",
+        description=(
+            "Talk to MODEL_OR_RUN (a run directory, its final/, a checkpoint, an exported model, a LoRA adapter, "
+            "or builtin:tiny) in the template the run trained with; replies stream as they are generated. "
+            "Each line of input is a message (stdin may be piped); /reset clears the history, /exit or end of "
+            "input quits. key=value: generation keys (do_sample=false, temperature, top_p, top_k, "
+            "max_new_tokens, repetition_penalty, num_beams), template, dtype, adapter_name_or_path=DIR."
+        ),
+    )
+    chat.add_argument("model", metavar="MODEL_OR_RUN")
+    chat.add_argument("overrides", nargs="*", metavar="key=value")
+    chat.add_argument("--system", default=None, help="system prompt of the conversation")
+    chat.add_argument("--message", default=None, metavar="TEXT", help="answer this one message and exit")
+    chat.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks for errors")
+    chat.set_defaults(func=cmd_chat)
+
+    predict = sub.add_parser(
+        "predict",
+        help="generate replies for eval_dataset and score them (BLEU-4, ROUGE)",
+        description=(
+            "Generate a reply to every row of eval_dataset with model_name_or_path (+ adapter_name_or_path), in "
+            "batches of per_device_eval_batch_size; write output_dir/generated_predictions.jsonl and "
+            "predict_results.json as LLaMA-Factory's do_predict does.\n\n"
+            f"All keys: {CONFIG_DOC}."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    predict.add_argument("config_and_overrides", nargs="*", metavar="CONFIG.yaml | key=value")
+    predict.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="show full tracebacks for errors")
+    predict.set_defaults(func=cmd_predict)
     add_data_parser(sub)
     add_estimate_parser(sub)
     add_bench_parser(sub)
@@ -180,10 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     # collecting positionals at the first option, so the rest arrive as unknown arguments.
     args, extra = parser.parse_known_args(argv)
     stray = [a for a in extra if "=" not in a or a.startswith("-")]
-    if stray or (extra and not hasattr(args, "config_and_overrides")):
+    takes = next((name for name in ("config_and_overrides", "overrides") if hasattr(args, name)), None)
+    if stray or (extra and takes is None):
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
-        args.config_and_overrides = [*args.config_and_overrides, *extra]
+        setattr(args, takes, [*getattr(args, takes), *extra])
     if args.command is None:
         parser.print_help()
         return 0

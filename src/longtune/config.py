@@ -201,7 +201,9 @@ class TrainConfig:
         "Training objective: `sft` (assistant tokens), `pt` (all tokens), `dpo` (DPO family, see pref_loss), "
         "`kto`, or `rm` (pairwise reward model).",
     )
-    do_train: bool = _key(True, "Accepted for LLaMA-Factory compatibility; training always runs.")
+    do_train: bool = _key(
+        True, "`false` with `do_predict: true`: only generate predictions for eval_dataset (as LLaMA-Factory)."
+    )
     output_dir: str | None = _key(None, "Run directory (metrics, checkpoints, final model). Required.")
     overwrite_output_dir: bool = _key(False, "Allow writing into a non-empty output_dir that is not being resumed.")
     per_device_train_batch_size: int = _key(1, "Examples per micro-batch on each data-parallel rank.")
@@ -237,6 +239,12 @@ class TrainConfig:
     warmup_steps: int = _key(0, "Warmup steps (overrides warmup_ratio when > 0).")
     seed: int = _key(42, "Seed for data order, initialisation of adapters, and dropout.")
     gradient_checkpointing: bool = _key(True, "Recompute decoder-layer activations in backward to save memory.")
+    gradient_checkpointing_policy: Literal["full", "selective"] = _key(
+        "full",
+        "With gradient_checkpointing: `full` recomputes each decoder layer whole in backward; `selective` keeps the "
+        "matmul and attention outputs of the forward and recomputes only the cheap elementwise ops (more memory, "
+        "less recompute).",
+    )
     offload_activations: bool = _key(
         False, "With gradient_checkpointing on a GPU: keep the checkpointed layer inputs in pinned host memory."
     )
@@ -359,6 +367,46 @@ class PreferenceConfig:
 
 
 @dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding of `longtune predict`, `do_predict` and `longtune chat`, with LLaMA-Factory's key names and defaults
+    (its GeneratingArguments: sampling is on unless `do_sample: false`)."""
+
+    do_predict: bool = _key(
+        False, "After training, generate for `eval_dataset` with the final model (as `longtune predict`)."
+    )
+    predict_with_generate: bool = _key(
+        True, "Accepted for LLaMA-Factory compatibility; predictions are always generated."
+    )
+    do_sample: bool = _key(True, "Sample the next token; `false`: greedy decoding (or beam search with num_beams > 1).")
+    temperature: float = _key(0.95, "Sampling temperature.")
+    top_p: float = _key(0.7, "Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p.")
+    top_k: int = _key(50, "Keep the top_k most probable tokens when sampling (0: no limit).")
+    num_beams: int = _key(1, "Beam search width (1: no beam search).")
+    max_new_tokens: int = _key(1024, "Tokens generated at most per reply.")
+    repetition_penalty: float = _key(1.0, "Penalty on tokens already present (1.0: none).")
+    skip_special_tokens: bool = _key(True, "Remove special tokens when decoding predictions.")
+
+    def __post_init__(self) -> None:
+        _require_finite(self)
+
+        def fail(key: str, expected: str) -> None:
+            raise ConfigError(f"key '{key}' must be {expected}, got {getattr(self, key)}")
+
+        if self.temperature <= 0:
+            fail("temperature", "> 0 (for greedy decoding set do_sample: false)")
+        if not 0.0 < self.top_p <= 1.0:
+            fail("top_p", "in (0, 1]")
+        if self.top_k < 0:
+            fail("top_k", ">= 0")
+        if self.num_beams < 1:
+            fail("num_beams", ">= 1")
+        if self.max_new_tokens < 1:
+            fail("max_new_tokens", ">= 1")
+        if self.repetition_penalty <= 0:
+            fail("repetition_penalty", "> 0")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig
     data: DataConfig
@@ -367,6 +415,7 @@ class Config:
     preference: PreferenceConfig
     # What LLaMA-Factory-only keys were taken as (lf_keys.translate_lf_keys); printed once by `longtune train`.
     notices: tuple[str, ...] = ()
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
     def to_flat_dict(self) -> dict[str, Any]:
         flat: dict[str, Any] = {}
@@ -414,6 +463,7 @@ GROUPS: dict[str, type] = {
     "train": TrainConfig,
     "parallel": ParallelConfig,
     "preference": PreferenceConfig,
+    "generation": GenerationConfig,
 }
 KEY_TO_GROUP: dict[str, str] = {f.name: g for g, cls in GROUPS.items() for f in dataclasses.fields(cls)}
 
@@ -510,6 +560,16 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
     raise bad
 
 
+def coerce_key(key: str, value: Any, source: str) -> Any:
+    """One flat key's value converted to its field's type, as `build_config` does (unknown key: ConfigError with
+    the closest key), for commands that take a few keys without a whole config (`longtune chat`)."""
+    if key not in KEY_TO_GROUP:
+        close = difflib.get_close_matches(key, list(KEY_TO_GROUP), n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else " (see docs/config.md for all keys)"
+        raise ConfigError(f"{source}: unknown key '{key}'{hint}")
+    return _coerce(key, value, typing.get_type_hints(GROUPS[KEY_TO_GROUP[key]])[key], source)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """`key=value` from the command line; the value is parsed as a YAML scalar (so 1e-4, true, null work)."""
     if "=" not in text:
@@ -561,8 +621,12 @@ def validate(cfg: Config, source: str, sources: dict[str, str] | None = None) ->
 
     if not m.model_name_or_path:
         fail("model_name_or_path", "is required (a local model directory or builtin:tiny)")
-    if not d.dataset:
+    if not d.dataset and t.do_train:
         fail("dataset", "is required (e.g. `dataset: builtin:sft_demo`)")
+    if not t.do_train and not cfg.generation.do_predict:
+        fail("do_train", "is false, so do_predict must be true (there is nothing else to run)")
+    if cfg.generation.do_predict and not d.eval_dataset:
+        fail("do_predict", "needs eval_dataset (the rows whose replies are generated)")
     if not t.output_dir:
         fail("output_dir", "is required (the run directory)")
     if m.bf16 and m.fp16:
@@ -607,6 +671,15 @@ def validate(cfg: Config, source: str, sources: dict[str, str] | None = None) ->
         fail("warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}")
     if t.max_steps <= 0 and t.num_train_epochs <= 0:
         fail("num_train_epochs", "must be > 0 when max_steps is not set")
+    if t.gradient_checkpointing_policy != "full":
+        if not t.gradient_checkpointing:
+            fail("gradient_checkpointing_policy", "needs gradient_checkpointing: true")
+        if t.offload_activations:
+            fail("gradient_checkpointing_policy", "selective cannot be combined with offload_activations (the kept "
+                                                  "matmul outputs stay on the GPU); use full or turn the offload off")
+        if t.tiled_mlp_tokens is not None:
+            fail("gradient_checkpointing_policy", "selective cannot be combined with tiled_mlp_tokens (it would keep "
+                                                  "every tile's matmul outputs); use full or turn the tiling off")
     if t.offload_activations and not t.gradient_checkpointing:
         fail("offload_activations", "needs gradient_checkpointing: true (it offloads the checkpointed inputs)")
     if t.tiled_mlp_tokens is not None and t.tiled_mlp_tokens <= 0:

@@ -1,5 +1,6 @@
-"""Activation memory for long sequences: decoder-layer checkpointing (optionally with its saved layer inputs
-offloaded to host memory), and a tiled MLP whose T x intermediate_size activation never exists whole.
+"""Activation memory for long sequences: decoder-layer checkpointing (whole-layer recompute, or selective: the
+matmul and attention outputs kept), optionally with its saved layer inputs offloaded to host memory, and a tiled
+MLP whose T x intermediate_size activation never exists whole.
 
 Both are applied *to* an untouched HF model at setup, in this order: peft adapters, `apply_tiled_mlp`,
 `enable_checkpointing`, then FSDP. State-dict keys do not change, so checkpoints and exports are unaffected.
@@ -8,12 +9,13 @@ Both are applied *to* an untouched HF model at setup, in this order: peft adapte
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 from longtune.errors import ConfigError
 from longtune.models.loader import decoder_layer_list, unwrap_base
@@ -106,7 +108,38 @@ def _accelerator_type() -> str | None:
     return torch.accelerator.current_accelerator().type
 
 
-def enable_checkpointing(model: nn.Module, offload: bool = False) -> ForwardContext:
+CheckpointPolicyName = Literal["full", "selective"]
+
+_aten = torch.ops.aten
+# What `selective` keeps from the forward: the outputs of the matmuls (the linear layers, and the bmm of the
+# pure-PyTorch attention kernels) and of the fused attention kernels, i.e. the FLOP-heavy ops. Norms, rotary
+# embeddings, activations, residual adds and casts are recomputed in backward: cheap, and memory-bound anyway.
+# `linear` and `matmul` are composite ops that reach the dispatcher as mm / addmm / bmm, so they are covered.
+SELECTIVE_SAVED_OPS = tuple(
+    getattr(_aten, name).default
+    for name in (
+        "mm", "addmm", "bmm", "baddbmm",
+        "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+        "_flash_attention_forward", "_efficient_attention_forward",
+    )
+    if hasattr(_aten, name)
+)
+
+
+def checkpoint_context_fn(policy: CheckpointPolicyName) -> Callable | None:
+    """The `context_fn` of torch's non-reentrant checkpoint for a policy: None for `full` (recompute the whole
+    layer), else the selective-checkpoint contexts that keep `SELECTIVE_SAVED_OPS` outputs (MUST_SAVE) and
+    recompute every other op (PREFER_RECOMPUTE)."""
+    if policy == "full":
+        return None
+    if policy == "selective":
+        return functools.partial(create_selective_checkpoint_contexts, list(SELECTIVE_SAVED_OPS))
+    raise ConfigError(f"key 'gradient_checkpointing_policy': expected full or selective, got {policy!r}")
+
+
+def enable_checkpointing(model: nn.Module, offload: bool = False,
+                         policy: CheckpointPolicyName = "full") -> ForwardContext:
     """Turn on non-reentrant checkpointing of every decoder layer; with `offload`, the layer inputs it keeps for
     the recompute wait in pinned host memory instead of on the accelerator (a device-to-host copy in forward, a
     host-to-device copy in backward; frees layers x tokens x hidden of device memory).
@@ -119,10 +152,26 @@ def enable_checkpointing(model: nn.Module, offload: bool = False) -> ForwardCont
 
     On a CPU-only host the activations already live in host memory, so `offload` is a no-op (transformers'
     offload would even fail there: pinned memory needs an accelerator).
+
+    `policy: selective` keeps the matmul/attention outputs of each layer's forward for its backward (see
+    `SELECTIVE_SAVED_OPS`) and recomputes only the rest. It is refused with `offload` (the kept outputs would
+    stay on the device, so the offload would no longer free what it promises) and with a tiled MLP (keeping each
+    tile's matmul outputs would undo the tiling): `TrainConfig` validation says so in one line, and so does this.
     """
+    if policy != "full":
+        if offload:
+            raise ConfigError("gradient_checkpointing_policy: selective cannot be combined with offload_activations "
+                              "(the kept matmul outputs stay on the GPU); use policy full or turn the offload off")
+        _, layers = decoder_layer_list(model)
+        if any(isinstance(getattr(layer, "mlp", None), TiledMLP) for layer in layers):
+            raise ConfigError("gradient_checkpointing_policy: selective cannot be combined with tiled_mlp_tokens "
+                              "(it would keep every tile's matmul outputs); use policy full or turn the tiling off")
     base = unwrap_base(model)
     device_type = _accelerator_type() if offload else None
     kwargs = {"use_reentrant": False}  # non-reentrant works with frozen embeddings (LoRA) and nested checkpoints
+    context_fn = checkpoint_context_fn(policy)
+    if context_fn is not None:
+        kwargs["context_fn"] = context_fn
     enable = getattr(base, "activation_checkpointing_enable", None)
     if enable is None:  # transformers 4.x
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -32,12 +32,13 @@ class ModelRecipe:
     gradient_checkpointing: bool = False
     offload_activations: bool = False
     rope: RopeScaling | None = None  # RoPE scaling written into the model config before loading (every copy)
+    gradient_checkpointing_policy: str = "full"  # activation.CheckpointPolicyName
 
     @classmethod
     def for_training(cls, cfg: Config, dtype: torch.dtype, sharding: ShardingPlan) -> ModelRecipe:
         t = cfg.train
         return cls(dtype, sharding, cfg.model, t.tiled_mlp_tokens, t.gradient_checkpointing, t.offload_activations,
-                   RopeScaling.from_config(cfg.model.rope_scaling, cfg.data.cutoff_len))
+                   RopeScaling.from_config(cfg.model.rope_scaling, cfg.data.cutoff_len), t.gradient_checkpointing_policy)
 
 
 @dataclass
@@ -64,7 +65,8 @@ def parallelize(model: nn.Module, recipe: ModelRecipe, dims: ParallelDims, seque
         log(f"tiled MLP: {tiled} layers, {recipe.tiled_mlp_tokens} tokens per tile")
     forward_context: Callable[[], Any] = contextlib.nullcontext
     if recipe.gradient_checkpointing:
-        forward_context = enable_checkpointing(model, recipe.offload_activations)
+        forward_context = enable_checkpointing(model, recipe.offload_activations,
+                                               recipe.gradient_checkpointing_policy)
     sequence.apply(model, log)
     root = RootForward(model)
     if recipe.sharding.enabled:
