@@ -268,11 +268,20 @@ def load_model_config(model_cfg: ModelConfig):
 
 def import_bitsandbytes():
     """bitsandbytes, or one ConfigError saying how to install it."""
+    import logging
+
+    # On CPU, bitsandbytes warns at import that its optional inference kernel (package `kernels`) is missing; that
+    # kernel serves only the repacked eval layout, which quantize_base turns off. Keep the warning off the console.
+    cpu_ops_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = cpu_ops_log.level
+    cpu_ops_log.setLevel(logging.ERROR)
     try:
         import bitsandbytes
     except ImportError:
         raise ConfigError("key 'quantization_bit': needs bitsandbytes, which is not installed; "
                           "pip install 'longtune[quant]' (or bitsandbytes>=0.50)") from None
+    finally:
+        cpu_ops_log.setLevel(level)
     return bitsandbytes
 
 
@@ -338,3 +347,30 @@ def quantize_base(model: nn.Module, model_cfg: ModelConfig, compute_dtype: torch
     # The flag transformers' own bitsandbytes loader sets; peft reads it to wrap these layers with its bnb LoRA.
     setattr(model, f"is_loaded_in_{bits}bit", True)
     return len(targets)
+
+
+def dequantize_base(model: nn.Module, dtype: torch.dtype) -> int:
+    """Replace every bitsandbytes layer by a plain nn.Linear holding its dequantized weight in `dtype` (what the
+    quantized layer computes with), so that a LoRA merge into it reproduces the trained 4-/8-bit base + adapter."""
+    bnb = import_bitsandbytes()
+    layers = [(name, module) for name, module in model.named_modules()
+              if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
+    for name, layer in layers:
+        weight = layer.weight
+        if isinstance(layer, bnb.nn.Linear4bit):
+            dense = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+        else:
+            # LLM.int8(): row-wise absmax quantization, W = CB * SCB / 127 (CB the int8 rows, SCB their absmax).
+            codes = layer.state.CB if layer.state.CB is not None else weight.data
+            absmax = layer.state.SCB if layer.state.SCB is not None else weight.SCB
+            dense = codes.to(torch.float32) * (absmax.to(torch.float32).unsqueeze(1) / 127.0)
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        linear.weight = nn.Parameter(dense.to(dtype), requires_grad=False)
+        if layer.bias is not None:
+            linear.bias = nn.Parameter(layer.bias.data.to(dtype), requires_grad=False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+    for bits in (4, 8):
+        if getattr(model, f"is_loaded_in_{bits}bit", False):
+            setattr(model, f"is_loaded_in_{bits}bit", False)
+    return len(layers)
