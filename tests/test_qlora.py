@@ -203,3 +203,26 @@ def test_prequantized_model_is_one_line(capsys, alpaca_file, tmp_path, saved_mod
     (model / "config.json").write_text(json.dumps(config))
     expect_one_line(capsys, ["train", *_sft_overrides(alpaca_file, tmp_path / "pre", model_name_or_path=str(model))],
                     r"key 'model_name_or_path': '.*gptq_model' is already quantized \(gptq\)")
+
+
+def test_estimate_models_quantized_weights():
+    """The estimate's params term of a QLoRA run: the layers' linear weights P_q move from bf16 (frozen copy +
+    autocast compute copy, 2 + 2 bytes) to 0.5 byte + nf4 block constants (1/64 + 4/(64*256) bytes, double
+    quantization) or 1 byte (8-bit); the longest length that fits grows."""
+    from dataclasses import replace
+
+    from longtune.estimate import (MemoryBudget, TrainSetup, estimate_memory, lora_trainable_params,
+                                   max_cutoff_len, shape_from_name_or_path)
+
+    shape = shape_from_name_or_path("llama-3.1-8b")
+    h, kv, i = 4096, 1024, 14336
+    linear = 32 * (2 * h * h + 2 * h * kv + 3 * h * i)
+    lora = TrainSetup(tokens=8192, dtype="bfloat16", trainable_params=lora_trainable_params(shape, 16, None))
+    plain = estimate_memory(shape, lora).components["params"]
+    for bits, double, per_param in ((4, True, 0.5 + (1 + 4 / 256) / 64), (4, False, 0.5 + 4 / 64), (8, True, 1.0)):
+        quant = replace(lora, quantization_bit=bits, double_quantization=double)
+        params = estimate_memory(shape, quant).components["params"]
+        assert plain - params == 4 * linear - int(linear * per_param), (bits, double)
+    budget = MemoryBudget(80 * 2**30)
+    longest = max_cutoff_len(shape, replace(lora, quantization_bit=4), budget).cutoff_len
+    assert longest > max_cutoff_len(shape, lora, budget).cutoff_len
