@@ -45,7 +45,8 @@ class ModelConfig:
         "float64 is for exactness tests.",
     )
     bf16: bool = _key(False, "Train in bfloat16 (LLaMA-Factory flag; same as `dtype: bfloat16`).")
-    fp16: bool = _key(False, "Train in float16 (LLaMA-Factory flag; same as `dtype: float16`).")
+    fp16: bool = _key(False, "Train in float16 (LLaMA-Factory flag; same as `dtype: float16`): fp32 master weights, "
+                      "dynamic loss scaling (`loss_scale`, `skipped_steps` in metrics.jsonl).")
     finetuning_type: Literal["full", "freeze", "lora"] = _key(
         "lora", "Which parameters train: all (`full`), the last `freeze_trainable_layers` layers (`freeze`), or LoRA adapters."
     )
