@@ -226,3 +226,15 @@ def test_estimate_models_quantized_weights():
     budget = MemoryBudget(80 * 2**30)
     longest = max_cutoff_len(shape, replace(lora, quantization_bit=4), budget).cutoff_len
     assert longest > max_cutoff_len(shape, lora, budget).cutoff_len
+
+
+def test_precomputed_reference_cache_tells_quantized_bases_apart(alpaca_file, tmp_path):
+    """Reference log-probs of a 4-bit base are not those of its bf16 weights: the cache key differs (and is
+    unchanged for runs without quantization)."""
+    from longtune.reference import reference_fingerprint
+
+    def key(**extra):
+        return reference_fingerprint(load_config(None, _sft_overrides(alpaca_file, tmp_path, **extra)), [])
+
+    assert len({key(), key(quantization_type="fp4"), key(double_quantization=False), key(quantization_bit=8),
+                key(quantization_bit="null")}) == 5
