@@ -129,6 +129,20 @@ def test_qlora_dpo_first_loss_is_ln2(tmp_path, alpaca_file):
     assert abs(result.metrics[0]["loss"] - math.log(2)) <= 1e-6, result.metrics[0]
 
 
+def test_qlora_resume_is_exact(alpaca_file, tmp_path):
+    """Stop after checkpoint-3 of a 4-bit run and resume: the adapters reload onto a freshly quantized base and the
+    losses of steps 4-6 equal the uninterrupted run's."""
+    from tests.launch import crash_after_save
+
+    common = dict(max_steps=6, save_steps=3)
+    full = train(load_config(None, _sft_overrides(alpaca_file, tmp_path / "full", **common)), log=lambda _: None)
+    cut = _sft_overrides(alpaca_file, tmp_path / "cut", **common)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(None, cut), log=lambda _: None, callbacks=crash_after_save(3))
+    train(load_config(None, [*cut, "resume_from_checkpoint=true"]), log=lambda _: None)
+    assert [r["loss"] for r in metric_rows(tmp_path / "cut")] == [r["loss"] for r in full.metrics]
+
+
 def _losses_and_adapter(out: Path) -> tuple[list[float], dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
@@ -158,8 +172,9 @@ CI_VARIANTS = {"sp2_ring"}
 @pytest.fixture(scope="module")
 def qlora_reference(alpaca_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("qlora_sp") / "ref"
-    launch(1, _sft_overrides(alpaca_file, out, packing=True, per_device_train_batch_size=2,
-                             gradient_accumulation_steps=2))
+    # One process, in this process (the parallel runs go through torchrun and the CLI).
+    train(load_config(None, _sft_overrides(alpaca_file, out, packing=True, per_device_train_batch_size=2,
+                                           gradient_accumulation_steps=2)), log=lambda _: None)
     return _losses_and_adapter(out)
 
 
@@ -238,3 +253,16 @@ def test_precomputed_reference_cache_tells_quantized_bases_apart(alpaca_file, tm
 
     assert len({key(), key(quantization_type="fp4"), key(double_quantization=False), key(quantization_bit=8),
                 key(quantization_bit="null")}) == 5
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("extra", [dict(quantization_bit=4, bf16=True), dict(quantization_bit=8, bf16=True),
+                                   dict(quantization_bit=4, fp16=True)], ids=["nf4_bf16", "int8_bf16", "nf4_fp16"])
+def test_cuda_qlora_trains(alpaca_file, tmp_path, extra):
+    """On a GPU: the base is quantized on the device (bitsandbytes' CUDA kernels) and a bf16 / fp16 QLoRA run's
+    loss falls; fp16 runs report their loss scale."""
+    overrides = _sft_overrides(alpaca_file, tmp_path / "q", dtype="auto", learning_rate=2e-2, max_steps=6, **extra)
+    rows = train(load_config(None, overrides), log=lambda _: None).metrics
+    losses = [r["loss"] for r in rows]
+    assert losses[-1] < losses[0], losses
+    assert ("loss_scale" in rows[0]) == bool(extra.get("fp16"))
