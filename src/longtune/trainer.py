@@ -30,7 +30,7 @@ from longtune.faults import RankStatus, is_peer_failure
 from longtune.forward import RunParts, blank_like, forward_loss
 from longtune.metrics import MetricsLog, metric_means, peak_memory_gib
 from longtune.models.loader import (DTYPES, check_not_prequantized, check_vocabulary, import_bitsandbytes,
-                                   load_model_config, load_tokenizer, unwrap_base)
+                                   load_model_config, load_tokenizer, parameter_count, unwrap_base)
 from longtune.models.neftune import NEFTune
 from longtune.optim import build_optimizer, lr_lambda
 from longtune.parallel.fsdp import ShardingPlan, all_reduce_gradients, gradient_scale, plan_from_config
@@ -208,7 +208,7 @@ def log_banner(cfg: Config, data: TrainingData, policy: ParallelModel, dtype: to
                dims: ParallelDims, log: Callable[[str], None]) -> None:
     steps = data.steps
     trainable = sum(p.numel() for p in policy.model.parameters() if p.requires_grad)
-    total_params = sum(p.numel() for p in policy.model.parameters())
+    total_params = sum(parameter_count(p) for p in policy.model.parameters())
     per_epoch = f"{steps.steps_per_epoch}/epoch" if steps.steps_per_epoch is not None else "epoch length unknown"
     log(
         f"run: {Path(cfg.train.output_dir or '')} | "

@@ -301,6 +301,12 @@ def is_quantized_parameter(param: torch.Tensor) -> bool:
     return type(param).__name__ in ("Params4bit", "Int8Params")
 
 
+def parameter_count(param: torch.Tensor) -> int:
+    """Weights a parameter stands for: a packed 4-bit tensor holds two per byte, its shape is in its QuantState."""
+    quant_state = getattr(param, "quant_state", None)
+    return int(torch.Size(quant_state.shape).numel()) if quant_state is not None else param.numel()
+
+
 def quantized_modules(model: nn.Module) -> list[nn.Module]:
     """The bitsandbytes linear layers of a (possibly peft-wrapped) model."""
     return [m for m in model.modules() if any(is_quantized_parameter(p) for p in m.parameters(recurse=False))]
