@@ -35,12 +35,12 @@ class LossScaler:
 
     def found_overflow(self, params: list[nn.Parameter], dims: ParallelDims) -> bool:
         """Whether any rank's gradient holds an inf or NaN (a collective: every rank calls it)."""
-        flag = torch.zeros((), dtype=torch.float64, device=dims.device)
+        # Count on the device (no host sync per parameter); offloaded gradients live on the host.
+        bad = torch.zeros((), dtype=torch.float64, device=dims.device)
         for p in params:
-            if p.grad is not None and not bool(torch.isfinite(_local(p.grad)).all()):
-                flag.fill_(1.0)
-                break
-        return float(dims.all_reduce_sum(flag)) > 0
+            if p.grad is not None:
+                bad += (~torch.isfinite(_local(p.grad))).any().to(bad.device, torch.float64)
+        return float(dims.all_reduce_sum(bad)) > 0
 
     def unscale(self, params: list[nn.Parameter]) -> None:
         """Divide the (finite) gradients by the scale, before clipping and the optimizer step."""

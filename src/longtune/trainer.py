@@ -25,9 +25,9 @@ from longtune.config import Config, save_config
 from longtune.data.collate import loss_token_count
 from longtune.errors import ConfigError
 from longtune.evaluation import Evaluator
-from longtune.loss_scale import LossScaler
 from longtune.faults import RankStatus, is_peer_failure
 from longtune.forward import RunParts, blank_like, forward_loss
+from longtune.loss_scale import LossScaler
 from longtune.metrics import MetricsLog, metric_means, peak_memory_gib
 from longtune.models.loader import (DTYPES, check_not_prequantized, check_vocabulary, import_bitsandbytes,
                                    load_model_config, load_tokenizer, parameter_count, unwrap_base)
