@@ -24,6 +24,7 @@ QUANTIZED = [
     ("builtin_nf4_double", "builtin:tiny", dict(quantization_bit=4)),
     ("llama_fp4_single", "llama", dict(quantization_bit=4, quantization_type="fp4", double_quantization=False)),
     ("llama_int8", "llama", dict(quantization_bit=8)),
+    ("builtin_nf4_dora", "builtin:tiny", dict(quantization_bit=4, use_dora=True)),
 ]
 
 
