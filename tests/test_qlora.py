@@ -80,6 +80,29 @@ def test_quantized_base_trains_only_its_adapters(label, model, keys, saved_model
     assert all("lora_" in k for k in changed), sorted(changed - {k for k in changed if "lora_" in k})[:5]
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dequantized_base_computes_what_the_quantized_one_does(bits, saved_models):
+    """The export's dequantized base (plain nn.Linear layers) gives the quantized base's logits to float32
+    rounding on CPU (bitsandbytes' CPU kernels dequantize the same way; measured 0 for 4-bit, 2e-7 for 8-bit),
+    and differs from the full-precision model (4e-3 / 6e-2 of the logit scale), so the check can fail."""
+    tol = 1e-5
+    from longtune.models.loader import dequantize_base
+
+    model_cfg = ModelConfig(model_name_or_path=str(saved_models["llama"]), quantization_bit=bits)
+    ids = _batch(load_tokenizer(model_cfg), n=2)["input_ids"]
+    quantized = load_model(model_cfg, torch.float32).eval()
+    with torch.no_grad():
+        full = quantized(ids).logits
+        quantize_base(quantized, model_cfg, torch.float32, torch.device("cpu"))
+        want = quantized(ids).logits
+        assert dequantize_base(quantized, torch.float32) > 0
+        assert not any(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in quantized.modules())
+        got = quantized(ids).logits
+    scale = float(want.abs().max())
+    assert float((got - want).abs().max()) <= tol * scale
+    assert float((full - want).abs().max()) > 2 * float((got - want).abs().max())
+
+
 def _sft_overrides(alpaca_file: Path, out: Path, **extra) -> list[str]:
     values = dict(dtype="float32", finetuning_type="lora", quantization_bit=4, learning_rate=5e-3, lora_rank=4)
     values.update(extra)

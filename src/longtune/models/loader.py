@@ -297,7 +297,7 @@ def check_not_prequantized(model_config: Any, model_cfg: ModelConfig) -> None:
 
 
 def is_quantized_parameter(param: torch.Tensor) -> bool:
-    """A bitsandbytes weight (4-bit packed or int8): frozen, never cast, cast-to-fp32 or sharded."""
+    """A bitsandbytes weight (4-bit packed or int8): frozen, never cast to fp32, never sharded."""
     return type(param).__name__ in ("Params4bit", "Int8Params")
 
 
