@@ -43,7 +43,7 @@ def test_resolved_config_round_trips():
         ("stage=ppo", r"key 'stage' must be one of sft, pt"),
         ("lr_scheduler_type=cosin", r"did you mean 'cosine'"),
         ("warmup_ratio=1.5", r"key 'warmup_ratio' must be in \[0, 1\)"),
-        ("quantization_bit=4", r"key 'quantization_bit' is not supported yet"),
+        ("quantization_bit=3", r"key 'quantization_bit' must be 4 or 8"),
     ],
 )
 def test_bad_values_name_the_key(override, pattern):

@@ -89,7 +89,8 @@ OPTIMIZER_DCP_DIR = "optimizer_sharded"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng_state.json"
-TRAINING_FILES = {OPTIMIZER_FILE, SCHEDULER_FILE, RNG_FILE, MANIFEST, TRAINABLE_FILE}  # not part of a model
+LOSS_SCALE_FILE = "loss_scale.json"  # float16 runs: the dynamic loss scale (JSON, see loss_scale.py)
+TRAINING_FILES = {OPTIMIZER_FILE, SCHEDULER_FILE, RNG_FILE, MANIFEST, TRAINABLE_FILE, LOSS_SCALE_FILE}  # not part of a model
 
 
 def file_sha256(path: Path) -> str:
@@ -129,6 +130,7 @@ def save_checkpoint(
     scheduler: Any | None,
     dims: ParallelDims,
     run_info: dict[str, Any] | None = None,
+    loss_scaler: Any = None,
 ) -> Path:
     """Collective: every rank calls it. Rank 0 writes the model (HF format) and the manifest, then renames.
     `run_info` (settings such as finetuning_type, dtype, world size) goes into the manifest for resume checks."""
@@ -155,6 +157,8 @@ def save_checkpoint(
             if dims.is_main:
                 torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
                 (tmp / RNG_FILE).write_text(json.dumps(_rng_state()))
+                if loss_scaler is not None:
+                    (tmp / LOSS_SCALE_FILE).write_text(json.dumps(loss_scaler.state_dict()))
         dims.barrier()
         if dims.is_main:
             files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -422,8 +426,10 @@ def _sharded_optimizer_reader(path: Path):
     return SafeReader(str(path)), SafePlanner()
 
 
-def load_training_state(ckpt: Path, root: RootForward, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainerState:
-    """Optimizer, scheduler and RNG state of a checkpoint that `checkpoint_problem` has verified."""
+def load_training_state(ckpt: Path, root: RootForward, optimizer: torch.optim.Optimizer, scheduler: Any,
+                        loss_scaler: Any = None) -> TrainerState:
+    """Optimizer, scheduler, RNG (and float16 loss-scale) state of a checkpoint that `checkpoint_problem` has
+    verified."""
     state = read_state(ckpt)
     assert state is not None
     writer_procs = state.run.get("world_size")
@@ -449,4 +455,10 @@ def load_training_state(ckpt: Path, root: RootForward, optimizer: torch.optim.Op
         _set_rng_state(json.loads((ckpt / RNG_FILE).read_text()))
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise ConfigError(f"checkpoint file '{ckpt / RNG_FILE}' is not a valid RNG state ({exc})") from None
+    if loss_scaler is not None:
+        try:
+            loss_scaler.load_state_dict(json.loads((ckpt / LOSS_SCALE_FILE).read_text()))
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise ConfigError(f"checkpoint file '{ckpt / LOSS_SCALE_FILE}' is not a valid loss-scale state ({exc}); "
+                              "a float16 run resumes only from a float16 checkpoint") from None
     return state

@@ -47,7 +47,8 @@ class ModelConfig:
         "float64 is for exactness tests.",
     )
     bf16: bool = _key(False, "Train in bfloat16 (LLaMA-Factory flag; same as `dtype: bfloat16`).")
-    fp16: bool = _key(False, "Train in float16 (LLaMA-Factory flag; same as `dtype: float16`).")
+    fp16: bool = _key(False, "Train in float16 (LLaMA-Factory flag; same as `dtype: float16`): fp32 master weights, "
+                      "dynamic loss scaling (`loss_scale`, `skipped_steps` in metrics.jsonl).")
     finetuning_type: Literal["full", "freeze", "lora"] = _key(
         "lora", "Which parameters train: all (`full`), the last `freeze_trainable_layers` layers (`freeze`), or LoRA adapters."
     )
@@ -96,7 +97,13 @@ class ModelConfig:
     attn_implementation: Literal["auto", "eager", "sdpa"] = _key(
         "auto", "Attention kernel of the HF model when not sequence-parallel and not packed. `auto`: sdpa."
     )
-    quantization_bit: int | None = _key(None, "Not supported yet; set to null.")
+    quantization_bit: int | None = _key(
+        None, "Quantize the frozen base with bitsandbytes at load: 4 (QLoRA) or 8 (LLM.int8()); needs "
+        "finetuning_type lora (the `quant` extra installs bitsandbytes).")
+    quantization_method: Literal["bnb"] = _key("bnb", "Quantization library: only `bnb` (bitsandbytes).")
+    quantization_type: Literal["nf4", "fp4"] = _key("nf4", "4-bit data type: `nf4` (QLoRA's NormalFloat) or `fp4`.")
+    double_quantization: bool = _key(True, "4-bit: also quantize the quantization constants (QLoRA's double "
+                                     "quantization, ~0.37 bit/param saved).")
 
     def __post_init__(self) -> None:
         _require_finite(self)
@@ -636,7 +643,13 @@ def validate(cfg: Config, source: str, sources: dict[str, str] | None = None) ->
         if m.dtype != wanted:
             fail("dtype", f"is {m.dtype} but {'bf16' if m.bf16 else 'fp16'}: true asks for {wanted}")
     if m.quantization_bit is not None:
-        fail("quantization_bit", "is not supported yet; remove it (train in bf16 with LoRA instead)")
+        if m.quantization_bit not in (4, 8):
+            fail("quantization_bit", f"must be 4 or 8 (bitsandbytes), got {m.quantization_bit}")
+        if m.finetuning_type != "lora":
+            fail("quantization_bit", f"needs finetuning_type: lora (a quantized base cannot be trained; got "
+                                     f"{m.finetuning_type})")
+        if cfg.compute_dtype == "float64":
+            fail("quantization_bit", "cannot compute in float64 (bitsandbytes kernels: float32, bfloat16, float16)")
     if m.lora_rank <= 0:
         fail("lora_rank", f"must be > 0, got {m.lora_rank}")
     if not 0.0 <= m.lora_dropout < 1.0:

@@ -48,6 +48,12 @@ class ModelShape:
         return 2 * h * h + 2 * h * kv + biases + 3 * h * self.intermediate_size + 2 * h
 
     @property
+    def layer_linear_params(self) -> int:
+        """The weights of one layer's linear projections (what a quantized base stores in 4 or 8 bits)."""
+        h, kv = self.hidden_size, self.kv_size
+        return 2 * h * h + 2 * h * kv + 3 * h * self.intermediate_size
+
+    @property
     def embedding_params(self) -> int:
         return self.vocab_size * self.hidden_size
 
@@ -119,6 +125,8 @@ class TrainSetup:
     gradient_accumulation_steps: int = 1
     gradient_sync_every_micro_batch: bool = True  # False (with FSDP, GA > 1): unsharded fp32 grads accumulate
     live_reference: bool = False  # dpo/kto with a frozen full copy of the model (full/freeze, not precomputed)
+    quantization_bit: int | None = None  # QLoRA: the layers' linear weights stored in 4 or 8 bits
+    double_quantization: bool = True  # 4-bit: the per-block constants quantized again
 
     @property
     def local_tokens(self) -> int:
@@ -170,6 +178,18 @@ OUTSIDE_HIDDEN_WIDTHS = 4
 LOGITS_COPIES = 3
 # FSDP2 keeps the unsharded parameters of the layer it computes and of the one it prefetches.
 GATHERED_LAYERS = 2
+# bitsandbytes blocks of 4-bit weights: one fp32 absmax per 64 weights; with double quantization that absmax is
+# 8-bit and 256 of them share one fp32 constant. LLM.int8() keeps one fp32 absmax per output row (ignored here).
+QUANT_BLOCK = 64
+DOUBLE_QUANT_BLOCK = 256
+
+
+def quantized_bytes_per_param(bits: int, double_quantization: bool = True) -> float:
+    """Bytes per weight of a bitsandbytes layer, quantization constants included."""
+    if bits == 8:
+        return 1.0
+    constants = (1 + 4 / DOUBLE_QUANT_BLOCK) / QUANT_BLOCK if double_quantization else 4 / QUANT_BLOCK
+    return 0.5 + constants
 
 
 def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
@@ -189,6 +209,10 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
                    micro-batch's backward to the last one's reduce-scatter (on the GPU, offload or not); in the
                    layer moments it replaces `grads` (no sharded gradient exists before that reduce-scatter)
       optimizer    AdamW: 2 fp32 states per trainable parameter, / S (host memory with offload_params)
+      quantized    quantization_bit: the layers' linear weights P_q = L x (their weights), P_q x 0.5 byte + the
+                   block constants (4-bit: 1/64 byte with double quantization, else 4/64) or P_q x 1 byte
+                   (8-bit), on every rank (FSDP2 does not shard them; see parallel/fsdp.py); they leave `frozen`
+                   and the compute copies; layer_recompute adds one dequantized weight (H x I x b)
       reference    dpo/kto with a frozen full copy of the model: P * b (no FSDP), P * m / S (FSDP; host memory
                    with offload_params)
       activations  checkpointed layer inputs L * T * H * b and rope cos/sin (2 T head_dim b), plus the final
@@ -229,7 +253,9 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
     shard = setup.world_size if fsdp else 1
     P = shape.total_params
     Pt = P if setup.trainable_params is None else setup.trainable_params
-    frozen = P - Pt
+    Pq = shape.num_layers * shape.layer_linear_params if setup.quantization_bit else 0
+    quantized = int(Pq * quantized_bytes_per_param(setup.quantization_bit, setup.double_quantization)) if Pq else 0
+    frozen = P - Pt - Pq
     # FSDP keeps one dtype per sharded group: in bf16 the trainer casts every weight, frozen ones too, to fp32.
     master_bytes = 4 if low_precision and fsdp else b
     L, H, KV, I, V = (shape.num_layers, shape.hidden_size, shape.kv_size, shape.intermediate_size,
@@ -239,16 +265,18 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
     head_trainable = head_params * Pt // P
     root_params = shape.embedding_params + head_params
 
-    sharded_params = (Pt * 4 + frozen * master_bytes) // shard
+    sharded_params = (Pt * 4 + frozen * master_bytes) // shard + quantized  # quantized layers are not sharded
     sharded_grads = Pt * 4 // shard
     optimizer = 2 * Pt * 4 // shard
     step_temp = Pt * 4 // shard
     reference = 0
     if setup.live_reference:
         reference = P * master_bytes // shard if fsdp else P * b
-    gathered = (root_params + GATHERED_LAYERS * shape.layer_params) * b  # FSDP's unsharded compute copies
+    # FSDP's unsharded compute copies (a quantized layer's linear weights are never gathered)
+    gathered = (root_params + GATHERED_LAYERS * (shape.layer_params - (shape.layer_linear_params if Pq else 0))) * b
     if offload:
-        params = gathered
+        params = gathered + quantized
+        sharded_params -= quantized
         # One layer's unsharded fp32 grads before they move to the host, and the root's (the head's) until the
         # root's reduce-scatter at the end of backward.
         grads = (shape.layer_params + head_trainable) * 4
@@ -258,7 +286,7 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
     else:
         params = sharded_params
         if low_precision:
-            params += gathered if fsdp else P * b
+            params += gathered if fsdp else (P - Pq) * b
         grads = sharded_grads + (shape.layer_params * 4 if fsdp else 0)
         offloaded = {}
     accumulated = Pt * 4 if (fsdp and setup.gradient_accumulation_steps > 1
@@ -273,6 +301,8 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
     else:
         mlp_part = T * LAYER_INTERMEDIATE_WIDTHS * I * b
         layer_recompute += mlp_part
+    if Pq:
+        layer_recompute += H * I * b  # bitsandbytes dequantizes a weight for each matmul (forward and backward)
     checkpoint_per_layer = T * H * hb if setup.gradient_checkpointing else layer_recompute
     # Offloaded checkpoints: on the GPU only the layer being recomputed and the one being fetched.
     on_gpu_layers = min(L, 2) if setup.offload_activations else L
@@ -328,6 +358,8 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
     peak = max(moments, key=moments.__getitem__)
 
     loaded_copy = Pt * 4 + frozen * master_bytes if low_precision else P * b
+    if Pq:
+        loaded_copy += Pq * b  # loaded in the compute dtype on the host, then quantized layer by layer
     offloaded["activations"] = (L - on_gpu_layers) * checkpoint_per_layer if setup.offload_activations else 0
     # The same terms as on the GPU (what lives in host memory of each), plus the load of the whole model.
     host_components = {**dict.fromkeys(components, 0), **offloaded,
@@ -384,6 +416,8 @@ def setup_from_config(cfg, shape: ModelShape, gpus: int, tokens: int | None = No
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         gradient_sync_every_micro_batch=p.gradient_sync_every_micro_batch,
         live_reference=live_reference,
+        quantization_bit=m.quantization_bit,
+        double_quantization=m.double_quantization,
     )
 
 
@@ -493,7 +527,8 @@ def _describe(shape: ModelShape, setup: TrainSetup) -> list[str]:
         f"{f', tiled_mlp_tokens {setup.tiled_mlp_tokens}' if setup.tiled_mlp_tokens else ''}, "
         f"loss_chunk_size {setup.loss_chunk_size}"
         f"{f', GA {setup.gradient_accumulation_steps}' if setup.gradient_accumulation_steps > 1 else ''}"
-        f"{', live reference model' if setup.live_reference else ''}",
+        f"{', live reference model' if setup.live_reference else ''}"
+        f"{f', {setup.quantization_bit}-bit base' if setup.quantization_bit else ''}",
     ]
 
 

@@ -33,18 +33,55 @@ def find_model_dir(source: Path) -> Path:
     raise ConfigError(f"export: '{source}' holds no model (no config.json, adapter_config.json, final/ or checkpoint-N/)")
 
 
-def _run_dtype(model_dir: Path) -> str:
-    """The dtype the run trained in, from the run's train_config.yaml when it can be found."""
+def _run_config(model_dir: Path):
+    """The run's resolved config, from its train_config.yaml when it can be found (else None)."""
     for candidate in (model_dir / "train_config.yaml", model_dir.parent / "train_config.yaml"):
         if candidate.is_file():
             from longtune.config import build_config
 
             values = yaml.safe_load(candidate.read_text()) or {}
             try:
-                return build_config(values, str(candidate)).compute_dtype
+                return build_config(values, str(candidate))
             except ConfigError:
                 break
-    return "float32"
+    return None
+
+
+def _run_dtype(model_dir: Path) -> str:
+    """The dtype the run trained in, from the run's train_config.yaml when it can be found."""
+    cfg = _run_config(model_dir)
+    return cfg.compute_dtype if cfg is not None else "float32"
+
+
+QUANTIZATION_NOTE = "longtune_quantization.json"
+
+
+def _quantization_of_run(model_dir: Path):
+    """The ModelConfig of a run whose base was quantized (QLoRA), else None."""
+    cfg = _run_config(model_dir)
+    return cfg.model if cfg is not None and cfg.model.quantization_bit is not None else None
+
+
+def _as_trained_base(base, quantized, dtype):
+    """The base an adapter of a quantized run was trained on: quantized as in training, then dequantized to
+    `dtype`, so that merging the adapter gives the function the run trained (not the full-precision base)."""
+    import torch
+
+    from longtune.models.loader import dequantize_base, quantize_base
+
+    quantize_base(base, quantized, dtype, torch.device("cpu"))
+    dequantize_base(base, dtype)
+    return base
+
+
+def _quantization_note(quantized, dtype_name: str, base_name: str | None) -> str:
+    """What an unmerged QLoRA adapter needs to be used as trained: its base and how that base was quantized."""
+    note = {"base_model_name_or_path": base_name, "quantization_method": quantized.quantization_method,
+            "quantization_bit": quantized.quantization_bit, "compute_dtype": dtype_name}
+    if quantized.quantization_bit == 4:
+        note.update(quantization_type=quantized.quantization_type,
+                    double_quantization=quantized.double_quantization)
+    return json.dumps(note, indent=1) + "\n"
 
 
 def _load_base(name: str, dtype, reward: bool):
@@ -122,6 +159,9 @@ def export_model(source: str | Path, out: str | Path, merge_lora: bool = False, 
                 from longtune.models.loader import resize_model_vocabulary
 
                 resize_model_vocabulary(base_model, grown_vocabulary)
+            quantized = _quantization_of_run(src)
+            if quantized is not None:
+                base_model = _as_trained_base(base_model, quantized, dtype)
             merged = PeftModel.from_pretrained(base_model, str(src)).merge_and_unload()
             merged.save_pretrained(str(tmp), safe_serialization=True)
             for f in src.iterdir():
@@ -131,5 +171,9 @@ def export_model(source: str | Path, out: str | Path, merge_lora: bool = False, 
             for f in src.iterdir():
                 if f.is_file() and f.name not in TRAINING_FILES and f.name != EXPORT_MARKER:
                     shutil.copy2(f, tmp / f.name)
+            quantized = _quantization_of_run(src) if is_adapter else None
+            if quantized is not None:
+                base_name = json.loads((src / "adapter_config.json").read_text()).get("base_model_name_or_path")
+                (tmp / QUANTIZATION_NOTE).write_text(_quantization_note(quantized, _run_dtype(src), base_name))
         (tmp / EXPORT_MARKER).write_text(json.dumps({"source": str(src.resolve())}) + "\n")
     return dst

@@ -3,7 +3,8 @@
 Where they come from, cheapest first:
 - `precompute_ref_log_probs: true`: one pass over the data before training (under SP too), cached on disk keyed by
   a fingerprint of the model and the tokenized data; no reference model is in memory while training.
-- LoRA: the policy itself with its adapters disabled (no second copy of the weights).
+- LoRA: the policy itself with its adapters disabled (no second copy of the weights); with a quantized base
+  (QLoRA) that is the quantized base, the function the policy starts from, so DPO's first loss is ln 2.
 - full / freeze: a frozen copy of the initial model (or `ref_model: PATH`), sharded like the policy under FSDP.
 Reference-free losses (SimPO, ORPO) use none.
 """
@@ -130,7 +131,11 @@ def reference_fingerprint(cfg: Config, examples: list) -> str:
     """Model identity + the reference settings + every token of the data, so any change misses the cache."""
     h = hashlib.sha256()
     model = cfg.preference.ref_model or cfg.model.model_name_or_path or ""
-    h.update(json.dumps([model, cfg.compute_dtype, cfg.train.stage, cfg.train.seed, cfg.model.finetuning_type]).encode())
+    m = cfg.model
+    # A quantized base gives other log-probs than its full-precision weights: the quantization is part of the identity.
+    quantization = [m.quantization_bit, m.quantization_type, m.double_quantization] if m.quantization_bit else None
+    h.update(json.dumps([model, cfg.compute_dtype, cfg.train.stage, cfg.train.seed, m.finetuning_type,
+                         *([quantization] if quantization else [])]).encode())
     model_path = Path(model)
     for f in sorted(model_path.glob("*.safetensors")) if model_path.is_dir() else []:
         stat = f.stat()

@@ -182,7 +182,8 @@ class Checkpointer:
     to `save_total_limit`), and final/ at the end. `on_save(step, path)` is told of every checkpoint written."""
 
     def __init__(self, cfg: Config, dims: ParallelDims, root: RootForward, tokenizer: Any, optimizer: Any,
-                 scheduler: Any, settings: dict[str, Any], on_save: Callable[[int, Path], None] | None = None):
+                 scheduler: Any, settings: dict[str, Any], on_save: Callable[[int, Path], None] | None = None,
+                 loss_scaler: Any = None):
         self.out = Path(cfg.train.output_dir or "")
         self.train_cfg = cfg.train
         self.dims = dims
@@ -193,6 +194,7 @@ class Checkpointer:
         self.scheduler = None if cfg.train.save_only_model else scheduler
         self.settings = settings
         self.on_save = on_save
+        self.loss_scaler = None if cfg.train.save_only_model else loss_scaler
 
     def should_save(self, step: int, total_steps: int, ends_epoch: bool = False) -> bool:
         """save_strategy (Hugging Face's meaning): `steps` every save_steps, `epoch` when an epoch ends, `no` never;
@@ -207,7 +209,7 @@ class Checkpointer:
 
     def save(self, step: int, epoch: float, tokens_seen: int) -> None:
         path = save_checkpoint(self.out, step, epoch, tokens_seen, self.root, self.tokenizer, self.optimizer,
-                               self.scheduler, self.dims, self.settings)
+                               self.scheduler, self.dims, self.settings, self.loss_scaler)
         if self.dims.is_main:
             rotate_checkpoints(self.out, self.train_cfg.save_total_limit)
         if self.on_save is not None:

@@ -29,12 +29,16 @@ from longtune.errors import ConfigError
 from longtune.evaluation import Evaluator
 from longtune.faults import RankStatus, is_peer_failure
 from longtune.forward import RunParts, blank_like, forward_loss
+from longtune.loss_scale import LossScaler
 from longtune.metrics import MetricsLog, WandbRun, metric_means, peak_memory_gib
 from longtune.models.loader import (
     DTYPES,
+    check_not_prequantized,
     check_vocabulary,
+    import_bitsandbytes,
     load_model_config,
     load_tokenizer,
+    parameter_count,
     unwrap_base,
     vocabulary_grows,
 )
@@ -65,6 +69,9 @@ class TrainCallbacks:
 
     on_step_end: Callable[[int, dict[str, Any]], None] | None = None  # (step, its training metrics row)
     on_save: Callable[[int, Path], None] | None = None  # (step, checkpoint directory)
+    # (step, trainable parameters): after the step's backward and gradient sum, before the overflow check and
+    # the optimizer step (tests inject an fp16 overflow here)
+    after_backward: Callable[[int, list[nn.Parameter]], None] | None = None
 
 
 def set_seed(seed: int) -> None:
@@ -134,6 +141,9 @@ def setup_run(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> Ru
         check_resume_settings(resume, settings, log)
     dtype = compute_dtype(cfg, dims.device)
     model_config = load_model_config(cfg.model)
+    check_not_prequantized(model_config, cfg.model)
+    if cfg.model.quantization_bit is not None:
+        import_bitsandbytes()
     stage = build_stage(cfg)
     # Rows of several documents (pairs, KTO's KL document) need document-aware attention even at sp=1.
     sequence = SequenceParallel(dims, p, model_config, packed=cfg.packing or stage.docs_per_row > 1, log=log)
@@ -148,8 +158,6 @@ def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     dtype = DTYPES[cfg.compute_dtype]
     if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("key 'bf16': this GPU does not support bfloat16; use fp16: true")
-    if dtype == torch.float16:
-        raise ConfigError("key 'fp16': float16 training needs loss scaling, which longtune does not do; use bf16")
     return dtype
 
 
@@ -184,6 +192,7 @@ class Optimization:
     params: list[nn.Parameter]
     backward_scale: float  # turns FSDP's gradient average into the sum (1 without FSDP)
     sharding: ShardingPlan
+    loss_scaler: LossScaler | None = None  # float16 only
 
 
 class Resumed(NamedTuple):
@@ -199,15 +208,16 @@ def setup_optimizer(cfg: Config, policy: ParallelModel, sharding: ShardingPlan, 
     optimizer = build_optimizer(root, cfg.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train, steps.total_steps))
     resumed = Resumed(0, 0)
+    loss_scaler = LossScaler() if DTYPES[cfg.compute_dtype] == torch.float16 else None
     if resume is not None:
         load_model_weights(root, resume)
-        state = load_training_state(resume, root, optimizer, scheduler)
+        state = load_training_state(resume, root, optimizer, scheduler, loss_scaler)
         resumed = Resumed(state.global_step, state.tokens_seen)
         replay = " (replaying the stream up to it: those rows are read and tokenized again)"
         log(f"resumed from {resume} at step {resumed.start_step}{replay if cfg.data.streaming else ''}")
         steps.skip(resumed.start_step)
     params = [p for p in root.parameters() if p.requires_grad]
-    return Optimization(optimizer, scheduler, params, gradient_scale(sharding, dims), sharding), resumed
+    return Optimization(optimizer, scheduler, params, gradient_scale(sharding, dims), sharding, loss_scaler), resumed
 
 
 def open_metrics(cfg: Config, dims: ParallelDims, resume: Path | None, start_step: int,
@@ -228,7 +238,7 @@ def log_banner(cfg: Config, data: TrainingData, policy: ParallelModel, dtype: to
                dims: ParallelDims, log: Callable[[str], None]) -> None:
     steps = data.steps
     trainable = sum(p.numel() for p in policy.model.parameters() if p.requires_grad)
-    total_params = sum(p.numel() for p in policy.model.parameters())
+    total_params = sum(parameter_count(p) for p in policy.model.parameters())
     per_epoch = f"{steps.steps_per_epoch}/epoch" if steps.steps_per_epoch is not None else "epoch length unknown"
     log(
         f"run: {Path(cfg.train.output_dir or '')} | "
@@ -247,11 +257,14 @@ class StepResult(NamedTuple):
     tokens: int  # loss tokens of the step, all ranks
     input_tokens: int
     metrics: dict[str, float]  # the stage's metric means
+    skipped: bool = False  # float16: gradients overflowed, the optimizer did not step
 
 
-def train_step(parts: RunParts, cfg: Config, data: StepData, opt: Optimization, step: int) -> StepResult:
+def train_step(parts: RunParts, cfg: Config, data: StepData, opt: Optimization, step: int,
+               after_backward: Callable[[int, list[nn.Parameter]], None] | None = None) -> StepResult:
     """One optimizer step over this rank's micro-batches of `data` (blank ones where it has run out, so that
-    every rank issues the same collectives)."""
+    every rank issues the same collectives). In float16 the backward loss carries the loss scale; a step whose
+    gradients overflowed on any rank is skipped (no optimizer or schedule step) and the scale lowered."""
     t, dims, stage = cfg.train, parts.dims, parts.stage
     everyone = data.examples
     # The divisor of the step: all loss tokens (sft/pt) or pairs/examples (dpo/kto/rm) of all its micro-batches
@@ -264,6 +277,7 @@ def train_step(parts: RunParts, cfg: Config, data: StepData, opt: Optimization, 
     bs, ga = t.per_device_train_batch_size, t.gradient_accumulation_steps
     micro = data.micro_batches(bs, ga, dims.dp_rank)
     rounds = data.rounds(bs, ga)
+    loss_scale = opt.loss_scaler.scale if opt.loss_scaler is not None else 1.0
     for index in range(rounds):
         if opt.sharding.enabled:
             # Syncing only on the last micro-batch keeps unsharded gradients of every layer until then.
@@ -274,33 +288,49 @@ def train_step(parts: RunParts, cfg: Config, data: StepData, opt: Optimization, 
         else:
             rows, ids = [blank_like(everyone[0])], ([] if data.ids is not None else None)
         result = forward_loss(parts, rows, ids, cfg)
-        (result.loss_sum * (opt.backward_scale / max(step_norm, 1))).backward()
+        (result.loss_sum * (opt.backward_scale * loss_scale / max(step_norm, 1))).backward()
         loss_local += result.loss_sum.detach().to(torch.float64)
         if result.metrics is not None:
             metric_sums += result.metrics.to(dims.device)
     if not opt.sharding.enabled:
         all_reduce_gradients(opt.params, dims)
-    max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-    norm = torch.nn.utils.clip_grad_norm_(opt.params, max_norm)
-    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    if after_backward is not None:
+        after_backward(step, opt.params)
     lr = opt.scheduler.get_last_lr()[0]
-    opt.optimizer.step()
-    opt.scheduler.step()
+    overflow = False
+    if opt.loss_scaler is not None:
+        overflow = opt.loss_scaler.found_overflow(opt.params, dims)
+        opt.loss_scaler.update(overflow)
+    if overflow:
+        grad_norm = float("nan")
+    else:
+        if opt.loss_scaler is not None:
+            opt.loss_scaler.unscale(opt.params)
+        max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(opt.params, max_norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        opt.optimizer.step()
+        opt.scheduler.step()
     opt.optimizer.zero_grad(set_to_none=True)
     loss = float(dims.all_reduce_sum(loss_local)) / max(step_norm, 1)
     step_metrics = metric_means(stage.metric_names, dims.all_reduce_sum(metric_sums))
     if not math.isfinite(loss):
         raise FloatingPointError(f"loss became {loss} at step {step}; lower learning_rate or check the data")
-    return StepResult(loss, grad_norm, lr, step_tokens, input_tokens, step_metrics)
+    return StepResult(loss, grad_norm, lr, step_tokens, input_tokens, step_metrics, overflow)
 
 
 def training_row(step: int, step_data: StepData, result: StepResult, elapsed: float, dims: ParallelDims,
-                 data: TrainingData) -> dict[str, Any]:
-    """The metrics.jsonl row of a training step."""
-    return {"step": step, "epoch": round(step_data.epoch, 4), "loss": result.loss, "grad_norm": result.grad_norm,
-            "lr": result.lr, "tokens": result.tokens, "input_tokens": result.input_tokens,
-            "tokens_per_s": result.input_tokens / elapsed, "peak_mem_gib": round(peak_memory_gib(dims.device), 4),
-            **data.packing_metrics(), **result.metrics}
+                 data: TrainingData, loss_scaler: LossScaler | None = None) -> dict[str, Any]:
+    """The metrics.jsonl row of a training step; float16 adds the loss scale after the step and the number of
+    steps skipped so far (a skipped step's grad_norm is null)."""
+    row = {"step": step, "epoch": round(step_data.epoch, 4), "loss": result.loss,
+           "grad_norm": None if result.skipped else result.grad_norm,
+           "lr": result.lr, "tokens": result.tokens, "input_tokens": result.input_tokens,
+           "tokens_per_s": result.input_tokens / elapsed, "peak_mem_gib": round(peak_memory_gib(dims.device), 4),
+           **data.packing_metrics(), **result.metrics}
+    if loss_scaler is not None:
+        row.update(loss_scale=loss_scaler.scale, skipped_steps=loss_scaler.skipped_steps)
+    return row
 
 
 def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None], status: RankStatus | None = None,
@@ -331,7 +361,7 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None], status: 
     metrics = open_metrics(cfg, dims, resume, start_step, log)
     evaluator = Evaluator(parts, data.eval_examples, cfg, eval_reference)
     checkpointer = Checkpointer(cfg, dims, policy.root, tokenizer, opt.optimizer, opt.scheduler, run.settings,
-                                on_save=callbacks.on_save)
+                                on_save=callbacks.on_save, loss_scaler=opt.loss_scaler)
     log_banner(cfg, data, policy, dtype, sharding, dims, log)
 
     total_steps = data.steps.total_steps
@@ -342,12 +372,12 @@ def _train(cfg: Config, dims: ParallelDims, log: Callable[[str], None], status: 
             status.phase(f"step {step}")
             started = time.perf_counter()
             step_data = data.steps.step(step - 1)
-            result = train_step(parts, cfg, step_data, opt, step)
+            result = train_step(parts, cfg, step_data, opt, step, callbacks.after_backward)
             elapsed = time.perf_counter() - started
             tokens_seen += result.tokens
             progress.update(1)
             progress.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{result.input_tokens / elapsed:.0f}")
-            row = training_row(step, step_data, result, elapsed, dims, data)
+            row = training_row(step, step_data, result, elapsed, dims, data, opt.loss_scaler)
 
             # Once in a while: log, evaluate, save.
             if metrics is not None and metrics.should_log(step, total_steps):

@@ -393,3 +393,122 @@ def load_model_config(model_cfg: ModelConfig):
         return AutoConfig.from_pretrained(str(path), trust_remote_code=model_cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"key 'model_name_or_path': cannot read the config in '{path}': {exc}".splitlines()[0]) from None
+
+
+# --- Quantized bases (QLoRA): bitsandbytes layers replace the base's linear layers; adapters train on top. ---
+
+
+def import_bitsandbytes():
+    """bitsandbytes, or one ConfigError saying how to install it."""
+    import logging
+
+    # On CPU, bitsandbytes warns at import that its optional inference kernel (package `kernels`) is missing; that
+    # kernel serves only the repacked eval layout, which quantize_base turns off. Keep the warning off the console.
+    cpu_ops_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = cpu_ops_log.level
+    cpu_ops_log.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ConfigError("key 'quantization_bit': needs bitsandbytes, which is not installed; "
+                          "pip install 'longtune[quant]' (or bitsandbytes>=0.50)") from None
+    finally:
+        cpu_ops_log.setLevel(level)
+    return bitsandbytes
+
+
+def check_not_prequantized(model_config: Any, model_cfg: ModelConfig) -> None:
+    """A checkpoint already quantized by another method (GPTQ, AWQ, ...) cannot be re-quantized or trained here."""
+    existing = getattr(model_config, "quantization_config", None)
+    if existing is None:
+        return
+    method = existing.get("quant_method") if isinstance(existing, dict) else getattr(existing, "quant_method", None)
+    raise ConfigError(f"key 'model_name_or_path': '{model_cfg.model_name_or_path}' is already quantized "
+                      f"({method or 'quantization_config in config.json'}); longtune trains only unquantized bases "
+                      "(quantized at load with quantization_bit); give the full-precision model")
+
+
+def is_quantized_parameter(param: torch.Tensor) -> bool:
+    """A bitsandbytes weight (4-bit packed or int8): frozen, never cast to fp32, never sharded."""
+    return type(param).__name__ in ("Params4bit", "Int8Params")
+
+
+def parameter_count(param: torch.Tensor) -> int:
+    """Weights a parameter stands for: a packed 4-bit tensor holds two per byte, its shape is in its QuantState."""
+    quant_state = getattr(param, "quant_state", None)
+    return int(torch.Size(quant_state.shape).numel()) if quant_state is not None else param.numel()
+
+
+def quantized_modules(model: nn.Module) -> list[nn.Module]:
+    """The bitsandbytes linear layers of a (possibly peft-wrapped) model."""
+    return [m for m in model.modules() if any(is_quantized_parameter(p) for p in m.parameters(recurse=False))]
+
+
+def quantize_base(model: nn.Module, model_cfg: ModelConfig, compute_dtype: torch.dtype, device: torch.device) -> int:
+    """Replace every linear layer but the output heads by its bitsandbytes twin, quantized on `device`; returns
+    how many were replaced. Call before adapters are added (peft wraps the bitsandbytes layers).
+
+    Our own replacement rather than transformers' BitsAndBytesConfig: it works for the builtin model too (built
+    from a config, not from_pretrained) and needs no accelerate or device_map. 4-bit layers keep their
+    quantization constants next to the packed weight (a QuantState), so FSDP2 does not shard them (see
+    apply_fsdp)."""
+    bnb = import_bitsandbytes()
+    bits = model_cfg.quantization_bit
+    head = model.get_output_embeddings()
+    targets = [(name, module) for name, module in model.named_modules()
+               if type(module) is nn.Linear and module is not head and name.rsplit(".", 1)[-1] not in HEAD_NAMES]
+    for name, linear in targets:
+        weight = linear.weight.data
+        has_bias = linear.bias is not None
+        if bits == 4:
+            layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias,
+                                      compute_dtype=compute_dtype,
+                                      compress_statistics=model_cfg.double_quantization,
+                                      quant_type=model_cfg.quantization_type, device="meta")
+            layer.weight = bnb.nn.Params4bit(weight, requires_grad=False,
+                                             compress_statistics=model_cfg.double_quantization,
+                                             quant_type=model_cfg.quantization_type, module=layer)
+            # On CPU, bitsandbytes repacks a 4-bit weight for fast inference the first time it runs in eval mode
+            # without grad (reference model, evaluation); matmuls on the repacked weight have no backward, so a
+            # later training step would get no gradient through this layer. Keep the trainable layout.
+            layer.support_avx512bf16_for_cpu = False
+        else:
+            # LLM.int8() with LLaMA-Factory's outlier threshold (llm_int8_threshold 6.0); int8 weights only.
+            layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias,
+                                        has_fp16_weights=False, threshold=6.0, device="meta")
+            layer.weight = bnb.nn.Int8Params(weight.to(compute_dtype), requires_grad=False, has_fp16_weights=False)
+        if has_bias:
+            layer.bias = nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
+        layer = layer.to(device)  # quantization happens here
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    # The flag transformers' own bitsandbytes loader sets; peft reads it to wrap these layers with its bnb LoRA.
+    setattr(model, f"is_loaded_in_{bits}bit", True)
+    return len(targets)
+
+
+def dequantize_base(model: nn.Module, dtype: torch.dtype) -> int:
+    """Replace every bitsandbytes layer by a plain nn.Linear holding its dequantized weight in `dtype` (what the
+    quantized layer computes with), so that a LoRA merge into it reproduces the trained 4-/8-bit base + adapter."""
+    bnb = import_bitsandbytes()
+    layers = [(name, module) for name, module in model.named_modules()
+              if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
+    for name, layer in layers:
+        weight = layer.weight
+        if isinstance(layer, bnb.nn.Linear4bit):
+            dense = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+        else:
+            # LLM.int8(): row-wise absmax quantization, W = CB * SCB / 127 (CB the int8 rows, SCB their absmax).
+            codes = layer.state.CB if layer.state.CB is not None else weight.data
+            absmax = layer.state.SCB if layer.state.SCB is not None else weight.SCB
+            dense = codes.to(torch.float32) * (absmax.to(torch.float32).unsqueeze(1) / 127.0)
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        linear.weight = nn.Parameter(dense.to(dtype), requires_grad=False)
+        if layer.bias is not None:
+            linear.bias = nn.Parameter(layer.bias.data.to(dtype), requires_grad=False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+    for bits in (4, 8):
+        if getattr(model, f"is_loaded_in_{bits}bit", False):
+            setattr(model, f"is_loaded_in_{bits}bit", False)
+    return len(layers)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from longtune.errors import ConfigError
+from longtune.models.loader import quantized_modules
 from longtune.parallel.mesh import ParallelDims
 
 
@@ -79,7 +80,13 @@ def apply_fsdp(root: RootForward, dims: ParallelDims, layers: nn.ModuleList, com
     """fully_shard each decoder layer, then the root (embeddings, norm, head, anything outside the layers)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-    kwargs = {"mesh": dims.fsdp_mesh()}
+    kwargs: dict = {"mesh": dims.fsdp_mesh()}
+    quantized = {p for m in quantized_modules(root) for p in m.parameters(recurse=False)}
+    if quantized:
+        # A quantized base layer stays whole on every rank (0.5-1 byte per parameter, frozen, no gradient, no
+        # optimizer state): a 4-bit weight is only meaningful with its QuantState, which FSDP2's dim-0 shards
+        # would not carry. Only the adapters and the unquantized rest (embeddings, norms, head) are sharded.
+        kwargs["ignored_params"] = quantized
     if compute_dtype in (torch.bfloat16, torch.float16):
         # Master weights stay fp32 (the optimizer steps on them); compute in bf16/fp16; reduce grads in fp32.
         # No cast of forward inputs: the root's inputs carry fp32 values that are not activations (reference

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from longtune.config import Config, ModelConfig
-from longtune.models.loader import RopeScaling, apply_finetuning, decoder_layer_list, load_model
+from longtune.models.loader import (RopeScaling, apply_finetuning, decoder_layer_list, is_quantized_parameter,
+                                    load_model, quantize_base)
 from longtune.parallel.activation import apply_tiled_mlp, enable_checkpointing
 from longtune.parallel.fsdp import RootForward, ShardingPlan, apply_fsdp
 from longtune.parallel.mesh import ParallelDims
@@ -58,6 +59,8 @@ def parallelize(model: nn.Module, recipe: ModelRecipe, dims: ParallelDims, seque
     # every parameter in one dtype, so under FSDP the frozen ones become fp32 as well.
     if recipe.dtype in LOW_PRECISION:
         for p in model.parameters():
+            if is_quantized_parameter(p):
+                continue  # packed 4-bit / int8 storage: its layer computes in the compute dtype itself
             if p.requires_grad or recipe.sharding.enabled:
                 p.data = p.data.float()
     if recipe.tiled_mlp_tokens:
@@ -83,6 +86,11 @@ def build_model(model_cfg: ModelConfig, task: str, recipe: ModelRecipe, dims: Pa
                 frozen: bool = False) -> ParallelModel:
     """Load `model_cfg`'s weights with the head of `task` and parallelize them; `frozen`: a reference model."""
     model = load_model(model_cfg, recipe.dtype, task=task, rope=recipe.rope, log=log)
+    if model_cfg.quantization_bit is not None:
+        count = quantize_base(model, model_cfg, recipe.dtype, dims.device)
+        kind = f"4-bit {model_cfg.quantization_type}" + (" + double quantization" if model_cfg.double_quantization
+                                                          else "") if model_cfg.quantization_bit == 4 else "8-bit"
+        log(f"quantized base: {count} linear layers to {kind} (bitsandbytes), compute in {recipe.dtype}")
     if frozen:
         for p in model.parameters():
             p.requires_grad_(False)
