@@ -100,7 +100,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from longtune.run_dir import preflight
 
         cfg = load_config(config_path, overrides)  # fail fast and once, before N processes start
-        check_degrees(args.nproc, cfg.parallel.sequence_parallel_size)
+        check_degrees(args.nproc, cfg.parallel.sequence_parallel_size, cfg.parallel.tensor_parallel_size)
         preflight(cfg)
         return launch_with_torchrun(args)
     cfg = load_config(config_path, overrides)

@@ -110,7 +110,8 @@ def run_settings(cfg: Config, dims: ParallelDims, sharded: bool) -> dict[str, An
     return {"stage": cfg.train.stage, "finetuning_type": cfg.model.finetuning_type, "lora_rank": cfg.model.lora_rank,
             "dtype": cfg.compute_dtype, "max_steps": cfg.train.max_steps,
             "num_train_epochs": cfg.train.num_train_epochs, "learning_rate": cfg.train.learning_rate,
-            "world_size": dims.world_size, "sequence_parallel_size": dims.sp, "fsdp": sharded}
+            "world_size": dims.world_size, "sequence_parallel_size": dims.sp, "tensor_parallel_size": dims.tp,
+            "fsdp": sharded}
 
 
 def check_resume_settings(ckpt: Path, now: dict[str, Any], log: Callable[[str], None]) -> TrainerState:
@@ -132,7 +133,8 @@ def check_resume_settings(ckpt: Path, now: dict[str, Any], log: Callable[[str], 
                           f" FSDP by {before['world_size']} process(es), this launch has {now['world_size']} "
                           f"{'with' if now['fsdp'] else 'without'} FSDP; resume with {fix}")
     changed = [f"{key} {before[key]} -> {now[key]}" for key in ("dtype", "max_steps", "num_train_epochs",
-                                                                "learning_rate", "world_size", "sequence_parallel_size")
+                                                                "learning_rate", "world_size", "sequence_parallel_size",
+                                                                "tensor_parallel_size")
                if key in before and before[key] != now[key]]
     if changed:
         log(f"notice: resuming {ckpt.name} with changed settings: {', '.join(changed)} (the loss curve will not "
