@@ -34,3 +34,26 @@ def test_sft_tp2_matches_one_process(alpaca_file, tmp_path):
     launch(1, base_overrides(alpaca_file, tmp_path / "ref", **common))
     launch(2, base_overrides(alpaca_file, tmp_path / "tp2", tensor_parallel_size=2, **common))
     _assert_same_run(tmp_path / "ref", tmp_path / "tp2", "sft tp=2")
+
+
+@pytest.fixture(scope="module")
+def pt_reference(saved_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tp") / "pt_ref"
+    launch(1, _pt_overrides(saved_models, out, per_device_train_batch_size=2))
+    return out
+
+
+def _pt_overrides(saved_models, out: Path, **extra) -> list[str]:
+    """Pretraining, packed (several documents per row), on a saved Llama (tied embeddings), GA 2."""
+    return base_overrides(Path("unused"), out, stage="pt", dataset="builtin:pt_demo", max_samples=40, cutoff_len=64,
+                          model_name_or_path=str(saved_models["llama"]), gradient_accumulation_steps=2, **extra)
+
+
+@pytest.mark.parametrize("mode", ["zigzag_ring", pytest.param("ulysses", marks=pytest.mark.slow)])
+def test_pt_packed_tp2_sp2_matches_one_process(pt_reference, saved_models, tmp_path, mode):
+    """4 processes: tp=2 splits the 4 query / 2 K/V heads to 2 / 1 per rank, then SP (ring or Ulysses, which
+    replicates the single local K/V head) splits the sequence."""
+    out = tmp_path / mode
+    launch(4, _pt_overrides(saved_models, out, per_device_train_batch_size=2, tensor_parallel_size=2,
+                            sequence_parallel_size=2, sequence_parallel_mode=mode))
+    _assert_same_run(pt_reference, out, f"pt tp=2 x sp=2 {mode}")

@@ -157,7 +157,9 @@ def clip_gradients(params: list[nn.Parameter], max_norm: float, dims: ParallelDi
         split_over = 1
         if hasattr(p.grad, "placements"):
             mesh = p.grad.device_mesh
-            split_over = math.prod(mesh.size(i) for i, pl in enumerate(p.grad.placements) if pl.is_shard())
+            # Every non-replicated mesh dimension splits it (Shard, and FSDP x TP's _StridedShard, for which
+            # is_shard() is False); gradients here are never Partial.
+            split_over = math.prod(mesh.size(i) for i, pl in enumerate(p.grad.placements) if not pl.is_replicate())
         squares = local.detach().double().pow(2).sum() / (dims.world_size // split_over)
         per_device[local.device] = per_device.get(local.device, 0) + squares
     total = torch.zeros((), dtype=torch.float64, device=dims.device)
