@@ -3,6 +3,7 @@ per-step losses and final parameters as one process; bad tp settings fail with o
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -29,11 +30,26 @@ def _assert_same_run(ref_out: Path, out: Path, label: str, steps: int = 3) -> No
     assert worst <= 1e-9, (label, worst)
 
 
+def _final_logits(final_dir: Path) -> torch.Tensor:
+    """The logits of `final/` loaded by plain transformers (no longtune), on a fixed batch."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(final_dir), dtype=torch.float64)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
 def test_sft_tp2_matches_one_process(alpaca_file, tmp_path):
+    """Clipping active (max_grad_norm below every step's norm), GA 2; `final/` of the tp=2 run is a plain full
+    model: transformers loads it and gives the one-process run's logits."""
     common = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_grad_norm=0.05)
     launch(1, base_overrides(alpaca_file, tmp_path / "ref", **common))
     launch(2, base_overrides(alpaca_file, tmp_path / "tp2", tensor_parallel_size=2, **common))
     _assert_same_run(tmp_path / "ref", tmp_path / "tp2", "sft tp=2")
+    assert min(_curve(tmp_path / "ref", "grad_norm")) > 0.05
+    ref_logits, logits = _final_logits(tmp_path / "ref" / "final"), _final_logits(tmp_path / "tp2" / "final")
+    assert float((logits - ref_logits).abs().max()) <= 1e-9 * float(ref_logits.abs().max())
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +73,65 @@ def test_pt_packed_tp2_sp2_matches_one_process(pt_reference, saved_models, tmp_p
     launch(4, _pt_overrides(saved_models, out, per_device_train_batch_size=2, tensor_parallel_size=2,
                             sequence_parallel_size=2, sequence_parallel_mode=mode))
     _assert_same_run(pt_reference, out, f"pt tp=2 x sp=2 {mode}")
+
+
+def _dpo_overrides(out: Path, **extra) -> list[str]:
+    values = dict(stage="dpo", dataset="builtin:dpo_demo", max_samples=24, cutoff_len=64, per_device_train_batch_size=2,
+                  gradient_accumulation_steps=2, lr_scheduler_type="constant", val_size=6, eval_steps=2)
+    values.update(extra)
+    return base_overrides(Path("unused"), out, **values)
+
+
+DPO_KEYS = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ftype", ["full", "lora"])
+def test_dpo_tp2_matches_one_process(tmp_path, ftype):
+    """DPO (live frozen reference: a tp-split copy for full, the adapter-disabled policy for LoRA): step 0 is
+    ln 2; every logged metric, the eval rows and the final parameters equal the one-process run."""
+    extra = dict(finetuning_type=ftype, learning_rate=5e-3 if ftype == "lora" else 1e-3)
+    launch(1, _dpo_overrides(tmp_path / "ref", **extra))
+    launch(2, _dpo_overrides(tmp_path / "tp2", tensor_parallel_size=2, **extra))
+    ref, got = metric_rows(tmp_path / "ref"), metric_rows(tmp_path / "tp2")
+    assert len(ref) == len(got) and any("eval_loss" in r for r in ref)
+    assert abs(got[0]["loss"] - math.log(2)) <= 1e-12
+    for a, b in zip(ref, got):
+        for key in [k for k in a if k in DPO_KEYS or k.startswith("eval_")]:
+            assert abs(a[key] - b[key]) <= 1e-9 * max(1.0, abs(a[key])), (ftype, key, a[key], b[key])
+    ref_params, params = final_params(tmp_path / "ref"), final_params(tmp_path / "tp2")
+    assert params.keys() == ref_params.keys()
+    assert max(float((params[k] - ref_params[k]).abs().max() / ref_params[k].abs().max()) for k in params) <= 1e-9
+
+
+@pytest.mark.slow
+def test_lora_sft_tp2_matches_one_process(alpaca_file, tmp_path):
+    """LoRA on every linear layer: the adapters of colwise projections split lora_B, of rowwise ones lora_A; the
+    saved adapter (full tensors) equals the one-process adapter."""
+    common = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, finetuning_type="lora",
+                  learning_rate=5e-3, lora_target="all")
+    launch(1, base_overrides(alpaca_file, tmp_path / "ref", **common))
+    launch(2, base_overrides(alpaca_file, tmp_path / "tp2", tensor_parallel_size=2, **common))
+    _assert_same_run(tmp_path / "ref", tmp_path / "tp2", "lora tp=2")
+
+
+@pytest.mark.slow
+def test_resume_under_tp2_and_reshard_to_tp1(alpaca_file, tmp_path):
+    """A tp=2 run stopped after checkpoint-2 and resumed (tp=2, and tp=1 x dp=2: DCP reshards the optimizer
+    state) gives the uninterrupted run's steps 3-4 and final parameters."""
+    common = dict(gradient_accumulation_steps=2, max_steps=4, save_steps=2)
+    full = tmp_path / "full"
+    launch(2, base_overrides(alpaca_file, full, per_device_train_batch_size=2, tensor_parallel_size=2, **common))
+    for label, extra in (("tp2", dict(per_device_train_batch_size=2, tensor_parallel_size=2)),
+                         ("dp2", dict(per_device_train_batch_size=1))):
+        out = tmp_path / label
+        launch(2, base_overrides(alpaca_file, out, resume_from_checkpoint=str(full / "checkpoint-2"),
+                                 **common, **extra))
+        resumed = [r for r in metric_rows(out) if "loss" in r]
+        expected = [r for r in metric_rows(full) if "loss" in r][2:]
+        assert [r["step"] for r in resumed] == [3, 4], label
+        for a, b in zip(resumed, expected):
+            assert abs(a["loss"] - b["loss"]) <= 1e-9 and abs(a["grad_norm"] - b["grad_norm"]) <= 1e-9, (label, a, b)
+        params, ref_params = final_params(out), final_params(full)
+        assert max(float((params[k] - ref_params[k]).abs().max() / ref_params[k].abs().max())
+                   for k in params) <= 1e-9, label
