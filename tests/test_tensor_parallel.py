@@ -135,3 +135,92 @@ def test_resume_under_tp2_and_reshard_to_tp1(alpaca_file, tmp_path):
         params, ref_params = final_params(out), final_params(full)
         assert max(float((params[k] - ref_params[k]).abs().max() / ref_params[k].abs().max())
                    for k in params) <= 1e-9, label
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["kto", "rm"])
+def test_kto_and_rm_tp2_match_one_process(tmp_path, stage):
+    """KTO (LoRA, KL documents in each row) and the reward model (full, a replicated value head) under tp=2."""
+    extra = (dict(stage="kto", dataset="builtin:kto_demo", finetuning_type="lora", learning_rate=5e-3)
+             if stage == "kto" else dict(stage="rm", finetuning_type="full"))
+    launch(1, _dpo_overrides(tmp_path / "ref", **extra))
+    launch(2, _dpo_overrides(tmp_path / "tp2", tensor_parallel_size=2, **extra))
+    ref, got = metric_rows(tmp_path / "ref"), metric_rows(tmp_path / "tp2")
+    assert len(ref) == len(got) > 3
+    for a, b in zip(ref, got):
+        assert a.keys() == b.keys()
+        for key in [k for k in a if isinstance(a[k], float) and "per_s" not in k and "mem" not in k]:
+            assert abs(a[key] - b[key]) <= 1e-9 * max(1.0, abs(a[key])), (stage, key, a[key], b[key])
+    ref_params, params = final_params(tmp_path / "ref"), final_params(tmp_path / "tp2")
+    assert max(float((params[k] - ref_params[k]).abs().max() / ref_params[k].abs().max()) for k in params) <= 1e-9
+
+
+def test_rank_layout_is_dp_major_tp_innermost():
+    """rank = (dp * sp + s) * tp + t: the tp ranks of one group are consecutive; an SP group holds one tp
+    coordinate; every (dp, sp, tp) coordinate appears once."""
+    from longtune.parallel.mesh import ParallelDims
+
+    dp, sp, tp = 2, 2, 2
+    coords = [(d.dp_rank, d.sp_rank, d.tp_rank) for d in (ParallelDims(dp=dp, sp=sp, tp=tp, rank=r) for r in range(8))]
+    assert coords == [(a, b, c) for a in range(dp) for b in range(sp) for c in range(tp)]
+    dims = ParallelDims(dp=dp, sp=sp, tp=tp, rank=5)
+    assert dims.world_size == 8 and dims.data_parallel_size == 4
+    assert dims.sp_group_ranks(1, 1) == [5, 7] and dims.sp_group_ranks(0, 0) == [0, 2]
+    assert dims.role() == "rank 5/8: dp 1/2 sp 0/2 tp 1/2 on cpu"
+
+
+def test_sp_mode_works_on_the_local_heads():
+    """TP splits heads first: 8 query / 4 K/V heads at tp=2 leave 4 / 2 per rank; auto over sp=4 is then a
+    hybrid of Ulysses 2 (gcd(2, 4)) x ring 2, and ulysses needs sp to divide the 4 local heads."""
+    from longtune.config import ParallelConfig
+    from longtune.errors import ConfigError
+    from longtune.parallel.sequence import resolve_sp_mode
+
+    assert resolve_sp_mode(ParallelConfig(), 8 // 2, 4 // 2, 4, tp=2) == ("hybrid", 2)
+    assert resolve_sp_mode(ParallelConfig(), 8, 4, 4) == ("ulysses", 4)
+    with pytest.raises(ConfigError, match=r"ulysses needs the local heads \(num_attention_heads / "
+                                          r"tensor_parallel_size 4\) \(2\) divisible by sequence_parallel_size \(4\)"):
+        resolve_sp_mode(ParallelConfig(sequence_parallel_mode="ulysses"), 8 // 4, 4 // 4, 4, tp=4)
+
+
+@pytest.mark.parametrize("extra,nproc,pattern", [
+    (dict(tensor_parallel_size=2), None,
+     r"^ConfigError: key 'tensor_parallel_size': 2 x sequence_parallel_size 1 does not divide the world size 1 "),
+    (dict(tensor_parallel_size=2, sequence_parallel_size=2), 6,
+     r"^ConfigError: key 'tensor_parallel_size': 2 x sequence_parallel_size 2 does not divide the world size 6 "),
+    (dict(tensor_parallel_size=4), 4,
+     r"^ConfigError: key 'tensor_parallel_size': 4 does not divide the model's num_key_value_heads \(2\)"),
+    (dict(tensor_parallel_size=3), 3,
+     r"^ConfigError: key 'tensor_parallel_size': 3 does not divide the model's num_attention_heads \(4\)"),
+    (dict(tensor_parallel_size=0), None, r"key 'tensor_parallel_size' must be >= 1, got 0"),
+])
+def test_bad_tensor_parallel_settings_fail_in_one_line(alpaca_file, tmp_path, capsys, extra, nproc, pattern):
+    """Before any process starts (--nproc) or any weight loads."""
+    from tests.test_errors import expect_one_line
+
+    argv = ["train", *(["--nproc", str(nproc)] if nproc else []), *base_overrides(alpaca_file, tmp_path / "x", **extra)]
+    expect_one_line(capsys, argv, pattern)
+
+
+def test_unsupported_architecture_fails_in_one_line(alpaca_file, tmp_path, capsys):
+    """Phi-3 fuses q/k/v into one projection: no plan, one line naming the key (from the config alone)."""
+    from transformers import Phi3Config
+
+    from tests.test_errors import expect_one_line
+
+    model_dir = tmp_path / "phi3"
+    Phi3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+               num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2).save_pretrained(str(model_dir))
+    argv = ["train", "--nproc", "2", *base_overrides(alpaca_file, tmp_path / "x", tensor_parallel_size=2,
+                                                      model_name_or_path=str(model_dir))]
+    expect_one_line(capsys, argv, r"^ConfigError: key 'tensor_parallel_size': no tensor-parallel plan for "
+                                  r"model_type 'phi3' \(supported: llama, qwen2")
+
+
+def test_tensor_parallel_runs_under_fsdp_only():
+    from longtune.errors import ConfigError
+    from longtune.parallel.fsdp import plan_from_config
+
+    assert plan_from_config(None, False, None, world_size=2, tp=2).enabled
+    with pytest.raises(ConfigError, match=r"^key 'tensor_parallel_size': 2 runs under FSDP2; remove fsdp: false"):
+        plan_from_config(False, False, None, world_size=2, tp=2)
