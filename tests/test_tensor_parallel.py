@@ -4,6 +4,7 @@ per-step losses and final parameters as one process; bad tp settings fail with o
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -224,3 +225,60 @@ def test_tensor_parallel_runs_under_fsdp_only():
     assert plan_from_config(None, False, None, world_size=2, tp=2).enabled
     with pytest.raises(ConfigError, match=r"^key 'tensor_parallel_size': 2 runs under FSDP2; remove fsdp: false"):
         plan_from_config(False, False, None, world_size=2, tp=2)
+
+
+# --- estimate: the tp terms ---------------------------------------------------------------------------------
+
+def _rank_model_params(hf_config, tp: int) -> int:
+    """Parameters of one tp rank, counted by transformers on a model whose layers have the local head and MLP
+    counts (num_attention_heads / tp, num_key_value_heads / tp, intermediate_size / tp, same hidden size)."""
+    from transformers import AutoModelForCausalLM
+
+    local = hf_config.to_dict()
+    local.update(num_attention_heads=hf_config.num_attention_heads // tp,
+                 num_key_value_heads=hf_config.num_key_value_heads // tp,
+                 intermediate_size=hf_config.intermediate_size // tp,
+                 head_dim=hf_config.hidden_size // hf_config.num_attention_heads)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(type(hf_config).from_dict(local))
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_estimate_params_per_tp_rank_match_a_local_model(family):
+    from transformers import LlamaConfig, Qwen2Config
+
+    from longtune.estimate import ModelShape
+
+    kind = Qwen2Config if family == "qwen2" else LlamaConfig
+    config = kind(vocab_size=1000, hidden_size=256, intermediate_size=1024, num_hidden_layers=3,
+                  num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=family == "llama")
+    shape = ModelShape.from_hf_config(config)
+    for tp in (1, 2, 4):
+        assert shape.params_per_rank(tp) == _rank_model_params(config, tp), (family, tp)
+
+
+def test_estimate_divides_weights_and_mlp_by_tp_but_not_the_replicated_parts():
+    from longtune.estimate import TrainSetup, estimate_memory, shape_from_name_or_path
+
+    shape = shape_from_name_or_path("llama-3.1-8b")
+    base = TrainSetup(tokens=65536, sp=2, world_size=8, fsdp=True, dtype="bfloat16", tiled_mlp_tokens=None)
+    one, two = estimate_memory(shape, base), estimate_memory(shape, replace(base, tp=2))
+    # FSDP shards tp=2's per-rank model (split layers, whole root) over the 4 data ranks.
+    assert two.components["optimizer"] == 2 * shape.params_per_rank(2) * 4 // 4
+    assert one.components["optimizer"] == 2 * shape.total_params * 4 // 8
+    # Layer inputs are whole on every tp rank (same tokens), the layer's K/V and MLP widths are halved.
+    assert two.components["activations"] == one.components["activations"]
+    T, H, b = base.local_tokens, shape.hidden_size, 2
+    kv, inter = shape.kv_size, shape.intermediate_size
+    assert one.components["layer_recompute"] - two.components["layer_recompute"] == T * (2 * kv // 2 + 6 * inter // 2) * b
+    assert two.components["logits_chunk"] == one.components["logits_chunk"]
+
+
+def test_estimate_cli_takes_tensor_parallel_size(capsys):
+    from tests.test_bench_estimate import _run
+
+    assert _run(["estimate", "--model", "llama-3.1-8b", "--gpus", "8", "tensor_parallel_size=2",
+                 "sequence_parallel_size=2"]) == 0
+    out = capsys.readouterr().out
+    assert "tensor_parallel_size 2" in out and "| 4 |" in out and "| 8 |" not in out.split("per-GPU peak")[1]
