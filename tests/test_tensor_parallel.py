@@ -269,7 +269,7 @@ def test_estimate_divides_weights_and_mlp_by_tp_but_not_the_replicated_parts():
     assert one.components["optimizer"] == 2 * shape.total_params * 4 // 8
     # Layer inputs are whole on every tp rank (same tokens), the layer's K/V and MLP widths are halved.
     assert two.components["activations"] == one.components["activations"]
-    T, H, b = base.local_tokens, shape.hidden_size, 2
+    T, b = base.local_tokens, 2
     kv, inter = shape.kv_size, shape.intermediate_size
     assert one.components["layer_recompute"] - two.components["layer_recompute"] == T * (2 * kv // 2 + 6 * inter // 2) * b
     assert two.components["logits_chunk"] == one.components["logits_chunk"]
