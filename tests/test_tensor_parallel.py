@@ -282,3 +282,36 @@ def test_estimate_cli_takes_tensor_parallel_size(capsys):
                  "sequence_parallel_size=2"]) == 0
     out = capsys.readouterr().out
     assert "tensor_parallel_size 2" in out and "| 4 |" in out and "| 8 |" not in out.split("per-GPU peak")[1]
+
+
+@pytest.mark.slow
+def test_sft_tp2_with_checkpointing_tiled_mlp_and_packing(alpaca_file, tmp_path):
+    """The wrappers applied after TP (non-reentrant checkpointing recomputes through the split projections; the
+    tiled MLP runs them per tile) and document-aware attention on the local heads."""
+    common = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, packing=True,
+                  gradient_checkpointing=True, tiled_mlp_tokens=16)
+    launch(1, base_overrides(alpaca_file, tmp_path / "ref", **common))
+    launch(2, base_overrides(alpaca_file, tmp_path / "tp2", tensor_parallel_size=2, **common))
+    _assert_same_run(tmp_path / "ref", tmp_path / "tp2", "sft tp=2 checkpointing + tiled MLP")
+
+
+@pytest.mark.slow
+def test_pt_tp2_sp4_hybrid_matches_one_process(pt_reference, saved_models, tmp_path):
+    """8 processes: tp=2 leaves 2 / 1 heads per rank; explicit hybrid over sp=4 is Ulysses 2 (K/V replicated) x
+    ring 2, its sub-groups built per (dp, tp) coordinate."""
+    out = tmp_path / "hybrid"
+    launch(8, _pt_overrides(saved_models, out, per_device_train_batch_size=2, tensor_parallel_size=2,
+                            sequence_parallel_size=4, sequence_parallel_mode="hybrid"))
+    _assert_same_run(pt_reference, out, "pt tp=2 x sp=4 hybrid")
+
+
+@pytest.mark.slow
+def test_bf16_dpo_tp2_first_step_is_ln2(tmp_path):
+    """bf16 under FSDP x TP (fp32 masters, bf16 compute): the reference equals the policy at step 0, so the DPO
+    loss is ln 2 within bf16 rounding, and the losses track the one-process bf16 run."""
+    extra = dict(finetuning_type="full", dtype="bfloat16")
+    launch(1, _dpo_overrides(tmp_path / "ref", **extra))
+    launch(2, _dpo_overrides(tmp_path / "tp2", tensor_parallel_size=2, **extra))
+    ref, got = _curve(tmp_path / "ref", "loss"), _curve(tmp_path / "tp2", "loss")
+    assert abs(got[0] - math.log(2)) <= 1e-2, got
+    assert all(abs(a - b) <= 2e-2 * abs(a) for a, b in zip(ref, got)), (ref, got)
