@@ -315,3 +315,69 @@ def test_bf16_dpo_tp2_first_step_is_ln2(tmp_path):
     ref, got = _curve(tmp_path / "ref", "loss"), _curve(tmp_path / "tp2", "loss")
     assert abs(got[0] - math.log(2)) <= 1e-2, got
     assert all(abs(a - b) <= 2e-2 * abs(a) for a, b in zip(ref, got)), (ref, got)
+
+
+# --- the plan on each family --------------------------------------------------------------------------------
+
+FAMILY_CONFIGS = {
+    "llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "mistral": "MistralConfig",
+    "gemma": "GemmaConfig", "gemma2": "Gemma2Config",
+}
+
+
+def _tiny_family_model(family: str):
+    import transformers
+
+    config = getattr(transformers, FAMILY_CONFIGS[family])(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float64)
+
+
+def _family_worker(rank: int, world_size: int, family: str) -> dict:
+    """Loss and full gradients of the tp-split model and of its unsplit twin, on the same batch."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from longtune.models.loader import decoder_layer_list
+    from longtune.parallel.tensor import apply_tensor_parallel, check_tensor_parallel
+
+    reference, model = _tiny_family_model(family), _tiny_family_model(family)
+    check_tensor_parallel(model.config, world_size)
+    apply_tensor_parallel(decoder_layer_list(model)[1], init_device_mesh("cpu", (world_size,)))
+    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    out = {}
+    for name, net in (("ref", reference), ("tp", model)):
+        loss = net(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad)
+                 for n, p in net.named_parameters()}
+        out[name] = (float(loss.detach()), grads)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_each_family_splits_over_tp_exactly(family):
+    """Every supported family under a tp=2 plan: same loss and gradients as the unsplit model (float64)."""
+    from tests.distributed_utils import run_distributed
+
+    for result in run_distributed(_family_worker, 2, family):
+        (ref_loss, ref_grads), (loss, grads) = result["ref"], result["tp"]
+        assert abs(loss - ref_loss) <= 1e-12, family
+        for name, grad in ref_grads.items():
+            assert torch.allclose(grads[name], grad, rtol=1e-9, atol=1e-12), (family, name)
+
+
+def test_every_family_has_the_planned_linear_layers():
+    """The module names the plan relies on exist in each supported family's decoder layer, as nn.Linear."""
+    from torch import nn
+
+    from longtune.models.loader import decoder_layer_list
+    from longtune.parallel.tensor import TP_FAMILIES, plan_for
+
+    assert sorted(TP_FAMILIES) == sorted(FAMILY_CONFIGS)
+    for family in TP_FAMILIES:
+        layer = decoder_layer_list(_tiny_family_model(family))[1][0]
+        plan = plan_for(layer)
+        assert all(isinstance(layer.get_submodule(p), nn.Linear) for p in plan.colwise + plan.rowwise), family

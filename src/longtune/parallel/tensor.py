@@ -23,6 +23,11 @@ KEY = "tensor_parallel_size"
 TP_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2")
 COLWISE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
 ROWWISE = ("self_attn.o_proj", "mlp.down_proj")
+# Per-head norms (Qwen3's q_norm / k_norm over head_dim, applied to [B, T, heads, head_dim]): one weight shared by
+# all heads, so each tp rank's gradient covers only its local heads. They become replicated DTensors fed inputs
+# sharded on the heads dimension, and DTensor sums their weight gradient over the tp group.
+HEAD_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
+HEADS_DIM = 2
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,7 @@ class TensorParallelPlan:
 
     colwise: tuple[str, ...]
     rowwise: tuple[str, ...]
+    head_norms: tuple[str, ...] = ()
 
 
 def check_tensor_parallel(model_config, tp: int) -> None:
@@ -59,7 +65,7 @@ def plan_for(layer: nn.Module) -> TensorParallelPlan:
     if missing:
         raise ConfigError(f"key '{KEY}': decoder layer {type(layer).__name__} has no {', '.join(missing)}; no "
                           f"tensor-parallel plan fits it (use {KEY}: 1)")
-    return TensorParallelPlan(COLWISE, ROWWISE)
+    return TensorParallelPlan(COLWISE, ROWWISE, tuple(path for path in HEAD_NORMS if path in names))
 
 
 def _layer_plan(layer: nn.Module, plan: TensorParallelPlan) -> dict[str, object]:
@@ -69,9 +75,10 @@ def _layer_plan(layer: nn.Module, plan: TensorParallelPlan) -> dict[str, object]
     lora_A rowwise (its columns are the input features), lora_B whole. The adapter's output then has the
     base's layout (local output shard, or the all-reduced whole), and the replicated factor's gradient arrives
     complete through DTensor's reduction of the split factor's input gradient."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
 
-    styles: dict[str, object] = {}
+    styles: dict[str, object] = {path: SequenceParallel(sequence_dim=HEADS_DIM, use_local_output=True)
+                                 for path in plan.head_norms}
     for paths, style, adapter_factor in ((plan.colwise, ColwiseParallel, "lora_B"),
                                          (plan.rowwise, RowwiseParallel, "lora_A")):
         for path in paths:
@@ -96,4 +103,9 @@ def apply_tensor_parallel(layers: nn.ModuleList, tp_mesh) -> None:
     from torch.distributed.tensor.parallel import parallelize_module
 
     for layer in layers:
+        # SequenceParallel re-creates the norms' parameters as trainable; keep what finetuning decided.
+        frozen = {name for name, p in layer.named_parameters() if not p.requires_grad}
         parallelize_module(layer, tp_mesh, _layer_plan(layer, plan_for(layer)))
+        for name, p in layer.named_parameters():
+            if name in frozen:
+                p.requires_grad_(False)
