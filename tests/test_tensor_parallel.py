@@ -381,3 +381,28 @@ def test_every_family_has_the_planned_linear_layers():
         layer = decoder_layer_list(_tiny_family_model(family))[1][0]
         plan = plan_for(layer)
         assert all(isinstance(layer.get_submodule(p), nn.Linear) for p in plan.colwise + plan.rowwise), family
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ftype", ["full", "lora"])
+def test_qwen3_sft_tp2_sp2_matches_one_process(alpaca_file, tmp_path, ftype):
+    """Qwen3 (per-head q/k norms) through the CLI, 4 processes tp=2 x sp=2 under FSDP; with LoRA the norms stay
+    frozen (the tp plan re-creates their parameters; trained norms would change the losses of steps 3+)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from longtune.models.builtin import load_builtin_tokenizer
+
+    tok = load_builtin_tokenizer()
+    torch.manual_seed(5)
+    model = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id))
+    model.save_pretrained(tmp_path / "qwen3")
+    tok.save_pretrained(tmp_path / "qwen3")
+    common = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, packing=True, finetuning_type=ftype,
+                  model_name_or_path=str(tmp_path / "qwen3"), learning_rate=5e-3 if ftype == "lora" else 1e-3)
+    launch(1, base_overrides(alpaca_file, tmp_path / "ref", **common))
+    launch(4, base_overrides(alpaca_file, tmp_path / "tp2sp2", tensor_parallel_size=2, sequence_parallel_size=2,
+                             **common))
+    _assert_same_run(tmp_path / "ref", tmp_path / "tp2sp2", f"qwen3 {ftype} tp=2 x sp=2")
