@@ -212,6 +212,7 @@ def log_banner(cfg: Config, data: TrainingData, policy: ParallelModel, dtype: to
         f"eval rows | "
         f"{steps.total_steps} steps ({per_epoch}) | trainable {trainable:,} of {total_params:,} "
         f"params | {cfg.model.finetuning_type} | {dtype} on {dims.device} x {dims.world_size}"
+        f"{f' (dp {dims.dp} x sp {dims.sp} x tp {dims.tp})' if dims.tp > 1 else ''}"
         f"{' | FSDP2' + (' + CPU offload' if sharding.offload else '') if sharding.enabled else ''}"
     )
 

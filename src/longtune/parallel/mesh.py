@@ -265,7 +265,10 @@ def init_parallel(sp: int, timeout_s: int = 1800, tp: int = 1) -> ParallelDims:
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (dp, sp, tp), mesh_dim_names=("dp", "sp", "tp"))
-    return ParallelDims(dp=dp, sp=sp, rank=launch.rank, device=device, mesh=mesh, tp=tp)
+    dims = ParallelDims(dp=dp, sp=sp, rank=launch.rank, device=device, mesh=mesh, tp=tp)
+    if tp > 1:
+        dims._data_mesh()  # its groups now, on every rank together, not at the first sum that needs them
+    return dims
 
 
 def shutdown_parallel(dims: ParallelDims) -> None:
