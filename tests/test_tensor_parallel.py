@@ -194,6 +194,8 @@ def test_sp_mode_works_on_the_local_heads():
     (dict(tensor_parallel_size=3), 3,
      r"^ConfigError: key 'tensor_parallel_size': 3 does not divide the model's num_attention_heads \(4\)"),
     (dict(tensor_parallel_size=0), None, r"key 'tensor_parallel_size' must be >= 1, got 0"),
+    (dict(tensor_parallel_size=2, finetuning_type="lora", use_dora=True), 2,
+     r"^ConfigError: command line: key 'tensor_parallel_size' cannot split DoRA adapters"),
 ])
 def test_bad_tensor_parallel_settings_fail_in_one_line(alpaca_file, tmp_path, capsys, extra, nproc, pattern):
     """Before any process starts (--nproc) or any weight loads."""

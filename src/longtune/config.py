@@ -545,6 +545,9 @@ def validate(cfg: Config, source: str, sources: dict[str, str] | None = None) ->
         fail("sequence_parallel_size", f"must be >= 1, got {p.sequence_parallel_size}")
     if p.tensor_parallel_size < 1:
         fail("tensor_parallel_size", f"must be >= 1, got {p.tensor_parallel_size}")
+    if p.tensor_parallel_size > 1 and m.use_dora:
+        fail("tensor_parallel_size", "cannot split DoRA adapters (their magnitude vector spans the whole weight); "
+                                     "use plain LoRA (use_dora: false) or tensor_parallel_size: 1")
     if p.deepspeed and not Path(p.deepspeed).is_file():
         fail("deepspeed", f"file '{p.deepspeed}' does not exist")
 

@@ -83,9 +83,7 @@ def _layer_plan(layer: nn.Module, plan: TensorParallelPlan) -> dict[str, object]
                                          (plan.rowwise, RowwiseParallel, "lora_A")):
         for path in paths:
             module = layer.get_submodule(path)
-            if hasattr(module, "base_layer"):
-                if getattr(module, "use_dora", {}) and any(module.use_dora.values()):
-                    raise ConfigError(f"key '{KEY}': use_dora is not supported with tensor parallelism")
+            if hasattr(module, "base_layer"):  # (DoRA is refused by the config checks)
                 styles[f"{path}.base_layer"] = style()
                 for adapter in getattr(module, adapter_factor, {}):
                     styles[f"{path}.{adapter_factor}.{adapter}"] = style()
