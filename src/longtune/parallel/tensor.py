@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
+from torch.distributed.tensor import Replicate
 
 from longtune.errors import ConfigError
 
@@ -107,3 +108,31 @@ def apply_tensor_parallel(layers: nn.ModuleList, tp_mesh) -> None:
         for name, p in layer.named_parameters():
             if name in frozen:
                 p.requires_grad_(False)
+
+
+def split_vocabulary_head(model: nn.Module, tp_mesh) -> bool:
+    """Make the LM head vocab-parallel: its weight a DTensor split by vocabulary rows over `tp_mesh`, so the
+    chunked loss (losses/causal_lm.py) computes each rank's slice of the logits and no rank holds full-vocabulary
+    logits or the whole head. A head tied to the input embedding splits the embedding the same way (a row-wise
+    embedding lookup: each rank looks up its rows, an all-reduce adds them) and stays tied.
+
+    Only a plain bias-free nn.Linear head whose vocabulary tp divides is split; anything else (a reward head, a
+    LoRA-wrapped or trained-beside-LoRA head, an odd vocabulary) stays replicated. Returns whether it split."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tp = tp_mesh.size()
+    if type(head) is not nn.Linear or head.bias is not None or head.out_features % tp:
+        return False
+    embedding = model.get_input_embeddings()
+    tied = embedding is not None and embedding.weight is head.weight
+    if tied:
+        if type(embedding) is not nn.Embedding:
+            return False
+        parallelize_module(embedding, tp_mesh, RowwiseParallel(input_layouts=Replicate(), use_local_output=True))
+        head.weight = embedding.weight
+    else:
+        head.weight = nn.Parameter(distribute_tensor(head.weight, tp_mesh, [Shard(0)]),
+                                   requires_grad=head.weight.requires_grad)
+    return True
