@@ -233,17 +233,20 @@ def test_tensor_parallel_runs_under_fsdp_only():
 
 def _rank_model_params(hf_config, tp: int) -> int:
     """Parameters of one tp rank, counted by transformers on a model whose layers have the local head and MLP
-    counts (num_attention_heads / tp, num_key_value_heads / tp, intermediate_size / tp, same hidden size)."""
+    counts (num_attention_heads / tp, num_key_value_heads / tp, intermediate_size / tp, same hidden size) and
+    whose vocabulary is the head's local rows; an untied input embedding is whole on every rank."""
     from transformers import AutoModelForCausalLM
 
     local = hf_config.to_dict()
-    local.update(num_attention_heads=hf_config.num_attention_heads // tp,
+    untied_embedding_rest = 0 if hf_config.tie_word_embeddings else (
+        (hf_config.vocab_size - hf_config.vocab_size // tp) * hf_config.hidden_size)
+    local.update(vocab_size=hf_config.vocab_size // tp, num_attention_heads=hf_config.num_attention_heads // tp,
                  num_key_value_heads=hf_config.num_key_value_heads // tp,
                  intermediate_size=hf_config.intermediate_size // tp,
                  head_dim=hf_config.hidden_size // hf_config.num_attention_heads)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(type(hf_config).from_dict(local))
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters()) + untied_embedding_rest
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
@@ -274,7 +277,9 @@ def test_estimate_divides_weights_and_mlp_by_tp_but_not_the_replicated_parts():
     T, b = base.local_tokens, 2
     kv, inter = shape.kv_size, shape.intermediate_size
     assert one.components["layer_recompute"] - two.components["layer_recompute"] == T * (2 * kv // 2 + 6 * inter // 2) * b
-    assert two.components["logits_chunk"] == one.components["logits_chunk"]
+    # The vocab-parallel head: each rank's logits chunk covers V / tp (fp32 logits + bf16 copy, head grad buffer).
+    C, V = min(base.loss_chunk_size, T), shape.vocab_size
+    assert one.components["logits_chunk"] - two.components["logits_chunk"] == C * (V - V // 2) * (4 + b)
 
 
 def test_estimate_cli_takes_tensor_parallel_size(capsys):

@@ -53,9 +53,22 @@ class ModelShape:
         norms = 2 * self.hidden_size
         return (self.layer_params - norms) // tp + norms
 
+    def vocab_rows_per_rank(self, tp: int = 1) -> int:
+        """LM-head rows on one tensor-parallel rank: the head is split by vocabulary when tp divides it."""
+        return self.vocab_size // tp if self.vocab_size % tp == 0 else self.vocab_size
+
+    def root_params_per_rank(self, tp: int = 1) -> tuple[int, int]:
+        """(input embedding, untied LM head) parameters on one tensor-parallel rank; a tied embedding is split
+        with the head."""
+        rows = self.vocab_rows_per_rank(tp)
+        if self.tied_embeddings:
+            return rows * self.hidden_size, 0
+        return self.embedding_params, rows * self.hidden_size
+
     def params_per_rank(self, tp: int = 1) -> int:
-        """The model on one tensor-parallel rank: split layers, whole embeddings, head and final norm."""
-        return self.total_params - self.num_layers * (self.layer_params - self.layer_params_per_rank(tp))
+        """The model on one tensor-parallel rank: split layers and LM head, whole norms (and untied embedding)."""
+        embedding, head = self.root_params_per_rank(tp)
+        return self.num_layers * self.layer_params_per_rank(tp) + embedding + head + self.hidden_size
 
     @property
     def embedding_params(self) -> int:
@@ -190,8 +203,10 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
     projections split tp ways; embeddings, head and norms whole; trainable LoRA / freeze parameters scaled
     like the layers, exact for freeze, approximate for LoRA, whose lora_A of column-split layers is whole),
     S = W / tp, and in the layer working set and attention workspace KV, I and the heads are the local
-    ones (/ tp); the hidden-width tensors (layer inputs, residual stream, norms, the 8 H widths of a layer,
-    logits) are whole on every tp rank and are not divided (an upper bound for the attention half).
+    ones (/ tp), and so are the vocabulary of the logits chunk and of the head (vocab-parallel head, when tp
+    divides V; a tied embedding is split with it); the hidden-width tensors (layer inputs, residual stream,
+    norms, the 8 H widths of a layer) are whole on every tp rank and are not divided (an upper bound for the
+    attention half).
     GPU terms (bytes; P params, P_t trainable, W world size, S = W if FSDP else 1, b compute bytes, m master
     bytes (4 in bf16, else b), T = local tokens x batch, L layers, H hidden, KV = kv_heads x head_dim,
     I intermediate, V vocab, C = min(loss_chunk_size, T), root = embeddings + untied head):
@@ -252,12 +267,12 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
     frozen = P - Pt
     # FSDP keeps one dtype per sharded group: in bf16 the trainer casts every weight, frozen ones too, to fp32.
     master_bytes = 4 if low_precision and fsdp else b
-    L, H, V = shape.num_layers, shape.hidden_size, shape.vocab_size
+    L, H, V = shape.num_layers, shape.hidden_size, shape.vocab_rows_per_rank(tp)
     KV, I, heads = shape.kv_size // tp, shape.intermediate_size // tp, shape.num_heads // tp  # local to a tp rank
     T = setup.local_tokens * setup.batch_size
-    head_params = 0 if shape.tied_embeddings else shape.embedding_params  # grads that exist at backward start
+    embedding_params, head_params = shape.root_params_per_rank(tp)  # head: grads that exist at backward start
     head_trainable = head_params * Pt // P
-    root_params = shape.embedding_params + head_params
+    root_params = embedding_params + head_params
 
     sharded_params = (Pt * 4 + frozen * master_bytes) // shard
     sharded_grads = Pt * 4 // shard
