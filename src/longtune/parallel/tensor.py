@@ -4,8 +4,9 @@ column-wise (by output features, so by attention head and by MLP channel) over t
 
 Attention sees local tensors on its local heads (`use_local_output=True`): the HF attention of these families
 reshapes the projections with -1 heads and uses the config's head counts only for their ratio (num_key_value_groups),
-which a split of both by tp keeps. Everything outside the projections (embeddings, norms, LM head) is replicated
-over the tp group and gets the same, complete gradient on every tp rank.
+which a split of both by tp keeps. The LM head (and a tied embedding) is split by vocabulary where it can be
+(`split_vocabulary_head`). Everything else outside the projections (norms, an untied embedding) is replicated over
+the tp group and gets the same, complete gradient on every tp rank.
 """
 
 from __future__ import annotations
