@@ -44,10 +44,15 @@ def _final_logits(final_dir: Path) -> torch.Tensor:
 def test_sft_tp2_matches_one_process(alpaca_file, tmp_path):
     """Clipping active (max_grad_norm below every step's norm), GA 2; `final/` of the tp=2 run is a plain full
     model: transformers loads it and gives the one-process run's logits."""
-    common = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_grad_norm=0.05)
+    common = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_grad_norm=0.05, val_size=4,
+                  eval_steps=2)
     launch(1, base_overrides(alpaca_file, tmp_path / "ref", **common))
     launch(2, base_overrides(alpaca_file, tmp_path / "tp2", tensor_parallel_size=2, **common))
     _assert_same_run(tmp_path / "ref", tmp_path / "tp2", "sft tp=2")
+    # Evaluation runs the vocab-parallel loss without gradients.
+    ref_eval = [r["eval_loss"] for r in metric_rows(tmp_path / "ref") if "eval_loss" in r]
+    tp_eval = [r["eval_loss"] for r in metric_rows(tmp_path / "tp2") if "eval_loss" in r]
+    assert len(ref_eval) == len(tp_eval) == 2 and max(abs(a - b) for a, b in zip(ref_eval, tp_eval)) <= 1e-9
     assert min(_curve(tmp_path / "ref", "grad_norm")) > 0.05
     ref_logits, logits = _final_logits(tmp_path / "ref" / "final"), _final_logits(tmp_path / "tp2" / "final")
     assert float((logits - ref_logits).abs().max()) <= 1e-9 * float(ref_logits.abs().max())
