@@ -150,7 +150,8 @@ def _tp_sum(x: Tensor, group) -> Tensor:
 def _head_weight(head: nn.Module) -> tuple[Tensor, VocabSlice | None]:
     """The head weight to compute with: the local rows and their slice for a vocab-parallel head."""
     weight = head.weight
-    if hasattr(weight, "device_mesh"):
+    # Only the tp split of parallel/tensor.py: FSDP's own unsharded parameters are plain tensors in forward.
+    if getattr(getattr(weight, "device_mesh", None), "mesh_dim_names", None) == ("tp",):
         return weight.to_local(), VocabSlice(weight)
     return weight, None
 
