@@ -281,7 +281,8 @@ def test_estimate_divides_weights_and_mlp_by_tp_but_not_the_replicated_parts():
     assert two.components["activations"] == one.components["activations"]
     T, b = base.local_tokens, 2
     kv, inter = shape.kv_size, shape.intermediate_size
-    assert one.components["layer_recompute"] - two.components["layer_recompute"] == T * (2 * kv // 2 + 6 * inter // 2) * b
+    halved = T * (2 * kv // 2 + 6 * inter // 2) * b
+    assert one.components["layer_recompute"] - two.components["layer_recompute"] == halved
     # The vocab-parallel head: each rank's logits chunk covers V / tp (fp32 logits + bf16 copy, head grad buffer).
     C, V = min(base.loss_chunk_size, T), shape.vocab_size
     assert one.components["logits_chunk"] - two.components["logits_chunk"] == C * (V - V // 2) * (4 + b)

@@ -1,6 +1,7 @@
 """FSDP2 (`fully_shard`) over all dp x sp ranks, the ZeRO-3 equivalent: parameters, gradients and optimizer
-state are sharded over the whole world (with tensor parallelism: over dp x sp, tp being the inner dimension); bf16/fp16 compute with fp32 master weights through a
-MixedPrecisionPolicy; optional CPU offload of parameters and optimizer state.
+state are sharded over the whole world (with tensor parallelism: over dp x sp, tp being the inner dimension);
+bf16/fp16 compute with fp32 master weights through a MixedPrecisionPolicy; optional CPU offload of parameters
+and optimizer state.
 
 Why every rank (not only dp): SP ranks hold identical parameters, so sharding over them too divides the
 parameter memory by sp as well. Gradients must be *summed*: each rank's loss is already its share of one global,

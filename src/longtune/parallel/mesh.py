@@ -60,7 +60,8 @@ def check_degrees(world_size: int, sp: int, tp: int = 1) -> int:
     if tp > 1 and world_size % (sp * tp):
         raise ConfigError(
             f"key 'tensor_parallel_size': {tp} x sequence_parallel_size {sp} does not divide the world size "
-            f"{world_size} (the world is dp x sp x tp: launch a multiple of {sp * tp} processes, e.g. --nproc {sp * tp})"
+            f"{world_size} (the world is dp x sp x tp: launch a multiple of {sp * tp} processes, e.g. "
+            f"--nproc {sp * tp})"
         )
     if world_size % sp:
         raise ConfigError(

@@ -1,6 +1,6 @@
 """The one place a model is made ready to run: load -> finetuning -> dtype policy -> tensor parallel -> tiled MLP
--> activation checkpointing -> SP attention -> FSDP. The trainer's policy, the live reference model and the benchmark all go
-through `parallelize`, so they cannot drift apart."""
+-> activation checkpointing -> SP attention -> FSDP. The trainer's policy, the live reference model and the
+benchmark all go through `parallelize`, so they cannot drift apart."""
 
 from __future__ import annotations
 
