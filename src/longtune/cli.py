@@ -108,7 +108,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from longtune.parallel.mesh import check_degrees
         from longtune.run_dir import preflight
 
-        check_degrees(args.nproc, cfg.parallel.sequence_parallel_size)
+        check_degrees(args.nproc, cfg.parallel.sequence_parallel_size, cfg.parallel.tensor_parallel_size)
         preflight(cfg)
         return launch_with_torchrun(args)
     if int(os.environ.get("RANK", "0")) == 0:

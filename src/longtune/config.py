@@ -319,6 +319,11 @@ class ParallelConfig:
     sequence_parallel_mode: Literal["auto", "zigzag_ring", "ulysses", "llama3", "hybrid"] = _key(
         "auto", "How attention is computed across the sequence-parallel group."
     )
+    tensor_parallel_size: int = _key(
+        1,
+        "Ranks each layer's attention heads and MLP are split over (Megatron-style tensor parallelism, innermost: a "
+        "TP group sits on one node). The world size must be data x sequence x tensor parallel degrees.",
+    )
     attention_kernel: Literal["auto", "fused", "math"] = _key(
         "auto",
         "Block kernel of the SP / packed attention: `auto`/`fused` use PyTorch's SDPA kernels with log-sum-exp "
@@ -750,6 +755,14 @@ def validate(cfg: Config, source: str, sources: dict[str, str] | None = None) ->
                                          "adapter_config.json)")
     if p.sequence_parallel_size < 1:
         fail("sequence_parallel_size", f"must be >= 1, got {p.sequence_parallel_size}")
+    if p.tensor_parallel_size < 1:
+        fail("tensor_parallel_size", f"must be >= 1, got {p.tensor_parallel_size}")
+    if p.tensor_parallel_size > 1 and m.use_dora:
+        fail("tensor_parallel_size", "cannot split DoRA adapters (their magnitude vector spans the whole weight); "
+                                     "use plain LoRA (use_dora: false) or tensor_parallel_size: 1")
+    if p.tensor_parallel_size > 1 and m.quantization_bit is not None:
+        fail("tensor_parallel_size", "cannot split a quantized base (a 4/8-bit weight is only meaningful with its "
+                                     "per-block constants); use tensor_parallel_size: 1 with quantization_bit")
     if p.deepspeed and not Path(p.deepspeed).is_file():
         fail("deepspeed", f"file '{p.deepspeed}' does not exist")
 

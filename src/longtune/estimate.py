@@ -47,6 +47,29 @@ class ModelShape:
         biases = h + 2 * kv if self.qkv_bias else 0
         return 2 * h * h + 2 * h * kv + biases + 3 * h * self.intermediate_size + 2 * h
 
+    def layer_params_per_rank(self, tp: int = 1) -> int:
+        """One decoder layer's parameters on one tensor-parallel rank: the projections (and q/k/v biases) are
+        split tp ways, the two norms are whole on every rank."""
+        norms = 2 * self.hidden_size
+        return (self.layer_params - norms) // tp + norms
+
+    def vocab_rows_per_rank(self, tp: int = 1) -> int:
+        """LM-head rows on one tensor-parallel rank: the head is split by vocabulary when tp divides it."""
+        return self.vocab_size // tp if self.vocab_size % tp == 0 else self.vocab_size
+
+    def root_params_per_rank(self, tp: int = 1) -> tuple[int, int]:
+        """(input embedding, untied LM head) parameters on one tensor-parallel rank; a tied embedding is split
+        with the head."""
+        rows = self.vocab_rows_per_rank(tp)
+        if self.tied_embeddings:
+            return rows * self.hidden_size, 0
+        return self.embedding_params, rows * self.hidden_size
+
+    def params_per_rank(self, tp: int = 1) -> int:
+        """The model on one tensor-parallel rank: split layers and LM head, whole norms (and untied embedding)."""
+        embedding, head = self.root_params_per_rank(tp)
+        return self.num_layers * self.layer_params_per_rank(tp) + embedding + head + self.hidden_size
+
     @property
     def layer_linear_params(self) -> int:
         """The weights of one layer's linear projections (what a quantized base stores in 4 or 8 bits)."""
@@ -111,6 +134,7 @@ class TrainSetup:
     batch_size: int = 1
     sp: int = 1
     world_size: int = 1
+    tp: int = 1  # tensor_parallel_size (always under FSDP, which then shards over world_size / tp ranks)
     fsdp: bool = False
     dtype: str = "float32"  # compute dtype; bf16/fp16 keep fp32 masters of trainable weights
     trainable_params: int | None = None  # None: full fine-tuning
@@ -195,6 +219,14 @@ def quantized_bytes_per_param(bits: int, double_quantization: bool = True) -> fl
 def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
     """Predicted peak GPU memory and host memory of one process of a training step (forward, backward, step).
 
+    Tensor parallelism (tp > 1, always with FSDP): P, P_t and the layer sizes are those of one tp rank (the
+    projections split tp ways; embeddings, head and norms whole; trainable LoRA / freeze parameters scaled
+    like the layers, exact for freeze, approximate for LoRA, whose lora_A of column-split layers is whole),
+    S = W / tp, and in the layer working set and attention workspace KV, I and the heads are the local
+    ones (/ tp), and so are the vocabulary of the logits chunk and of the head (vocab-parallel head, when tp
+    divides V; a tied embedding is split with it); the hidden-width tensors (layer inputs, residual stream,
+    norms, the 8 H widths of a layer) are whole on every tp rank and are not divided (an upper bound for the
+    attention half).
     GPU terms (bytes; P params, P_t trainable, W world size, S = W if FSDP else 1, b compute bytes, m master
     bytes (4 in bf16, else b), T = local tokens x batch, L layers, H hidden, KV = kv_heads x head_dim,
     I intermediate, V vocab, C = min(loss_chunk_size, T), root = embeddings + untied head):
@@ -249,21 +281,25 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
     b = DTYPE_BYTES[setup.dtype]
     low_precision = b < 4
     offload = setup.offload_params
-    fsdp = setup.fsdp or offload  # the trainer shards with FSDP2 whenever parameters are offloaded
-    shard = setup.world_size if fsdp else 1
-    P = shape.total_params
-    Pt = P if setup.trainable_params is None else setup.trainable_params
-    Pq = shape.num_layers * shape.layer_linear_params if setup.quantization_bit else 0
+    tp = setup.tp
+    # The trainer shards with FSDP2 whenever parameters are offloaded or tensor parallelism is on.
+    fsdp = setup.fsdp or offload or tp > 1
+    shard = setup.world_size // tp if fsdp else 1
+    P = shape.params_per_rank(tp)
+    layer_params = shape.layer_params_per_rank(tp)
+    Pt = P if setup.trainable_params is None else setup.trainable_params * layer_params // shape.layer_params
+    layer_linear = shape.layer_linear_params // tp  # what a quantized base stores in 4 or 8 bits, per tp rank
+    Pq = shape.num_layers * layer_linear if setup.quantization_bit else 0
     quantized = int(Pq * quantized_bytes_per_param(setup.quantization_bit, setup.double_quantization)) if Pq else 0
     frozen = P - Pt - Pq
     # FSDP keeps one dtype per sharded group: in bf16 the trainer casts every weight, frozen ones too, to fp32.
     master_bytes = 4 if low_precision and fsdp else b
-    L, H, KV, I, V = (shape.num_layers, shape.hidden_size, shape.kv_size, shape.intermediate_size,
-                      shape.vocab_size)
+    L, H, V = shape.num_layers, shape.hidden_size, shape.vocab_rows_per_rank(tp)
+    KV, I, heads = shape.kv_size // tp, shape.intermediate_size // tp, shape.num_heads // tp  # local to a tp rank
     T = setup.local_tokens * setup.batch_size
-    head_params = 0 if shape.tied_embeddings else shape.embedding_params  # grads that exist at backward start
+    embedding_params, head_params = shape.root_params_per_rank(tp)  # head: grads that exist at backward start
     head_trainable = head_params * Pt // P
-    root_params = shape.embedding_params + head_params
+    root_params = embedding_params + head_params
 
     sharded_params = (Pt * 4 + frozen * master_bytes) // shard + quantized  # quantized layers are not sharded
     sharded_grads = Pt * 4 // shard
@@ -273,13 +309,13 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
     if setup.live_reference:
         reference = P * master_bytes // shard if fsdp else P * b
     # FSDP's unsharded compute copies (a quantized layer's linear weights are never gathered)
-    gathered = (root_params + GATHERED_LAYERS * (shape.layer_params - (shape.layer_linear_params if Pq else 0))) * b
+    gathered = (root_params + GATHERED_LAYERS * (layer_params - (layer_linear if Pq else 0))) * b
     if offload:
         params = gathered + quantized
         sharded_params -= quantized
         # One layer's unsharded fp32 grads before they move to the host, and the root's (the head's) until the
         # root's reduce-scatter at the end of backward.
-        grads = (shape.layer_params + head_trainable) * 4
+        grads = (layer_params + head_trainable) * 4
         offloaded = {"params": sharded_params, "grads": sharded_grads, "optimizer": optimizer,
                      "reference": reference, "optimizer_step_temp": step_temp}
         optimizer, step_temp, reference = 0, 0, 0
@@ -287,7 +323,7 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
         params = sharded_params
         if low_precision:
             params += gathered if fsdp else (P - Pq) * b
-        grads = sharded_grads + (shape.layer_params * 4 if fsdp else 0)
+        grads = sharded_grads + (layer_params * 4 if fsdp else 0)
         offloaded = {}
     accumulated = Pt * 4 if (fsdp and setup.gradient_accumulation_steps > 1
                              and not setup.gradient_sync_every_micro_batch) else 0
@@ -318,11 +354,11 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
     else:
         logits_chunk = C * V * 4 * LOGITS_COPIES
         loss_grads = head_grads
-    attention = shape.num_heads * T * 4
+    attention = heads * T * 4
     if setup.sp_attention or setup.sp > 1:
-        attention += T * (H + 2 * KV) * 4 + (4 * T * KV * b if setup.sp > 1 else 0)
+        attention += T * (heads * shape.head_dim + 2 * KV) * 4 + (4 * T * KV * b if setup.sp > 1 else 0)
     if setup.math_attention:
-        attention += 3 * shape.num_heads * setup.local_tokens**2 * setup.batch_size * 4
+        attention += 3 * heads * setup.local_tokens**2 * setup.batch_size * 4
     # The attention backward runs after the MLP's, whose intermediates are freed by then: only the part of the
     # attention workspace beyond them raises the layer's peak.
     attention_extra = max(0, attention - mlp_part)
@@ -403,6 +439,7 @@ def setup_from_config(cfg, shape: ModelShape, gpus: int, tokens: int | None = No
         batch_size=t.per_device_train_batch_size,
         sp=sp or p.sequence_parallel_size,
         world_size=gpus,
+        tp=p.tensor_parallel_size,
         fsdp=bool(fsdp),
         dtype=cfg.compute_dtype,
         trainable_params=trainable,
@@ -455,7 +492,7 @@ def suggest_sp(shape: ModelShape, setup: TrainSetup, gpu_mem: int | MemoryBudget
                ) -> tuple[int | None, dict[int, MemoryEstimate]]:
     """The smallest SP degree whose estimate fits the budget (None if none does), and every estimate."""
     budget = gpu_mem if isinstance(gpu_mem, MemoryBudget) else MemoryBudget(gpu_mem)
-    table = {sp: estimate_memory(shape, replace(setup, sp=sp)) for sp in sp_degrees(setup.world_size)}
+    table = {sp: estimate_memory(shape, replace(setup, sp=sp)) for sp in sp_degrees(setup.world_size // setup.tp)}
     fitting = [sp for sp, est in table.items() if budget.fits(est)]
     return (fitting[0] if fitting else None), table
 
@@ -521,7 +558,8 @@ def _describe(shape: ModelShape, setup: TrainSetup) -> list[str]:
         f"{', tied' if shape.tied_embeddings else ''}); trainable "
         f"{(setup.trainable_params or shape.total_params) / 1e9:.3f}B",
         f"run: T={setup.tokens} tokens x batch {setup.batch_size}, {setup.dtype}, {setup.world_size} GPU(s), "
-        f"FSDP {'on' if setup.fsdp or setup.offload_params else 'off'}{offload}, checkpointing "
+        f"{f'tensor_parallel_size {setup.tp}, ' if setup.tp > 1 else ''}"
+        f"FSDP {'on' if setup.fsdp or setup.offload_params or setup.tp > 1 else 'off'}{offload}, checkpointing "
         f"{'on' if setup.gradient_checkpointing else 'off'}"
         f"{', offload_activations' if setup.offload_activations else ''}"
         f"{f', tiled_mlp_tokens {setup.tiled_mlp_tokens}' if setup.tiled_mlp_tokens else ''}, "
@@ -583,7 +621,7 @@ def format_max_length(shape: ModelShape, setup: TrainSetup, budget: MemoryBudget
                   f", {budget.gpus_per_node} processes per node; multiples of {LENGTH_RESOLUTION}):",
               "| sequence_parallel_size | max cutoff_len | GPU peak | host per node | limited by |",
               "| --- | --- | --- | --- | --- |"]
-    for sp in sp_degrees(setup.world_size):
+    for sp in sp_degrees(setup.world_size // setup.tp):
         found = max_cutoff_len(shape, replace(setup, sp=sp), budget, docs_per_row)
         if found.cutoff_len is None:
             lines.append(f"| {sp} | none | | | {found.limited_by} |")
@@ -642,6 +680,9 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     setup = setup_from_config(cfg, shape, args.gpus, tokens=args.length)
     if args.gpus % setup.sp:
         raise ConfigError(f"key 'sequence_parallel_size': {setup.sp} does not divide --gpus {args.gpus}")
+    if args.gpus % (setup.sp * setup.tp):
+        raise ConfigError(f"key 'tensor_parallel_size': {setup.tp} x sequence_parallel_size {setup.sp} does not "
+                          f"divide --gpus {args.gpus}")
     if args.max_length:
         from longtune.stages import stage_class
 

@@ -26,6 +26,7 @@ from longtune.io import atomic_dir, atomic_write_text
 from longtune.models.loader import load_model_config
 from longtune.parallel.fsdp import RootForward, full_state_dict
 from longtune.parallel.mesh import ParallelDims
+from longtune.parallel.tensor import check_tensor_parallel
 
 RUN_ARTEFACTS = ("metrics.jsonl", "train_config.yaml", "loss.png", "final", "runs")
 RUN_RECORD = ".longtune-run.json"  # what longtune wrote into output_dir: all that overwrite_output_dir may remove
@@ -99,10 +100,11 @@ def check_output_dir(cfg: Config, dims: ParallelDims | None = None, log: Callabl
 
 def preflight(cfg: Config) -> None:
     """Checks the launching process of `--nproc N` runs before the ranks start (each would report the same
-    error): the output directory (not the resume checkpoint: the ranks verify that) and the model directory."""
+    error): the output directory (not the resume checkpoint: the ranks verify that), the model directory and
+    whether tensor parallelism fits the model."""
     if cfg.train.resume_from_checkpoint in (None, False):
         _check_output_dir_main(cfg, lambda _: None)
-    load_model_config(cfg.model)
+    check_tensor_parallel(load_model_config(cfg.model), cfg.parallel.tensor_parallel_size)
 
 
 def run_settings(cfg: Config, dims: ParallelDims, sharded: bool) -> dict[str, Any]:
@@ -110,8 +112,8 @@ def run_settings(cfg: Config, dims: ParallelDims, sharded: bool) -> dict[str, An
     return {"stage": cfg.train.stage, "finetuning_type": cfg.model.finetuning_type, "lora_rank": cfg.model.lora_rank,
             "dtype": cfg.compute_dtype, "max_steps": cfg.train.max_steps,
             "num_train_epochs": cfg.train.num_train_epochs, "learning_rate": cfg.train.learning_rate,
-            "world_size": dims.world_size, "sequence_parallel_size": dims.sp, "fsdp": sharded,
-            "optim": cfg.train.optim}
+            "world_size": dims.world_size, "sequence_parallel_size": dims.sp, "tensor_parallel_size": dims.tp,
+            "fsdp": sharded, "optim": cfg.train.optim}
 
 
 def check_resume_settings(ckpt: Path, now: dict[str, Any], log: Callable[[str], None]) -> TrainerState:
@@ -134,7 +136,8 @@ def check_resume_settings(ckpt: Path, now: dict[str, Any], log: Callable[[str], 
                           f" FSDP by {before['world_size']} process(es), this launch has {now['world_size']} "
                           f"{'with' if now['fsdp'] else 'without'} FSDP; resume with {fix}")
     changed = [f"{key} {before[key]} -> {now[key]}" for key in ("dtype", "max_steps", "num_train_epochs",
-                                                                "learning_rate", "world_size", "sequence_parallel_size")
+                                                                "learning_rate", "world_size", "sequence_parallel_size",
+                                                                "tensor_parallel_size")
                if key in before and before[key] != now[key]]
     if changed:
         log(f"notice: resuming {ckpt.name} with changed settings: {', '.join(changed)} (the loss curve will not "

@@ -44,10 +44,11 @@ from longtune.models.loader import (
 )
 from longtune.models.neftune import NEFTune
 from longtune.optim import build_optimizer, lr_lambda
-from longtune.parallel.fsdp import ShardingPlan, all_reduce_gradients, gradient_scale, plan_from_config
+from longtune.parallel.fsdp import ShardingPlan, all_reduce_gradients, clip_gradients, gradient_scale, plan_from_config
 from longtune.parallel.mesh import ParallelDims, init_parallel, shutdown_parallel
 from longtune.parallel.parallelize import LOW_PRECISION, ModelRecipe, ParallelModel, build_model
 from longtune.parallel.sequence import SequenceParallel
+from longtune.parallel.tensor import check_tensor_parallel
 from longtune.reference import build_live_reference, precompute_references
 from longtune.run_dir import Checkpointer, check_output_dir, check_resume_settings, prepare_output_dir, run_settings
 from longtune.stages import Stage, build_stage
@@ -84,8 +85,10 @@ def train(cfg: Config, log: Callable[[str], None] = print, callbacks: TrainCallb
     """Run one training job; every process of a multi-process launch calls this. A collective that fails
     because a peer died or stopped becomes a one-line PeerError naming that peer (see faults.py)."""
     t = cfg.train
-    dims = init_parallel(cfg.parallel.sequence_parallel_size, t.ddp_timeout)
+    dims = init_parallel(cfg.parallel.sequence_parallel_size, t.ddp_timeout, cfg.parallel.tensor_parallel_size)
     status = RankStatus(t.output_dir, dims.rank, dims.world_size, t.ddp_timeout)
+    if dims.world_size > 1:
+        print(dims.role(), flush=True)  # every rank: which slice of data, sequence and layers it holds
     try:
         with tf32_allowed(t.tf32):
             result = _train(cfg, dims, log if dims.is_main else (lambda _: None), status, callbacks)
@@ -135,7 +138,7 @@ def setup_run(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> Ru
     heads); then the main rank prepares output_dir."""
     resume = check_output_dir(cfg, dims, log)
     p = cfg.parallel
-    sharding = plan_from_config(p.fsdp, p.offload_params, p.deepspeed, dims.world_size, log)
+    sharding = plan_from_config(p.fsdp, p.offload_params, p.deepspeed, dims.world_size, log, dims.tp)
     settings = run_settings(cfg, dims, sharding.enabled)
     if resume is not None:
         check_resume_settings(resume, settings, log)
@@ -144,6 +147,7 @@ def setup_run(cfg: Config, dims: ParallelDims, log: Callable[[str], None]) -> Ru
     check_not_prequantized(model_config, cfg.model)
     if cfg.model.quantization_bit is not None:
         import_bitsandbytes()
+    check_tensor_parallel(model_config, dims.tp)
     stage = build_stage(cfg)
     # Rows of several documents (pairs, KTO's KL document) need document-aware attention even at sp=1.
     sequence = SequenceParallel(dims, p, model_config, packed=cfg.packing or stage.docs_per_row > 1, log=log)
@@ -246,6 +250,7 @@ def log_banner(cfg: Config, data: TrainingData, policy: ParallelModel, dtype: to
         f"eval rows | "
         f"{steps.total_steps} steps ({per_epoch}) | trainable {trainable:,} of {total_params:,} "
         f"params | {cfg.model.finetuning_type} | {dtype} on {dims.device} x {dims.world_size}"
+        f"{f' (dp {dims.dp} x sp {dims.sp} x tp {dims.tp})' if dims.tp > 1 else ''}"
         f"{' | FSDP2' + (' + CPU offload' if sharding.offload else '') if sharding.enabled else ''}"
     )
 
@@ -307,8 +312,7 @@ def train_step(parts: RunParts, cfg: Config, data: StepData, opt: Optimization, 
         if opt.loss_scaler is not None:
             opt.loss_scaler.unscale(opt.params)
         max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(opt.params, max_norm)
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        grad_norm = clip_gradients(opt.params, max_norm, dims)
         opt.optimizer.step()
         opt.scheduler.step()
     opt.optimizer.zero_grad(set_to_none=True)

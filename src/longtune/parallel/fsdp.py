@@ -1,6 +1,7 @@
 """FSDP2 (`fully_shard`) over all dp x sp ranks, the ZeRO-3 equivalent: parameters, gradients and optimizer
-state are sharded over the whole world; bf16/fp16 compute with fp32 master weights through a
-MixedPrecisionPolicy; optional CPU offload of parameters and optimizer state.
+state are sharded over the whole world (with tensor parallelism: over dp x sp, tp being the inner dimension);
+bf16/fp16 compute with fp32 master weights through a MixedPrecisionPolicy; optional CPU offload of parameters
+and optimizer state.
 
 Why every rank (not only dp): SP ranks hold identical parameters, so sharding over them too divides the
 parameter memory by sp as well. Gradients must be *summed*: each rank's loss is already its share of one global,
@@ -10,10 +11,12 @@ token-normalised sum (see gradient_scale).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from longtune.errors import ConfigError
@@ -46,8 +49,19 @@ class ShardingPlan:
 
 
 def plan_from_config(fsdp: bool | None, offload_params: bool, deepspeed: str | None, world_size: int,
-                     log=print) -> ShardingPlan:
-    """`fsdp: null` means on whenever there is more than one process. A DeepSpeed ZeRO json maps onto FSDP2."""
+                     log=print, tp: int = 1) -> ShardingPlan:
+    """`fsdp: null` means on whenever there is more than one process. A DeepSpeed ZeRO json maps onto FSDP2.
+    Tensor parallelism always runs under FSDP2 (its DTensor state dicts, checkpoints and gradient sums over
+    dp x sp are FSDP's); `fsdp: false` or ZeRO-0 with tp > 1 is refused."""
+    plan = _sharding_plan(fsdp, offload_params, deepspeed, world_size, log)
+    if tp > 1 and not plan.enabled:
+        raise ConfigError(f"key 'tensor_parallel_size': {tp} runs under FSDP2; remove fsdp: false (or the "
+                          "ZeRO-0 deepspeed config)")
+    return plan
+
+
+def _sharding_plan(fsdp: bool | None, offload_params: bool, deepspeed: str | None, world_size: int,
+                   log) -> ShardingPlan:
     if deepspeed:
         path = Path(deepspeed)
         try:
@@ -107,14 +121,16 @@ def apply_fsdp(root: RootForward, dims: ParallelDims, layers: nn.ModuleList, com
 
 
 def gradient_scale(plan: ShardingPlan, dims: ParallelDims) -> float:
-    """Factor on the backward loss that turns FSDP's gradient average over all ranks into their sum."""
-    return float(dims.world_size) if plan.enabled else 1.0
+    """Factor on the backward loss that turns FSDP's gradient average over its dp x sp ranks into their sum
+    (tp ranks are not averaged over: each holds its own slice, or a copy of a replicated parameter's gradient)."""
+    return float(dims.data_parallel_size) if plan.enabled else 1.0
 
 
 def all_reduce_gradients(params: list[nn.Parameter], dims: ParallelDims) -> None:
-    """Without FSDP: sum gradients over every rank. Each rank's loss is its share of one global sum (already
-    divided by the step's global token count), so the sum is the gradient of the whole step."""
-    if dims.world_size == 1:
+    """Without FSDP: sum gradients over the dp x sp ranks (the ranks of different tokens; a TP-split gradient is
+    summed slice by slice). Each rank's loss is its share of one global sum (already divided by the step's global
+    token count), so the sum is the gradient of the whole step."""
+    if dims.data_parallel_size == 1:
         return
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
@@ -126,6 +142,47 @@ def all_reduce_gradients(params: list[nn.Parameter], dims: ParallelDims) -> None
     dims.all_reduce_sum(flat)
     for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
         grad.copy_(synced)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a view that in-place writes go through), or the tensor itself."""
+    return tensor._local_tensor if hasattr(tensor, "_local_tensor") else tensor
+
+
+def clip_gradients(params: list[nn.Parameter], max_norm: float, dims: ParallelDims) -> float:
+    """Scale gradients to a global L2 norm of at most `max_norm`; returns the norm before clipping.
+
+    Gradients may be plain tensors or DTensors on different meshes (FSDP's dp x sp, FSDP x tp, tp alone), which
+    torch's clip_grad_norm_ cannot stack. Each rank sums the squares of its local pieces, each divided by the
+    number of ranks holding a copy of that piece (world / ranks it is split over), and one all-reduce over the
+    world adds them up: each element of each full gradient is counted exactly once.
+    """
+    per_device: dict[torch.device, torch.Tensor] = {}  # summed where the gradients live (CPU under offload)
+    for p in params:
+        if p.grad is None:
+            continue
+        local = _local(p.grad)
+        split_over = 1
+        if hasattr(p.grad, "placements"):
+            mesh = p.grad.device_mesh
+            # Every non-replicated mesh dimension splits it (Shard, and FSDP x TP's _StridedShard, for which
+            # is_shard() is False); gradients here are never Partial.
+            split_over = math.prod(mesh.size(i) for i, pl in enumerate(p.grad.placements) if not pl.is_replicate())
+        squares = local.detach().double().pow(2).sum() / (dims.world_size // split_over)
+        per_device[local.device] = per_device.get(local.device, 0) + squares
+    total = torch.zeros((), dtype=torch.float64, device=dims.device)
+    for squares in per_device.values():
+        total += squares.to(dims.device)
+    if dims.world_size > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    norm = float(total.sqrt())
+    # As torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) whenever that is below 1.
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1:
+        for p in params:
+            if p.grad is not None:
+                _local(p.grad).mul_(coef)
+    return norm
 
 
 def is_fsdp(module: nn.Module) -> bool:

@@ -1,9 +1,10 @@
-"""Who is who: the one object that owns the data-parallel and sequence-parallel degrees, the DeviceMeshes and the
-process groups (dp x sp, FSDP's flat mesh, the hybrid SP sub-groups). Everything else receives it explicitly and
-asks it; nothing else computes ranks or creates groups.
+"""Who is who: the one object that owns the data-, sequence- and tensor-parallel degrees, the DeviceMeshes and the
+process groups (dp x sp x tp, FSDP's mesh, the hybrid SP sub-groups, the tp group). Everything else receives it
+explicitly and asks it; nothing else computes ranks or creates groups.
 
-Ranks are laid out dp-major: the `sp` consecutive ranks that share one sequence sit on the same node whenever
-sp divides the GPUs per node, so the SP collectives stay on the fast links.
+Ranks are laid out dp-major, tp innermost: rank = (dp_rank * sp + sp_rank) * tp + tp_rank. The `tp` consecutive
+ranks of a TP group (an all-reduce per layer) sit on one node, and the sp * tp ranks that share one sequence sit
+on the same node whenever they fit on it, so the SP collectives stay on the fast links too.
 """
 
 from __future__ import annotations
@@ -50,41 +51,89 @@ def read_launch_env() -> LaunchEnv:
     return LaunchEnv(0, 1, 0)
 
 
-def check_degrees(world_size: int, sp: int) -> int:
+def check_degrees(world_size: int, sp: int, tp: int = 1) -> int:
     """dp for this world size, or a one-line error (called before any weight loads)."""
     if sp < 1:
         raise ConfigError(f"key 'sequence_parallel_size' must be >= 1, got {sp}")
+    if tp < 1:
+        raise ConfigError(f"key 'tensor_parallel_size' must be >= 1, got {tp}")
+    if tp > 1 and world_size % (sp * tp):
+        raise ConfigError(
+            f"key 'tensor_parallel_size': {tp} x sequence_parallel_size {sp} does not divide the world size "
+            f"{world_size} (the world is dp x sp x tp: launch a multiple of {sp * tp} processes, e.g. "
+            f"--nproc {sp * tp})"
+        )
     if world_size % sp:
         raise ConfigError(
             f"key 'sequence_parallel_size': {sp} does not divide the world size {world_size} "
             f"(launch a multiple of {sp} processes, e.g. --nproc {sp})"
         )
-    return world_size // sp
+    return world_size // (sp * tp)
 
 
 @dataclass
 class ParallelDims:
-    """dp x sp over the world. Single-process runs have dp = sp = 1 and no groups."""
+    """dp x sp x tp over the world. Single-process runs have dp = sp = tp = 1 and no groups.
+
+    `mesh` is 3-D ("dp", "sp", "tp"). The tp ranks of one group hold the same tokens and compute the same loss:
+    every count or sum over the data (loss, metrics, reference tables, gradients without FSDP) runs over the
+    dp x sp ranks of one tp slice (`data_group`), never over the world.
+    """
 
     dp: int
     sp: int
     rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     mesh: object | None = None
+    tp: int = 1
     _fsdp_mesh: object | None = field(default=None, repr=False, compare=False)
+    _flat_data_mesh: object | None = field(default=None, repr=False, compare=False)
     _hybrid_groups: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def world_size(self) -> int:
+        return self.dp * self.sp * self.tp
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Ranks that see different tokens: dp x sp (FSDP shards over them, gradients are summed over them)."""
         return self.dp * self.sp
 
     @property
     def dp_rank(self) -> int:
-        return self.rank // self.sp
+        return self.rank // (self.sp * self.tp)
 
     @property
     def sp_rank(self) -> int:
-        return self.rank % self.sp
+        return (self.rank // self.tp) % self.sp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    def role(self) -> str:
+        """This rank's coordinates, for the start-up line every rank prints."""
+        return (f"rank {self.rank}/{self.world_size}: dp {self.dp_rank}/{self.dp} sp {self.sp_rank}/{self.sp} "
+                f"tp {self.tp_rank}/{self.tp} on {self.device}")
+
+    @property
+    def tp_mesh(self):
+        """The 1-D mesh of this rank's TP group (DTensor parameters live on it), or None without TP."""
+        return self.mesh["tp"] if self.mesh is not None and self.tp > 1 else None  # type: ignore[index]
+
+    @property
+    def data_group(self):
+        """The process group of the dp x sp ranks of this rank's tp slice (None: the world, when tp == 1)."""
+        if self.tp == 1 or self.mesh is None:
+            return None
+        return self._data_mesh().get_group()
+
+    def _data_mesh(self):
+        # DeviceMesh's flatten is private in torch 2.13 (torchtitan uses it the same way); FSDP2 needs the dp x sp
+        # mesh and the tp mesh to come from one root mesh to compose with TP's DTensors.
+        if self._flat_data_mesh is None:
+            self._flat_data_mesh = self.mesh["dp", "sp"]._flatten("dp_sp")  # type: ignore[index]
+        return self._flat_data_mesh
 
     @property
     def is_main(self) -> bool:
@@ -94,18 +143,22 @@ class ParallelDims:
     def sp_group(self):
         return self.mesh["sp"].get_group() if self.mesh is not None and self.sp > 1 else None  # type: ignore[index]
 
-    def sp_group_ranks(self, dp_rank: int) -> list[int]:
-        """The global ranks of data-parallel replica `dp_rank`'s SP group (dp-major layout)."""
-        return list(range(dp_rank * self.sp, (dp_rank + 1) * self.sp))
+    def sp_group_ranks(self, dp_rank: int, tp_rank: int = 0) -> list[int]:
+        """The global ranks of the SP group of data-parallel replica `dp_rank` and TP coordinate `tp_rank`."""
+        return [(dp_rank * self.sp + s) * self.tp + tp_rank for s in range(self.sp)]
 
     def fsdp_mesh(self):
-        """A 1-D mesh over every rank (FSDP2 shards over dp x sp), built once; starts the one-rank process group
-        that FSDP needs on a single process."""
+        """The mesh FSDP2 shards over, built once: 1-D over every rank without TP (starting the one-rank process
+        group that FSDP needs on a single process); with TP the flattened dp x sp dimension of the 3-D mesh, TP
+        being the inner dimension of each parameter (torchtitan's 2-D pattern)."""
         if self._fsdp_mesh is None:
             from torch.distributed.device_mesh import init_device_mesh
 
-            ensure_process_group(self)
-            self._fsdp_mesh = init_device_mesh(self.device.type, (self.world_size,), mesh_dim_names=("fsdp",))
+            if self.tp > 1:
+                self._fsdp_mesh = self._data_mesh()
+            else:
+                ensure_process_group(self)
+                self._fsdp_mesh = init_device_mesh(self.device.type, (self.world_size,), mesh_dim_names=("fsdp",))
         return self._fsdp_mesh
 
     def hybrid_groups(self, ulysses_size: int) -> tuple[object | None, object | None]:
@@ -116,9 +169,10 @@ class ParallelDims:
 
             mine: tuple[object | None, object | None] = (None, None)
             for dp_rank in range(self.dp):
-                groups = make_hybrid_groups(self.sp_group_ranks(dp_rank), ulysses_size)
-                if dp_rank == self.dp_rank:
-                    mine = groups
+                for tp_rank in range(self.tp):
+                    groups = make_hybrid_groups(self.sp_group_ranks(dp_rank, tp_rank), ulysses_size)
+                    if (dp_rank, tp_rank) == (self.dp_rank, self.tp_rank):
+                        mine = groups
             self._hybrid_groups[ulysses_size] = mine
         return self._hybrid_groups[ulysses_size]
 
@@ -131,9 +185,11 @@ class ParallelDims:
         return [mine[r * batch_size : (r + 1) * batch_size] for r in range(rounds)]
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """In-place sum over every rank (a no-op on one process)."""
-        if self.world_size > 1:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        """In-place sum over the ranks that hold different data: every rank without TP, the dp x sp ranks of
+        this tp slice with it (tp ranks hold copies; summing them would count each token tp times). A no-op on
+        one process."""
+        if self.data_parallel_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.data_group)
         return tensor
 
     def barrier(self) -> None:
@@ -194,10 +250,10 @@ def ensure_process_group(dims: ParallelDims, timeout_s: int = 1800) -> None:
     start_process_group(dims.device, rank=0, world_size=1, timeout_s=timeout_s, store=dist.HashStore())
 
 
-def init_parallel(sp: int, timeout_s: int = 1800) -> ParallelDims:
-    """Start the process group (if launched with several processes) and build the dp x sp mesh."""
+def init_parallel(sp: int, timeout_s: int = 1800, tp: int = 1) -> ParallelDims:
+    """Start the process group (if launched with several processes) and build the dp x sp x tp mesh."""
     launch = read_launch_env()
-    dp = check_degrees(launch.world_size, sp)
+    dp = check_degrees(launch.world_size, sp, tp)
     if torch.cuda.is_available():
         device = torch.device("cuda", launch.local_rank)
         torch.cuda.set_device(device)
@@ -209,8 +265,11 @@ def init_parallel(sp: int, timeout_s: int = 1800) -> ParallelDims:
         start_process_group(device, launch.rank, launch.world_size, timeout_s)
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(device.type, (dp, sp), mesh_dim_names=("dp", "sp"))
-    return ParallelDims(dp=dp, sp=sp, rank=launch.rank, device=device, mesh=mesh)
+    mesh = init_device_mesh(device.type, (dp, sp, tp), mesh_dim_names=("dp", "sp", "tp"))
+    dims = ParallelDims(dp=dp, sp=sp, rank=launch.rank, device=device, mesh=mesh, tp=tp)
+    if tp > 1:
+        dims._data_mesh()  # its groups now, on every rank together, not at the first sum that needs them
+    return dims
 
 
 def shutdown_parallel(dims: ParallelDims) -> None:

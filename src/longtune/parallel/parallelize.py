@@ -1,6 +1,6 @@
-"""The one place a model is made ready to run: load -> finetuning -> dtype policy -> tiled MLP -> activation
-checkpointing -> SP attention -> FSDP. The trainer's policy, the live reference model and the benchmark all go
-through `parallelize`, so they cannot drift apart."""
+"""The one place a model is made ready to run: load -> finetuning -> dtype policy -> tensor parallel -> tiled MLP
+-> activation checkpointing -> SP attention -> FSDP. The trainer's policy, the live reference model and the
+benchmark all go through `parallelize`, so they cannot drift apart."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from torch import nn
 
 from longtune.config import Config, ModelConfig
 from longtune.models.loader import (RopeScaling, apply_finetuning, decoder_layer_list, is_quantized_parameter,
-                                    load_model, quantize_base)
+                                    load_model, quantize_base, unwrap_base)
 from longtune.parallel.activation import apply_tiled_mlp, enable_checkpointing
 from longtune.parallel.fsdp import RootForward, ShardingPlan, apply_fsdp
 from longtune.parallel.mesh import ParallelDims
 from longtune.parallel.sequence import SequenceParallel
+from longtune.parallel.tensor import apply_tensor_parallel, split_vocabulary_head
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -63,6 +64,14 @@ def parallelize(model: nn.Module, recipe: ModelRecipe, dims: ParallelDims, seque
                 continue  # packed 4-bit / int8 storage: its layer computes in the compute dtype itself
             if p.requires_grad or recipe.sharding.enabled:
                 p.data = p.data.float()
+    if dims.tp > 1:
+        # On the plain HF module names, before the wrappers below (tiling and checkpointing keep the split
+        # projections as their children); FSDP then shards over dp x sp with tp as each parameter's inner dim.
+        apply_tensor_parallel(decoder_layer_list(model)[1], dims.tp_mesh)
+        vocab = split_vocabulary_head(unwrap_base(model), dims.tp_mesh)
+        log(f"tensor parallel: tp={dims.tp}, q/k/v/gate/up column-wise, o/down row-wise, "
+            f"{int(unwrap_base(model).config.num_attention_heads) // dims.tp} attention heads per rank, LM head "
+            f"{'split by vocabulary' if vocab else 'replicated'}")
     if recipe.tiled_mlp_tokens:
         tiled = apply_tiled_mlp(model, recipe.tiled_mlp_tokens)
         log(f"tiled MLP: {tiled} layers, {recipe.tiled_mlp_tokens} tokens per tile")

@@ -57,9 +57,12 @@ def attention_windows(model_config) -> tuple[int | None, ...]:
     return (None, int(window))
 
 
-def resolve_sp_mode(cfg: ParallelConfig, heads: int, kv_heads: int, sp: int) -> tuple[str, int]:
-    """(mode, ulysses_size). `auto`: Ulysses over gcd(kv_heads, sp) ranks, ring over the rest."""
+def resolve_sp_mode(cfg: ParallelConfig, heads: int, kv_heads: int, sp: int, tp: int = 1) -> tuple[str, int]:
+    """(mode, ulysses_size) for the heads of one rank: with tensor parallelism `heads` and `kv_heads` are the
+    local ones (num_attention_heads / tp: TP splits heads first, SP works on what is left).
+    `auto`: Ulysses over gcd(kv_heads, sp) ranks, ring over the rest."""
     mode = cfg.sequence_parallel_mode
+    what = "num_attention_heads" if tp == 1 else f"the local heads (num_attention_heads / tensor_parallel_size {tp})"
     if sp == 1:
         return "zigzag_ring", 1
     from longtune.parallel.attention import choose_ulysses_size
@@ -67,7 +70,7 @@ def resolve_sp_mode(cfg: ParallelConfig, heads: int, kv_heads: int, sp: int) -> 
     if mode in ("ulysses",):
         if heads % sp:
             raise ConfigError(
-                f"key 'sequence_parallel_mode': ulysses needs num_attention_heads ({heads}) divisible by "
+                f"key 'sequence_parallel_mode': ulysses needs {what} ({heads}) divisible by "
                 f"sequence_parallel_size ({sp}); use hybrid or zigzag_ring"
             )
         return "ulysses", sp
@@ -86,7 +89,7 @@ def resolve_sp_mode(cfg: ParallelConfig, heads: int, kv_heads: int, sp: int) -> 
     if not degrees:
         raise ConfigError(
             f"key 'sequence_parallel_mode': hybrid needs a Ulysses degree strictly between 1 and sp={sp} that "
-            f"divides num_attention_heads={heads}; there is none (use auto, ulysses or zigzag_ring)"
+            f"divides {what}={heads}; there is none (use auto, ulysses or zigzag_ring)"
         )
     without_replication = [d for d in degrees if kv_heads % d == 0]
     return "hybrid", (without_replication or degrees)[0]
@@ -98,7 +101,8 @@ class SequenceParallel:
     def __init__(self, dims: ParallelDims, cfg: ParallelConfig, model_config, packed: bool, log=print):
         self.dims = dims
         heads, kv = attention_heads(model_config)
-        self.mode, self.ulysses_size = resolve_sp_mode(cfg, heads, kv, dims.sp)
+        # check_tensor_parallel has made sure tp divides both.
+        self.mode, self.ulysses_size = resolve_sp_mode(cfg, heads // dims.tp, kv // dims.tp, dims.sp, dims.tp)
         self.active = dims.sp > 1 or packed
         self.windows = attention_windows(model_config)
         self.kernel = cfg.attention_kernel
@@ -108,7 +112,9 @@ class SequenceParallel:
             self.ulysses_group, self.ring_group = dims.hybrid_groups(self.ulysses_size)
         if dims.sp > 1 and dims.is_main:
             detail = f" (ulysses {self.ulysses_size} x ring {dims.sp // self.ulysses_size})" if self.mode == "hybrid" else ""
-            log(f"sequence parallel: sp={dims.sp} dp={dims.dp} mode={self.mode}{detail}, document-aware attention")
+            tensor = f" tp={dims.tp}" if dims.tp > 1 else ""
+            log(f"sequence parallel: sp={dims.sp} dp={dims.dp}{tensor} mode={self.mode}{detail}, "
+                "document-aware attention")
         elif self.active and dims.is_main:
             log("packed rows: document-aware attention (no token attends across documents)")
 
