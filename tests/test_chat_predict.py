@@ -17,7 +17,6 @@ import torch
 
 from longtune.cli import main
 from longtune.config import load_config
-from longtune.data.templates import NAMED_TEMPLATES
 from longtune.errors import ConfigError
 from longtune.generation import prompt_ids
 from longtune.predict_metrics import (
@@ -114,10 +113,32 @@ def full_run(alpaca_file, tmp_path_factory) -> Path:
     return _train(alpaca_file, tmp_path_factory.mktemp("chat") / "full", template="default")
 
 
+def _training_prompt(tokenizer, template: str, messages: list[dict]) -> list[int]:
+    """An independent reference for a generation prompt: the tokens that a training row of the same turns (plus
+    a placeholder reply) has in front of its last reply, encoded by the data pipeline."""
+    import tempfile
+
+    from longtune.data import load_examples
+
+    system = [m["content"] for m in messages if m["role"] == "system"]
+    turns = [{"from": {"user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
+             for m in messages if m["role"] != "system"]
+    row = {"conversations": [*turns, {"from": "gpt", "value": "placeholder"}], **({"system": system[0]} if system else {})}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "row.json").write_text(json.dumps([row]))
+        (Path(tmp) / "dataset_info.json").write_text(json.dumps({"row": {
+            "file_name": "row.json", "formatting": "sharegpt", "columns": {"messages": "conversations",
+                                                                           "system": "system"}}}))
+        (example,), _ = load_examples(["row"], dataset_dir=tmp, tokenizer=tokenizer, template=template, stage="sft",
+                                      cutoff_len=100000, cache_dir=str(Path(tmp) / "cache"))
+    labels = example.labels
+    last_reply = len(labels) - next(i for i, lab in enumerate(reversed(labels)) if lab == -100)
+    return list(example.input_ids[:last_reply])
+
+
 def _greedy_reply(model, tokenizer, template: str, messages: list[dict], max_new_tokens: int) -> str:
-    """An independent reference: the template rendered by the tokenizer, one unpadded greedy generate."""
-    text = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=False)
-    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    """An independent reference: the training prompt of the turns, one unpadded greedy generate."""
+    ids = torch.tensor([_training_prompt(tokenizer, template, messages)])
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                          max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
@@ -156,7 +177,7 @@ def test_chat_through_stdin_equals_greedy_generate(full_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "History has been removed." in proc.stdout
     model = AutoModelForCausalLM.from_pretrained(full_run / "final", dtype=torch.float64).eval()
-    want = _expected_conversation(model, load_builtin_tokenizer(), NAMED_TEMPLATES["default"], turns, 10)
+    want = _expected_conversation(model, load_builtin_tokenizer(), "default", turns, 10)
     got = _replies(proc.stdout)
     assert got == want and any(want)
 
@@ -185,10 +206,10 @@ def test_chat_base_model_plus_lora_adapter(alpaca_file, tmp_path):
         outputs[name] = _replies(out.getvalue())
     base = build_builtin_model("builtin:tiny", dtype=torch.float64)
     model = PeftModel.from_pretrained(base, str(run / "final")).eval()
-    want = _expected_conversation(model, load_builtin_tokenizer(), NAMED_TEMPLATES["chatml"], turns, 8)
+    want = _expected_conversation(model, load_builtin_tokenizer(), "chatml", turns, 8)
     assert outputs["base+adapter"] == outputs["run"] == outputs["final"] == outputs["merged"] == want
     untouched = _expected_conversation(build_builtin_model("builtin:tiny", dtype=torch.float64).eval(),
-                                       load_builtin_tokenizer(), NAMED_TEMPLATES["chatml"], turns, 8)
+                                       load_builtin_tokenizer(), "chatml", turns, 8)
     assert want != untouched  # the adapter changed the replies, so it was applied
 
 
@@ -201,10 +222,12 @@ def test_chat_one_message_with_system_prompt(full_run, capsys):
                  "do_sample=false", "max_new_tokens=10"]) == 0
     model = AutoModelForCausalLM.from_pretrained(full_run / "final", dtype=torch.float64).eval()
     messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "alpha beta"}]
-    want = _greedy_reply(model, load_builtin_tokenizer(), NAMED_TEMPLATES["default"], messages, 10)
+    want = _greedy_reply(model, load_builtin_tokenizer(), "default", messages, 10)
     assert _replies(capsys.readouterr().out) == [want]
-    ids = prompt_ids(load_builtin_tokenizer(), NAMED_TEMPLATES["default"], messages[1:], "Answer briefly.")
-    assert load_builtin_tokenizer().decode(ids) == "Answer briefly.\n\nHuman: alpha beta\nAssistant:"
+    ids = prompt_ids(load_builtin_tokenizer(), "default", messages[1:], "Answer briefly.")
+    assert ids == _training_prompt(load_builtin_tokenizer(), "default", messages)
+    assert load_builtin_tokenizer().decode(ids) == ("System: Answer briefly.<|im_end|>\nHuman: alpha beta<|im_end|>\n"
+                                                    "Assistant:")  # LLaMA-Factory's default template
 
 
 def test_chat_refuses_unknown_and_training_keys(full_run, capsys):
@@ -240,7 +263,7 @@ def test_do_predict_after_training_and_batched_equals_unbatched(alpaca_file, tmp
     tokenizer = load_builtin_tokenizer()
     for row, got in zip(rows, batched):
         messages = [{"role": "user", "content": f"{row['instruction']}\n{row['input']}"}]
-        assert got["predict"] == _greedy_reply(model, tokenizer, NAMED_TEMPLATES["chatml"], messages, 6)
+        assert got["predict"] == _greedy_reply(model, tokenizer, "chatml", messages, 6)
         assert got["prompt"].endswith("<|im_start|>assistant\n")
     results = json.loads((run / "predict_results.json").read_text())
     want = average_similarity([r["predict"] for r in batched], [r["label"] for r in batched])

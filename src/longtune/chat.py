@@ -16,12 +16,13 @@ from transformers import TextStreamer
 
 from longtune.config import GenerationConfig, coerce_key, parse_override
 from longtune.errors import ConfigError
+from longtune.data.templates import TemplateOptions
 from longtune.generation import ModelSource, generate_kwargs, load_generation_model, prompt_ids, resolve_model_source
 
 RESET, EXIT = "/reset", "/exit"
 # Keys `chat` reads from the run's train_config.yaml and from key=value overrides.
 CHAT_KEYS = {f.name for f in dataclasses.fields(GenerationConfig)} | {
-    "template", "dtype", "bf16", "fp16", "trust_remote_code", "seed",
+    "template", "default_system", "enable_thinking", "dtype", "bf16", "fp16", "trust_remote_code", "seed",
 }
 
 
@@ -29,6 +30,7 @@ CHAT_KEYS = {f.name for f in dataclasses.fields(GenerationConfig)} | {
 class ChatSettings:
     generation: GenerationConfig
     template: str  # the `template` key (a name or auto)
+    options: TemplateOptions  # the run's default_system / enable_thinking
     dtype: str
     trust_remote_code: bool
     seed: int
@@ -58,7 +60,9 @@ def chat_settings(run_config: dict[str, Any], overrides: list[str]) -> ChatSetti
     dtype = typed.get("dtype", "auto")
     if dtype == "auto":
         dtype = "bfloat16" if typed.get("bf16") else "float16" if typed.get("fp16") else "float32"
-    return ChatSettings(generation, typed.get("template", "auto"), dtype, typed.get("trust_remote_code", False),
+    options = TemplateOptions(default_system=typed.get("default_system"),
+                              enable_thinking=typed.get("enable_thinking", True))
+    return ChatSettings(generation, typed.get("template", "auto"), options, dtype, typed.get("trust_remote_code", False),
                         typed.get("seed", 42))
 
 
@@ -78,12 +82,12 @@ class ChatSession:
     """A conversation with one model: `reply` streams the answer to a message and keeps both in the history."""
 
     def __init__(self, source: ModelSource, settings: ChatSettings, system: str | None = None):
-        from longtune.data.templates import resolve_chat_template
+        from longtune.data.templates import check_template_name
         from longtune.models.loader import DTYPES
 
         self.settings = settings
         self.model, self.tokenizer = load_generation_model(source, DTYPES[settings.dtype], settings.trust_remote_code)
-        self.chat_template = resolve_chat_template(settings.template, self.tokenizer)
+        check_template_name(settings.template)
         self.system = system
         self.history: list[dict[str, str]] = []
         torch.manual_seed(settings.seed)
@@ -94,8 +98,8 @@ class ChatSession:
     @torch.no_grad()
     def reply(self, message: str, out: TextIO) -> str:
         messages = [*self.history, {"role": "user", "content": message}]
-        ids = prompt_ids(self.tokenizer, self.chat_template, messages, self.system)
-        kwargs = generate_kwargs(self.settings.generation, self.tokenizer, self.model)
+        ids = prompt_ids(self.tokenizer, self.settings.template, messages, self.system, self.settings.options)
+        kwargs = generate_kwargs(self.settings.generation, self.tokenizer, self.model, self.settings.template)
         device = next(self.model.parameters()).device
         input_ids = torch.tensor([ids], device=device)
         # HF streams only one hypothesis at a time: beam search prints its reply once it is chosen

@@ -14,34 +14,36 @@ import yaml
 from torch import nn
 
 from longtune.config import GenerationConfig, ModelConfig
+from longtune.data.templates import TemplateOptions
 from longtune.errors import ConfigError
 from longtune.models.builtin import is_builtin_model
 
 RUN_CONFIG = "train_config.yaml"  # written by every run into output_dir (run_dir.py)
 
 
-def prompt_ids(tokenizer: Any, chat_template: str, messages: list[dict[str, str]], system: str | None) -> list[int]:
+def prompt_ids(tokenizer: Any, template: str, messages: list[dict[str, str]], system: str | None,
+               options: TemplateOptions = TemplateOptions()) -> list[int]:
     """The token ids of a conversation ending in the assistant header: what the model continues.
 
-    The one place chat and predict render prompts (the template rewrite swaps this function). `messages` are
-    user/assistant turns; `system`, when given, goes first. Tokenized as training tokenizes conversations:
-    the rendered text without the tokenizer's own special tokens (the template writes them)."""
-    from longtune.data.encode import render_messages
+    The one place chat and predict render prompts: the `template` key (a LLaMA-Factory name, or auto) through
+    data.templates, so a prompt is exactly the prompt tokens a training row of the same turns has."""
+    from longtune.data.templates import render_generation_prompt
 
-    head = [{"role": "system", "content": system}] if system is not None else []
-    text = render_messages(tokenizer, chat_template, head + list(messages), True, "the conversation")
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return render_generation_prompt(template, tokenizer, list(messages), system=system, options=options)
 
 
-def stop_token_ids(tokenizer: Any, model: nn.Module) -> list[int]:
-    """Ids that end a reply: the tokenizer's eos and those of the model's generation config."""
-    ids = [tokenizer.eos_token_id]
+def stop_token_ids(tokenizer: Any, model: nn.Module, template: str = "auto") -> list[int]:
+    """Ids that end a reply: the template's eos and stop words (the tokenizer's eos for auto) and the eos ids of
+    the model's generation config."""
+    from longtune.data.templates import stop_token_ids as template_stops
+
+    ids = [tokenizer.eos_token_id, *template_stops(template, tokenizer)]
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids += configured if isinstance(configured, list) else [configured]
     return sorted({i for i in ids if i is not None})
 
 
-def generate_kwargs(gen: GenerationConfig, tokenizer: Any, model: nn.Module) -> dict[str, Any]:
+def generate_kwargs(gen: GenerationConfig, tokenizer: Any, model: nn.Module, template: str = "auto") -> dict[str, Any]:
     """`model.generate` arguments for the LLaMA-Factory generation keys: sampling settings only with do_sample
     (greedy or beam search otherwise), stopping at `stop_token_ids`."""
     kwargs: dict[str, Any] = {
@@ -49,7 +51,7 @@ def generate_kwargs(gen: GenerationConfig, tokenizer: Any, model: nn.Module) -> 
         "do_sample": gen.do_sample,
         "num_beams": gen.num_beams,
         "repetition_penalty": gen.repetition_penalty,
-        "eos_token_id": stop_token_ids(tokenizer, model),
+        "eos_token_id": stop_token_ids(tokenizer, model, template),
         "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
     }
     if gen.do_sample:
@@ -71,10 +73,11 @@ def left_padded(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
 
 
 @torch.no_grad()
-def generate_batch(model: nn.Module, tokenizer: Any, prompts: list[list[int]], gen: GenerationConfig) -> list[list[int]]:
+def generate_batch(model: nn.Module, tokenizer: Any, prompts: list[list[int]], gen: GenerationConfig,
+                   template: str = "auto") -> list[list[int]]:
     """The generated ids of each prompt (prompt excluded, stopped at the first stop token, which is kept), all
     prompts in one left-padded `generate` call."""
-    kwargs = generate_kwargs(gen, tokenizer, model)
+    kwargs = generate_kwargs(gen, tokenizer, model, template)
     device = next(model.parameters()).device
     input_ids, mask = left_padded(prompts, kwargs["pad_token_id"])
     out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs)

@@ -33,13 +33,14 @@ class PredictResult:
     metrics: dict[str, float]
 
 
-def predict_rows(cfg: Config, tokenizer, chat_template: str) -> list[PredictRow]:
+def predict_rows(cfg: Config, tokenizer) -> list[PredictRow]:
     """Every conversation of eval_dataset as (prompt ids up to the assistant header of its last turn, the last
     assistant reply as label); a prompt longer than cutoff_len keeps its start and end (as training cuts)."""
     from longtune.data.conversation import Conversation
     from longtune.data.encode import truncate_conversation
     from longtune.data.loading import load_dataset
     from longtune.data.pipeline import split_names
+    from longtune.data.templates import template_options_of
     from longtune.generation import prompt_ids
 
     d = cfg.data
@@ -51,7 +52,7 @@ def predict_rows(cfg: Config, tokenizer, chat_template: str) -> list[PredictRow]
             if not isinstance(item, Conversation) or not item.turns or item.turns[-1].role != "assistant":
                 raise DataError(f"{where}: predict needs conversations ending in an assistant reply (the label)")
             messages = [{"role": t.role, "content": t.content} for t in item.turns[:-1]]
-            ids = prompt_ids(tokenizer, chat_template, messages, item.system)
+            ids = prompt_ids(tokenizer, d.template, messages, item.system, template_options_of(cfg))
             ids, _ = truncate_conversation(ids, ids, len(ids), d.cutoff_len)
             rows.append(PredictRow(ids, item.system, item.turns[-1].content))
     if not rows:
@@ -62,7 +63,6 @@ def predict_rows(cfg: Config, tokenizer, chat_template: str) -> list[PredictRow]
 def run_predict(cfg: Config, model_path: str | None = None, log: Callable[[str], None] = print) -> PredictResult:
     """Generate for eval_dataset with `model_path` (default: model_name_or_path + adapter_name_or_path), in
     batches of per_device_eval_batch_size, and write the two result files into output_dir."""
-    from longtune.data.templates import resolve_chat_template
     from longtune.generation import generate_batch, load_generation_model, resolve_model_source
     from longtune.io import atomic_write_text
     from longtune.models.loader import DTYPES
@@ -71,7 +71,7 @@ def run_predict(cfg: Config, model_path: str | None = None, log: Callable[[str],
     source = resolve_model_source(model_path or cfg.model.model_name_or_path or "",
                                   None if model_path else cfg.model.adapter_name_or_path)
     model, tokenizer = load_generation_model(source, DTYPES[cfg.compute_dtype], cfg.model.trust_remote_code)
-    rows = predict_rows(cfg, tokenizer, resolve_chat_template(cfg.data.template, tokenizer))
+    rows = predict_rows(cfg, tokenizer)
     for row in rows:  # a label the metrics cannot segment fails now, not after all the generation
         segment_words(row.label)
     gen = cfg.generation
@@ -81,7 +81,7 @@ def run_predict(cfg: Config, model_path: str | None = None, log: Callable[[str],
     replies: list[list[int]] = []
     for first in range(0, len(rows), batch_size):
         batch = rows[first : first + batch_size]
-        replies += generate_batch(model, tokenizer, [r.prompt_ids for r in batch], gen)
+        replies += generate_batch(model, tokenizer, [r.prompt_ids for r in batch], gen, cfg.data.template)
         log(f"predict: {len(replies)}/{len(rows)} rows")
     runtime = time.perf_counter() - start
     predictions = tokenizer.batch_decode(replies, skip_special_tokens=gen.skip_special_tokens)
