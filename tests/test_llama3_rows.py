@@ -23,6 +23,7 @@ MARKERS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|e
 def tok():
     tokenizer = load_builtin_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": MARKERS})
+    tokenizer.bos_token = "<|begin_of_text|>"  # as in the real Llama 3 vocabulary (LLaMA-Factory's llama3 writes bos)
     return tokenizer
 
 
