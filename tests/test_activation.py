@@ -19,13 +19,7 @@ B, T, H, I, V = 2, 37, 32, 96, 64
 TOL = 1e-10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny float64 ops gain nothing from threads; on a busy 2-core host the thread pool's spinning costs 5x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _config(arch: str):

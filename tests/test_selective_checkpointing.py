@@ -20,12 +20,7 @@ B, T, H, I, V = 2, 29, 32, 64, 64
 TOL = 1e-10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny(attn: str) -> torch.nn.Module:
