@@ -617,7 +617,9 @@ def build_config(values: dict[str, Any], source: str = "config", sources: dict[s
         try:
             built[g] = GROUPS[g](**grouped[g])
         except ConfigError as exc:  # a group's own range check: say where its key came from
-            key = str(exc).split("'")[1] if "'" in str(exc) else ""
+            text = str(exc)
+            named = text.split(":", 1)[0]  # "template: ..." names its key first; "key 'x' ..." quotes it
+            key = named if named in KEY_TO_GROUP else text.split("'")[1] if "'" in text else ""
             raise ConfigError(f"{sources.get(key, source)}: {exc}") from None
     config = Config(**built, notices=notices)
     validate(config, source, sources)
